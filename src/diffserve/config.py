@@ -1,0 +1,211 @@
+"""Typed engine configuration.
+
+Every knob is a dataclass field with a type and a default. Unknown keys are an error that names them
+and lists the allowed ones: a typo must never be silently ignored. Environment variables are read
+here, once, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Environment variables, read once at import. Each has a config field that takes precedence.
+ENV_ATTENTION_BACKEND = os.environ.get("DIFFSERVE_ATTENTION_BACKEND") or None
+ENV_LOG_LEVEL = os.environ.get("DIFFSERVE_LOG_LEVEL", "INFO")
+ENV_DISABLE_PROGRESS_BAR = os.environ.get("DIFFSERVE_DISABLE_PROGRESS_BAR", "0") not in ("", "0", "false")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+CACHE_BACKENDS = (None, "cache_dit", "tea_cache")
+
+
+def check_known_keys(kind: str, given: dict[str, Any], allowed: list[str]) -> None:
+    """Raise a TypeError naming every unknown key of `given` and listing the allowed ones."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"unknown {kind} key(s): {', '.join(map(repr, unknown))}. "
+            f"Allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class DiffusionParallelConfig:
+    """How the world of processes is split. world_size = tp * ulysses * ring * cfg * dp.
+
+    Process groups are ordered tp -> sp (ulysses x ring) -> cfg -> dp. HSDP shards the transformer's
+    weights inside that world (it replaces nothing, so it cannot be combined with TP).
+    """
+
+    tensor_parallel_size: int = 1
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    cfg_parallel_size: int = 1
+    data_parallel_size: int = 1
+    use_hsdp: bool = False
+    # -1: world_size // hsdp_replicate_size.
+    hsdp_shard_size: int = -1
+    hsdp_replicate_size: int = 1
+    vae_patch_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in (
+            "tensor_parallel_size",
+            "ulysses_degree",
+            "ring_degree",
+            "cfg_parallel_size",
+            "data_parallel_size",
+            "hsdp_replicate_size",
+            "vae_patch_parallel_size",
+        ):
+            _check_positive_int(name, getattr(self, name))
+        if self.cfg_parallel_size not in (1, 2):
+            raise ValueError(
+                f"cfg_parallel_size must be 1 or 2 (one rank per CFG branch), got {self.cfg_parallel_size}"
+            )
+        if not isinstance(self.use_hsdp, bool):
+            raise ValueError(f"use_hsdp must be a bool, got {self.use_hsdp!r}")
+        if self.hsdp_shard_size != -1:
+            _check_positive_int("hsdp_shard_size", self.hsdp_shard_size)
+        if self.use_hsdp:
+            if self.tensor_parallel_size > 1:
+                raise ValueError(
+                    "use_hsdp cannot be combined with tensor_parallel_size > 1: HSDP shards the same "
+                    "weights TP does. Use one or the other."
+                )
+            shard = self.resolved_hsdp_shard_size
+            if shard * self.hsdp_replicate_size != self.world_size:
+                raise ValueError(
+                    f"hsdp_shard_size ({shard}) x hsdp_replicate_size ({self.hsdp_replicate_size}) must equal "
+                    f"the world size ({self.world_size})"
+                )
+        elif self.hsdp_shard_size != -1 or self.hsdp_replicate_size != 1:
+            raise ValueError("hsdp_shard_size / hsdp_replicate_size are only meaningful with use_hsdp=True")
+        if self.vae_patch_parallel_size > self.world_size:
+            raise ValueError(
+                f"vae_patch_parallel_size ({self.vae_patch_parallel_size}) cannot exceed the world size "
+                f"({self.world_size})"
+            )
+
+    @property
+    def sequence_parallel_size(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+    @property
+    def world_size(self) -> int:
+        return (
+            self.tensor_parallel_size
+            * self.sequence_parallel_size
+            * self.cfg_parallel_size
+            * self.data_parallel_size
+        )
+
+    @property
+    def resolved_hsdp_shard_size(self) -> int:
+        if self.hsdp_shard_size == -1:
+            return self.world_size // self.hsdp_replicate_size
+        return self.hsdp_shard_size
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DiffusionParallelConfig":
+        check_known_keys("parallel config", values, _field_names(cls))
+        return cls(**values)
+
+
+PARALLEL_KEYS = _field_names(DiffusionParallelConfig)
+
+
+@dataclass
+class OmniDiffusionConfig:
+    """Everything the engine needs to build and run one model."""
+
+    model: str
+    # "auto": bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs).
+    dtype: str = "auto"
+    # "auto": cuda if available, else cpu.
+    device: str = "auto"
+    revision: str | None = None
+    parallel_config: DiffusionParallelConfig = field(default_factory=DiffusionParallelConfig)
+    # None: DIFFSERVE_ATTENTION_BACKEND or "sdpa".
+    attention_backend: str | None = None
+    cache_backend: str | None = None
+    cache_config: dict[str, Any] = field(default_factory=dict)
+    enable_cpu_offload: bool = False
+    enable_layerwise_offload: bool = False
+    # False: compile the transformer's repeated blocks with torch.compile on CUDA.
+    enforce_eager: bool = False
+    # Most prompts the engine merges into one pipeline call.
+    max_batch_size: int = 4
+    disable_progress_bar: bool = ENV_DISABLE_PROGRESS_BAR
+    # Where start_profile()/stop_profile() write traces; None: ./diffserve_profiles.
+    profile_dir: str | None = None
+
+    # Filled from model_index.json by the registry; not user settings.
+    model_class_name: str | None = field(default=None, init=False)
+    model_config: dict[str, Any] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty path or hub id, got {self.model!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported. Allowed: auto, {', '.join(DTYPES)}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if isinstance(self.parallel_config, dict):
+            self.parallel_config = DiffusionParallelConfig.from_dict(self.parallel_config)
+        if self.attention_backend is None:
+            self.attention_backend = ENV_ATTENTION_BACKEND
+        if self.cache_backend not in CACHE_BACKENDS:
+            raise ValueError(
+                f"cache_backend must be one of {', '.join(map(str, CACHE_BACKENDS))}, got {self.cache_backend!r}"
+            )
+        if not isinstance(self.cache_config, dict):
+            raise ValueError(f"cache_config must be a dict, got {type(self.cache_config).__name__}")
+        _check_positive_int("max_batch_size", self.max_batch_size)
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> "OmniDiffusionConfig":
+        """Build from flat keywords, as `Omni(model, tensor_parallel_size=2, ...)` takes them."""
+        own = _field_names(cls)
+        check_known_keys("engine config", kwargs, [k for k in own if k != "model"] + PARALLEL_KEYS)
+        parallel = {k: kwargs.pop(k) for k in list(kwargs) if k in PARALLEL_KEYS}
+        if parallel:
+            if "parallel_config" in kwargs:
+                raise TypeError(
+                    f"pass either parallel_config or the flat parallel keys ({', '.join(parallel)}), not both"
+                )
+            kwargs["parallel_config"] = DiffusionParallelConfig.from_dict(parallel)
+        return cls(model=model, **kwargs)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    @property
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

@@ -1,0 +1,83 @@
+"""The engine: schedules requests into batches, runs them on the executor, isolates failures."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from diffserve.config import OmniDiffusionConfig
+from diffserve.engine.executor import Executor, make_executor
+from diffserve.engine.scheduler import make_batches, merge_requests, split_output
+from diffserve.registry import resolve_model
+from diffserve.request import DiffusionOutput, OmniDiffusionRequest
+
+logger = logging.getLogger(__name__)
+
+
+def check_features_available(od_config: OmniDiffusionConfig) -> None:
+    """Refuse settings whose engine feature this version does not implement, rather than ignore them."""
+    unavailable = []
+    if od_config.cache_backend is not None:
+        unavailable.append(f"cache_backend={od_config.cache_backend!r}")
+    if od_config.enable_cpu_offload:
+        unavailable.append("enable_cpu_offload=True")
+    if od_config.enable_layerwise_offload:
+        unavailable.append("enable_layerwise_offload=True")
+    if unavailable:
+        raise ValueError(f"not available in this version of diffserve yet: {', '.join(unavailable)}")
+
+
+class DiffusionEngine:
+    def __init__(self, od_config: OmniDiffusionConfig, executor: Executor | None = None):
+        check_features_available(od_config)
+        resolve_model(od_config)
+        self.od_config = od_config
+        self.executor = executor or make_executor(od_config)
+
+    def generate(self, requests: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
+        """Run requests (batching compatible ones); one output per request, in order."""
+        results: dict[str, DiffusionOutput] = {}
+        for batch in make_batches(requests, self.od_config.max_batch_size):
+            for out in self._run_batch(batch):
+                results[out.request_id] = out
+        return [results[req.request_id] for req in requests]
+
+    def _run_batch(self, batch: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
+        start = time.perf_counter()
+        try:
+            output = self.executor.execute(merge_requests(batch))
+        except Exception as exc:
+            if len(batch) > 1:
+                # Find the culprit: run each request alone so only the failing one reports an error.
+                logger.warning("batch of %d failed (%s); retrying its requests one by one", len(batch), exc)
+                return [out for req in batch for out in self._run_batch([req])]
+            return [self._error_output(batch[0], exc)]
+        outputs = split_output(output, batch)
+        for out in outputs:
+            out.metrics["e2e_s"] = time.perf_counter() - start
+        return outputs
+
+    @staticmethod
+    def _error_output(req: OmniDiffusionRequest, exc: Exception) -> DiffusionOutput:
+        invalid = isinstance(exc, ValueError)
+        if not invalid:
+            logger.exception("request %s failed", req.request_id, exc_info=exc)
+        return DiffusionOutput(
+            request_id=req.request_id,
+            prompt=req.prompts[0].prompt if req.prompts else None,
+            seed=req.prompts[0].seed if req.prompts else None,
+            error=f"{type(exc).__name__}: {exc}" if not invalid else str(exc),
+            error_type="invalid_request" if invalid else "internal",
+        )
+
+    def start_profile(self, trace_dir: str) -> None:
+        self.executor.start_profile(trace_dir)
+
+    def stop_profile(self) -> list[str]:
+        return self.executor.stop_profile()
+
+    def is_healthy(self) -> bool:
+        return self.executor.is_healthy()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,160 @@
+"""The `diffserve` command line: generate, make-tiny, models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+# (flag, config key, type, help). One table so `generate`, and later `serve` and `bench`, share them.
+ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--dtype", "dtype", str, "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32"),
+    ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
+    ("--revision", "revision", str, "hub revision when MODEL is a hub id"),
+    ("--attention-backend", "attention_backend", str, "sdpa (default), flash_attn or sage_attn"),
+    ("--max-batch-size", "max_batch_size", int, "most prompts merged into one pipeline call (default 4)"),
+    ("--tensor-parallel-size", "tensor_parallel_size", int, "tensor parallel degree"),
+    ("--ulysses-degree", "ulysses_degree", int, "Ulysses sequence parallel degree"),
+    ("--ring-degree", "ring_degree", int, "ring sequence parallel degree"),
+    ("--cfg-parallel-size", "cfg_parallel_size", int, "1, or 2 to run the CFG branches on two ranks"),
+    ("--data-parallel-size", "data_parallel_size", int, "data parallel degree"),
+    ("--hsdp-shard-size", "hsdp_shard_size", int, "HSDP shard group size (-1: all ranks)"),
+    ("--hsdp-replicate-size", "hsdp_replicate_size", int, "HSDP replica count"),
+    ("--cache-backend", "cache_backend", str, "cache_dit or tea_cache"),
+    ("--profile-dir", "profile_dir", str, "where profiler traces go"),
+]
+ENGINE_SWITCHES: list[tuple[str, str, str]] = [
+    ("--enforce-eager", "enforce_eager", "do not torch.compile the transformer blocks"),
+    ("--use-hsdp", "use_hsdp", "shard the transformer weights with FSDP2 (HSDP)"),
+    ("--enable-cpu-offload", "enable_cpu_offload", "keep only the active component on the GPU"),
+    ("--enable-layerwise-offload", "enable_layerwise_offload", "stream transformer blocks to the GPU"),
+    ("--disable-progress-bar", "disable_progress_bar", "no progress bar"),
+]
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    for flag, _, typ, help_text in ENGINE_FLAGS:
+        group.add_argument(flag, type=typ, default=None, help=help_text)
+    group.add_argument("--cache-config", type=json.loads, default=None, help="cache options as JSON")
+    for flag, _, help_text in ENGINE_SWITCHES:
+        group.add_argument(flag, action="store_true", default=None, help=help_text)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the flags the user gave: everything else keeps the config's default."""
+    keys = [key for _, key, _, _ in ENGINE_FLAGS] + [key for _, key, _ in ENGINE_SWITCHES] + ["cache_config"]
+    return {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
+
+
+def output_paths(output: str, count: int) -> list[str]:
+    if count == 1:
+        return [output]
+    stem, ext = os.path.splitext(output)
+    return [output] + [f"{stem}_{i}{ext}" for i in range(1, count)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from diffserve import Omni, OmniDiffusionSamplingParams
+    from diffserve.logger import configure_logging
+
+    configure_logging()
+    params = OmniDiffusionSamplingParams(
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        true_cfg_scale=args.true_cfg_scale,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        num_outputs_per_prompt=args.num_outputs,
+        max_sequence_length=args.max_sequence_length,
+    )
+    with Omni(args.model, **engine_kwargs(args)) as omni:
+        start = time.perf_counter()
+        output = omni.generate(args.prompt, params)[0]
+        elapsed = time.perf_counter() - start
+    paths = output_paths(args.output, len(output.images))
+    for image, path in zip(output.images, paths):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        image.save(path)
+    print(f"wrote {', '.join(paths)} (seed {output.seed}, {elapsed:.2f} s)")
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from diffserve.testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(args.arch, args.path, seed=args.seed)
+    print(f"wrote a tiny random-weight {args.arch} checkpoint to {path}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from diffserve.registry import supported_models
+
+    print("\n".join(supported_models()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from diffserve.testing import TINY_ARCHITECTURES
+
+    parser = argparse.ArgumentParser(
+        prog="diffserve",
+        description="Inference and serving engine for diffusion models.",
+        epilog="Run 'diffserve COMMAND --help' for the options of one command.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate an image from a prompt",
+        description="Generate an image from a prompt and save it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    gen.add_argument("prompt", help="the text prompt")
+    gen.add_argument("--model", required=True, help="checkpoint folder (diffusers layout) or hub id")
+    gen.add_argument("-o", "--output", default="output.png", help="output file; several outputs get _1, _2, ...")
+    gen.add_argument("--negative-prompt", default=None, help="negative prompt (true CFG with --true-cfg-scale > 1)")
+    gen.add_argument("--height", type=int, default=None, help="image height (model default if unset)")
+    gen.add_argument("--width", type=int, default=None, help="image width (model default if unset)")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (model default if unset)")
+    gen.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (model default if unset)")
+    gen.add_argument("--true-cfg-scale", type=float, default=1.0, help="true CFG scale; > 1 enables it")
+    gen.add_argument("--seed", type=int, default=None, help="random seed (random if unset; printed)")
+    gen.add_argument("--num-outputs", type=int, default=1, help="images per prompt")
+    gen.add_argument("--max-sequence-length", type=int, default=None, help="text encoder token limit")
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    tiny = sub.add_parser(
+        "make-tiny",
+        help="write a tiny random-weight checkpoint (for tests and trying things out)",
+        description="Write a tiny random-weight checkpoint in the diffusers layout.",
+    )
+    tiny.add_argument("arch", choices=sorted(TINY_ARCHITECTURES), help="architecture")
+    tiny.add_argument("path", help="output folder")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed")
+    tiny.set_defaults(func=cmd_make_tiny)
+
+    models = sub.add_parser("models", help="list the supported pipeline classes")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        # User errors (bad flag values, unsupported model, bad size) get one clear line, no traceback.
+        print(f"diffserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

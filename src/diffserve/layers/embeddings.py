@@ -1,0 +1,51 @@
+"""Timestep and conditioning embedders shared by DiT models."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffserve.layers.linear import ReplicatedLinear
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor,
+    dim: int,
+    flip_sin_to_cos: bool = True,
+    downscale_freq_shift: float = 0.0,
+    scale: float = 1.0,
+    max_period: float = 10000.0,
+) -> torch.Tensor:
+    """Sinusoidal embedding [N, dim] (float32) of N possibly fractional timesteps."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(exponent / (half - downscale_freq_shift))
+    args = scale * timesteps[:, None].float() * freqs[None, :]
+    emb = torch.cat([args.cos(), args.sin()] if flip_sin_to_cos else [args.sin(), args.cos()], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def get_activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; allowed: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class TwoLayerMLP(nn.Module):
+    """linear_1 -> activation -> linear_2, the shape of every timestep / text / guidance embedder."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None, act: str = "silu"):
+        super().__init__()
+        self.linear_1 = ReplicatedLinear(in_dim, hidden_dim)
+        self.act = get_activation(act)
+        self.linear_2 = ReplicatedLinear(hidden_dim, out_dim or hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))

@@ -1,0 +1,142 @@
+"""Model registry, keyed by the `_class_name` in a checkpoint's model_index.json.
+
+Nothing is imported until a model is resolved, so `import diffserve` loads no model family.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from diffserve.config import OmniDiffusionConfig
+
+logger = logging.getLogger(__name__)
+
+# _class_name -> (folder under diffserve/models, module file, class name)
+_DIFFUSION_MODELS: dict[str, tuple[str, str, str]] = {
+    "FluxPipeline": ("flux", "pipeline_flux", "FluxPipeline"),
+}
+
+# _class_name -> name of a factory in the pipeline module: factory(od_config) -> callable
+_DIFFUSION_PRE_PROCESS_FUNCS: dict[str, str] = {}
+_DIFFUSION_POST_PROCESS_FUNCS: dict[str, str] = {
+    "FluxPipeline": "get_flux_post_process_func",
+}
+
+MODEL_INDEX = "model_index.json"
+
+
+class ModelResolutionError(ValueError):
+    """The model path, its model_index.json or its pipeline class cannot be used."""
+
+
+def supported_models() -> list[str]:
+    return sorted(_DIFFUSION_MODELS)
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> str:
+    """A local folder as is; anything else is a hub id fetched with snapshot_download."""
+    if os.path.isdir(model):
+        return os.path.abspath(model)
+    if os.path.exists(model):
+        raise ModelResolutionError(f"model path {model!r} is a file; expected a folder with {MODEL_INDEX}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, revision=revision)
+    except Exception as exc:  # network, auth, offline mode: all end the same way for the user
+        raise ModelResolutionError(
+            f"model {model!r} is not a local folder, and fetching it from the Hugging Face hub failed "
+            f"({type(exc).__name__}: {exc}). Pass a local folder in the diffusers layout, or check the hub "
+            f"id, your network and HF_HUB_OFFLINE."
+        ) from exc
+
+
+def read_model_index(path: str) -> dict[str, Any]:
+    index_path = os.path.join(path, MODEL_INDEX)
+    if not os.path.isfile(index_path):
+        raise ModelResolutionError(
+            f"{path} has no {MODEL_INDEX}; diffserve loads checkpoints in the diffusers layout "
+            f"(model_index.json plus one subfolder per component)"
+        )
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ModelResolutionError(f"{index_path} is not valid JSON: {exc}") from exc
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise ModelResolutionError(f"{index_path} has no '_class_name' string naming the pipeline class")
+    return index
+
+
+def check_component_folders(path: str, index: dict[str, Any]) -> None:
+    """Every component model_index.json names (with a library and class) must have its folder."""
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, (list, tuple)) or len(spec) != 2:
+            continue
+        if spec[0] is None or spec[1] is None:  # optional component left out
+            continue
+        if not os.path.isdir(os.path.join(path, name)):
+            raise ModelResolutionError(
+                f"{MODEL_INDEX} lists component {name!r} ({spec[0]}.{spec[1]}) but the folder "
+                f"{os.path.join(path, name)} is missing"
+            )
+
+
+def resolve_model(od_config: "OmniDiffusionConfig") -> None:
+    """Fill od_config.model (local path), model_class_name and model_config from the checkpoint."""
+    path = resolve_model_path(od_config.model, od_config.revision)
+    index = read_model_index(path)
+    class_name = index["_class_name"]
+    if class_name not in _DIFFUSION_MODELS:
+        raise ModelResolutionError(
+            f"pipeline class {class_name!r} (from {os.path.join(path, MODEL_INDEX)}) is not supported. "
+            f"Supported: {', '.join(supported_models())}"
+        )
+    check_component_folders(path, index)
+    od_config.model = path
+    od_config.model_class_name = class_name
+    od_config.model_config = index
+
+
+def _import_pipeline_module(class_name: str):
+    folder, module, _ = _DIFFUSION_MODELS[class_name]
+    return importlib.import_module(f"diffserve.models.{folder}.{module}")
+
+
+def get_pipeline_class(class_name: str) -> type["nn.Module"]:
+    if class_name not in _DIFFUSION_MODELS:
+        raise ModelResolutionError(
+            f"pipeline class {class_name!r} is not supported. Supported: {', '.join(supported_models())}"
+        )
+    return getattr(_import_pipeline_module(class_name), _DIFFUSION_MODELS[class_name][2])
+
+
+def initialize_model(od_config: "OmniDiffusionConfig") -> "nn.Module":
+    """Instantiate the pipeline for an already resolved config (weights are loaded afterwards)."""
+    if od_config.model_class_name is None:
+        resolve_model(od_config)
+    cls = get_pipeline_class(od_config.model_class_name)
+    return cls(od_config=od_config)
+
+
+def _get_process_func(table: dict[str, str], od_config: "OmniDiffusionConfig") -> Callable | None:
+    factory_name = table.get(od_config.model_class_name)
+    if factory_name is None:
+        return None
+    factory = getattr(_import_pipeline_module(od_config.model_class_name), factory_name)
+    return factory(od_config)
+
+
+def get_pre_process_func(od_config: "OmniDiffusionConfig") -> Callable | None:
+    return _get_process_func(_DIFFUSION_PRE_PROCESS_FUNCS, od_config)
+
+
+def get_post_process_func(od_config: "OmniDiffusionConfig") -> Callable | None:
+    return _get_process_func(_DIFFUSION_POST_PROCESS_FUNCS, od_config)

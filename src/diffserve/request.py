@@ -1,0 +1,180 @@
+"""What a user asks for and what the engine gives back."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffserve.config import check_known_keys
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_SEED = 2**63 - 1
+
+
+def _check_optional_positive(name: str, value: Any, kind: type = int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass
+class OmniDiffusionSamplingParams:
+    """Generation settings shared by every prompt of one request.
+
+    A field left at None takes the model's default (e.g. FLUX.1-dev: 1024x1024, 28 steps,
+    guidance 3.5). `seed` seeds a CPU generator per prompt, so a seeded request reproduces the
+    diffusers pipeline called with `torch.Generator("cpu").manual_seed(seed)`.
+    """
+
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    # Distilled guidance (FLUX guidance embedding) or classic CFG scale, per the model.
+    guidance_scale: float | None = None
+    # True classifier-free guidance with a negative prompt; > 1 turns it on.
+    true_cfg_scale: float = 1.0
+    negative_prompt: str | None = None
+    seed: int | None = None
+    num_outputs_per_prompt: int = 1
+    max_sequence_length: int | None = None
+    output_type: str = "pil"
+    # Video / audio models.
+    num_frames: int | None = None
+    fps: int | None = None
+    audio_end_in_s: float | None = None
+    guidance_scale_2: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "num_inference_steps", "max_sequence_length", "num_frames", "fps"):
+            _check_optional_positive(name, getattr(self, name))
+        for name in ("guidance_scale", "guidance_scale_2", "audio_end_in_s"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if isinstance(self.true_cfg_scale, bool) or not isinstance(self.true_cfg_scale, (int, float)):
+            raise ValueError(f"true_cfg_scale must be a number, got {self.true_cfg_scale!r}")
+        if self.true_cfg_scale < 0:
+            raise ValueError(f"true_cfg_scale must be >= 0, got {self.true_cfg_scale!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED
+        ):
+            raise ValueError(f"seed must be an integer in [0, 2**63-1], got {self.seed!r}")
+        _check_optional_positive("num_outputs_per_prompt", self.num_outputs_per_prompt)
+        if self.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "OmniDiffusionSamplingParams":
+        check_known_keys("sampling parameter", values, [f.name for f in dataclasses.fields(cls)])
+        return cls(**values)
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call (seed and negative prompt are per prompt)."""
+        return tuple(
+            getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("seed", "negative_prompt")
+        )
+
+
+@dataclass
+class PromptInput:
+    """One prompt of a request, with what belongs to it alone."""
+
+    prompt: str
+    seed: int
+    negative_prompt: str | None = None
+    images: list[Any] | None = None
+    audio: Any | None = None
+
+    @classmethod
+    def from_user(cls, prompt: Any, params: OmniDiffusionSamplingParams) -> "PromptInput":
+        """Accept a string or a dict {"prompt", "negative_prompt", "image"/"images", "seed"}."""
+        if isinstance(prompt, str):
+            prompt = {"prompt": prompt}
+        if not isinstance(prompt, dict):
+            raise ValueError(
+                f"a prompt must be a string or a dict with a 'prompt' key, got {type(prompt).__name__}"
+            )
+        check_known_keys("prompt", prompt, ["prompt", "negative_prompt", "image", "images", "audio", "seed"])
+        text = prompt.get("prompt")
+        if not isinstance(text, str):
+            raise ValueError(f"'prompt' must be a string, got {type(text).__name__}")
+        images = prompt.get("images", prompt.get("image"))
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        negative = prompt.get("negative_prompt", params.negative_prompt)
+        if negative is not None and not isinstance(negative, str):
+            raise ValueError(f"'negative_prompt' must be a string, got {type(negative).__name__}")
+        seed = prompt.get("seed", params.seed)
+        if seed is None:
+            seed = secrets.randbelow(2**32)
+        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**63-1], got {seed!r}")
+        return cls(
+            prompt=text,
+            seed=seed,
+            negative_prompt=negative,
+            images=list(images) if images is not None else None,
+            audio=prompt.get("audio"),
+        )
+
+
+@dataclass
+class OmniDiffusionRequest:
+    """One pipeline call: one or more prompts sharing one set of sampling parameters."""
+
+    prompts: list[PromptInput]
+    sampling_params: OmniDiffusionSamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of outputs the pipeline produces: prompts x outputs per prompt."""
+        return len(self.prompts) * self.sampling_params.num_outputs_per_prompt
+
+    @property
+    def prompt_texts(self) -> list[str]:
+        return [p.prompt for p in self.prompts]
+
+    @property
+    def negative_prompt_texts(self) -> list[str | None]:
+        return [p.negative_prompt for p in self.prompts]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [p.seed for p in self.prompts]
+
+
+@dataclass
+class DiffusionOutput:
+    """The result of one request (or, inside the engine, of one pipeline call).
+
+    A pipeline returns `DiffusionOutput(output=...)` with its raw tensor; the registered post-process
+    function turns that into `images` (PIL, np or torch by output_type), `frames` or `audio`.
+    """
+
+    output: Any = None
+    images: list[Any] | Any | None = None
+    frames: list[Any] | None = None
+    audio: Any | None = None
+    sample_rate: int | None = None
+    request_id: str | None = None
+    prompt: str | None = None
+    seed: int | None = None
+    error: str | None = None
+    # "invalid_request" for what the caller must fix, "internal" for engine failures.
+    error_type: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

@@ -1,0 +1,46 @@
+"""Tiny random-weight checkpoints of every supported architecture, in the real diffusers layout.
+
+Used by the tests (conformance against diffusers), the examples and `diffserve make-tiny`. Nothing is
+downloaded: weights are random and tokenizers are built in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+from diffserve.testing.conformance import CONFORMANCE_CASES, ConformanceCase, ConformanceScenario
+
+# architecture name -> builder(path, seed) -> path
+TINY_ARCHITECTURES: dict[str, Callable[[str, int], str]] = {}
+
+
+def _register(name: str, module: str, func: str, **kwargs) -> None:
+    def build(path: str, seed: int = 0) -> str:
+        import importlib
+
+        return getattr(importlib.import_module(f"diffserve.testing.{module}"), func)(path, seed=seed, **kwargs)
+
+    TINY_ARCHITECTURES[name] = build
+
+
+_register("flux", "flux", "build_tiny_flux", guidance_embeds=True)
+_register("flux-schnell", "flux", "build_tiny_flux", guidance_embeds=False)
+
+
+def make_tiny_checkpoint(arch: str, path: str, seed: int = 0) -> str:
+    """Write a tiny checkpoint of `arch` to `path` (created if needed) and return the path."""
+    if arch not in TINY_ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {arch!r}; available: {', '.join(sorted(TINY_ARCHITECTURES))}")
+    os.makedirs(path, exist_ok=True)
+    return TINY_ARCHITECTURES[arch](path, seed)
+
+
+__all__ = [
+    "CONFORMANCE_CASES",
+    "ConformanceCase",
+    "ConformanceScenario",
+    "TINY_ARCHITECTURES",
+    "make_tiny_checkpoint",
+]

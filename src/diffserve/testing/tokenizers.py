@@ -1,0 +1,33 @@
+"""Tokenizers built in memory (no hub): small vocabularies that still tokenize any English prompt.
+
+Each covers lower-case letters, digits and common punctuation, character by character, which is
+enough for random-weight models and keeps the saved files in the real tokenizer formats.
+"""
+
+from __future__ import annotations
+
+import string
+
+CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
+
+
+def build_clip_tokenizer(max_length: int = 77):
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in CHARS:
+            vocab[c + suffix] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer.model_max_length = max_length
+    return tokenizer
+
+
+def build_t5_tokenizer(max_length: int = 512):
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in CHARS] + [("\u2581" + c, -3.5) for c in CHARS]
+    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0)
+    tokenizer.model_max_length = max_length
+    return tokenizer

@@ -1,0 +1,68 @@
+"""Scheduling and failure isolation, with a stand-in executor (no model needed)."""
+
+import pytest
+
+from diffserve.config import OmniDiffusionConfig
+from diffserve.engine.engine import DiffusionEngine
+from diffserve.engine.executor import Executor
+from diffserve.engine.scheduler import make_batches
+from diffserve.request import DiffusionOutput, OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
+
+
+def request(prompt, negative=None, **kw):
+    sp = OmniDiffusionSamplingParams(**kw)
+    return OmniDiffusionRequest(prompts=[PromptInput(prompt=prompt, seed=0, negative_prompt=negative)], sampling_params=sp)
+
+
+class EchoExecutor(Executor):
+    """Returns one 'image' per prompt (the prompt text); fails on prompts containing 'boom'."""
+
+    def __init__(self):
+        self.calls = []
+
+    def execute(self, req):
+        self.calls.append([p.prompt for p in req.prompts])
+        for p in req.prompts:
+            if "boom" in p.prompt:
+                raise RuntimeError("kernel exploded")
+            if "bad" in p.prompt:
+                raise ValueError("height must be a multiple of 16")
+        return DiffusionOutput(images=[p.prompt for p in req.prompts], metrics={"pipeline_s": 0.1})
+
+    def start_profile(self, trace_dir): ...
+    def stop_profile(self): return []
+    def is_healthy(self): return True
+    def shutdown(self): ...
+
+
+@pytest.fixture
+def engine(tiny_flux):
+    cfg = OmniDiffusionConfig(model=tiny_flux, max_batch_size=3)
+    return DiffusionEngine(cfg, executor=EchoExecutor())
+
+
+def test_batches_respect_compatibility_and_size():
+    reqs = [request("a", height=16), request("b", height=32), request("c", height=16),
+            request("d", height=16), request("e", height=16), request("f", height=16, negative="x")]
+    batches = make_batches(reqs, max_batch_size=3)
+    assert [[r.prompts[0].prompt for r in b] for b in batches] == [["a", "c", "d"], ["b"], ["e"], ["f"]]
+
+
+def test_outputs_come_back_in_order_per_request(engine):
+    reqs = [request(p) for p in "abcd"]
+    outs = engine.generate(reqs)
+    assert [o.images for o in outs] == [["a"], ["b"], ["c"], ["d"]]
+    assert [o.request_id for o in outs] == [r.request_id for r in reqs]
+    assert engine.executor.calls == [["a", "b", "c"], ["d"]]
+
+
+def test_failing_request_does_not_fail_its_batch(engine):
+    outs = engine.generate([request("a"), request("boom"), request("c")])
+    assert outs[0].images == ["a"] and outs[2].images == ["c"]
+    assert outs[1].error == "RuntimeError: kernel exploded" and outs[1].error_type == "internal"
+    assert outs[1].images is None
+
+
+def test_invalid_request_is_marked_as_such(engine):
+    out = engine.generate([request("bad")])[0]
+    assert out.error_type == "invalid_request" and "multiple of 16" in out.error
