@@ -117,3 +117,12 @@ def test_closed_omni_refuses_work(tiny_flux):
         pass
     with pytest.raises(RuntimeError, match="closed"):
         omni.generate("a fox", params())
+
+
+@pytest.mark.parametrize("disable", [False, True])
+def test_progress_bar_can_be_turned_off(tiny_flux, capfd, disable):
+    with Omni(tiny_flux, dtype="float32", device="cpu", disable_progress_bar=disable) as omni:
+        capfd.readouterr()
+        omni.generate("a fox", params(seed=0, num_inference_steps=3))
+    err = capfd.readouterr().err
+    assert ("denoise" in err) is (not disable)

@@ -68,3 +68,11 @@ def test_declares_engine_attributes():
 def test_unknown_config_key_is_an_error():
     with pytest.raises(ValueError, match="unsupported key.*'use_magic'"):
         FluxTransformerConfig.from_dict({"_class_name": "FluxTransformer2DModel", "use_magic": True})
+
+
+def test_real_flux_dev_config_has_12b_parameters():
+    """The real FLUX.1-dev shape builds (on meta) with the published parameter count, 11.9B."""
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(FluxTransformerConfig(guidance_embeds=True))
+    count = sum(p.numel() for p in model.parameters())
+    assert 11.85e9 < count < 11.95e9
