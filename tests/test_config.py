@@ -31,6 +31,8 @@ def test_flat_keys_and_parallel_config_together_is_an_error():
         ({"use_hsdp": True, "tensor_parallel_size": 2}, "cannot be combined"),
         ({"use_hsdp": True, "ulysses_degree": 4, "hsdp_shard_size": 3}, "must equal the world size"),
         ({"hsdp_shard_size": 2}, "only meaningful with use_hsdp"),
+        ({"use_hsdp": True}, "HSDP on its own needs hsdp_shard_size"),
+        ({"data_parallel_size": 2}, "data_parallel_size > 1 is not supported yet"),
     ],
 )
 def test_parallel_config_rejects_bad_values(kwargs, message):
@@ -42,6 +44,11 @@ def test_parallel_config_world_size_and_hsdp_default_shard():
     cfg = DiffusionParallelConfig(ulysses_degree=2, ring_degree=2, use_hsdp=True, hsdp_replicate_size=2)
     assert cfg.sequence_parallel_size == 4 and cfg.world_size == 4
     assert cfg.resolved_hsdp_shard_size == 2
+
+
+def test_standalone_hsdp_sets_the_world_size():
+    assert DiffusionParallelConfig(use_hsdp=True, hsdp_shard_size=2).world_size == 2
+    assert DiffusionParallelConfig(use_hsdp=True, hsdp_shard_size=2, hsdp_replicate_size=2).world_size == 4
 
 
 def test_parallel_config_from_dict_rejects_unknown():

@@ -20,7 +20,8 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs) -> int:
         return 0
     count = 0
     for module in model.modules():
-        if type(module).__name__ in names:
+        # Match on the class hierarchy: wrappers such as FSDP2 subclass the block's class.
+        if any(cls.__name__ in names for cls in type(module).__mro__):
             module.compile(**compile_kwargs)
             count += 1
     logger.info("torch.compile applied to %d blocks of %s", count, type(model).__name__)

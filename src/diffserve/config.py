@@ -18,6 +18,8 @@ import torch
 ENV_ATTENTION_BACKEND = os.environ.get("DIFFSERVE_ATTENTION_BACKEND") or None
 ENV_LOG_LEVEL = os.environ.get("DIFFSERVE_LOG_LEVEL", "INFO")
 ENV_DISABLE_PROGRESS_BAR = os.environ.get("DIFFSERVE_DISABLE_PROGRESS_BAR", "0") not in ("", "0", "false")
+# Set by torchrun (multi-node runs): this process is one rank of an SPMD launch.
+ENV_TORCHRUN = {k: int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
 
 DTYPES = {
     "float32": torch.float32,
@@ -55,7 +57,8 @@ class DiffusionParallelConfig:
     """How the world of processes is split. world_size = tp * ulysses * ring * cfg * dp.
 
     Process groups are ordered tp -> sp (ulysses x ring) -> cfg -> dp. HSDP shards the transformer's
-    weights inside that world (it replaces nothing, so it cannot be combined with TP).
+    weights across that world (it cannot be combined with TP, which shards the same weights); on its
+    own (no SP/CFG) it needs hsdp_shard_size and then sets the world size itself.
     """
 
     tensor_parallel_size: int = 1
@@ -88,11 +91,21 @@ class DiffusionParallelConfig:
             raise ValueError(f"use_hsdp must be a bool, got {self.use_hsdp!r}")
         if self.hsdp_shard_size != -1:
             _check_positive_int("hsdp_shard_size", self.hsdp_shard_size)
+        if self.data_parallel_size > 1:
+            raise ValueError(
+                "data_parallel_size > 1 is not supported yet (it needs a request router); run one engine per "
+                "replica instead"
+            )
         if self.use_hsdp:
             if self.tensor_parallel_size > 1:
                 raise ValueError(
                     "use_hsdp cannot be combined with tensor_parallel_size > 1: HSDP shards the same "
                     "weights TP does. Use one or the other."
+                )
+            if self._base_world_size == 1 and self.hsdp_shard_size == -1:
+                raise ValueError(
+                    "HSDP on its own needs hsdp_shard_size (how many ranks share the weights, e.g. 2); "
+                    "with SP or CFG parallel it defaults to the whole world"
                 )
             shard = self.resolved_hsdp_shard_size
             if shard * self.hsdp_replicate_size != self.world_size:
@@ -113,13 +126,15 @@ class DiffusionParallelConfig:
         return self.ulysses_degree * self.ring_degree
 
     @property
+    def _base_world_size(self) -> int:
+        return self.tensor_parallel_size * self.sequence_parallel_size * self.cfg_parallel_size * self.data_parallel_size
+
+    @property
     def world_size(self) -> int:
-        return (
-            self.tensor_parallel_size
-            * self.sequence_parallel_size
-            * self.cfg_parallel_size
-            * self.data_parallel_size
-        )
+        """Processes needed. HSDP on its own adds ranks that share the weights and repeat the same work."""
+        if self.use_hsdp and self._base_world_size == 1 and self.hsdp_shard_size != -1:
+            return self.hsdp_shard_size * self.hsdp_replicate_size
+        return self._base_world_size
 
     @property
     def resolved_hsdp_shard_size(self) -> int:

@@ -29,6 +29,7 @@ class EchoExecutor(Executor):
                 raise ValueError("height must be a multiple of 16")
         return DiffusionOutput(images=[p.prompt for p in req.prompts], metrics={"pipeline_s": 0.1})
 
+    def collective_rpc(self, method, *args): return [None]
     def start_profile(self, trace_dir): ...
     def stop_profile(self): return []
     def is_healthy(self): return True

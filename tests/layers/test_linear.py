@@ -61,7 +61,7 @@ def fake_tp(monkeypatch):
     """Pretend to be rank `r` of a 2-way TP group, for load-time slicing (no collectives run)."""
 
     def as_rank(rank):
-        monkeypatch.setattr(ps, "_TP", ps.GroupCoordinator("tp", ranks=[0, 1], rank_in_group=rank))
+        monkeypatch.setitem(ps._GROUPS, "tp", ps.GroupCoordinator("tp", ranks=[0, 1], rank_in_group=rank))
 
     return as_rank
 

@@ -1,19 +1,29 @@
 """Classifier-free guidance as a pipeline mixin.
 
 Pipelines call `predict_noise_maybe_with_cfg` and `scheduler_step_maybe_with_cfg` in their denoise
-loop and never branch on parallelism themselves. With a CFG-parallel group of two ranks, each rank
-runs one branch and the results are exchanged (multi-GPU runtime); otherwise both branches run here.
+loop and never branch on parallelism themselves. Three ways to run the two branches:
+
+- CFG parallel (cfg_parallel_size=2): CFG rank 0 runs the positive branch, rank 1 the negative one,
+  and the predictions are exchanged with one all-gather;
+- batched: a pipeline that lists its per-sample transformer inputs in `cfg_batched_inputs` gets both
+  branches in one forward of twice the batch (fewer, larger kernels);
+- otherwise two forwards, one after the other.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from diffserve.distributed.parallel_state import get_cfg_group
 
 
 class CFGParallelMixin:
+    # Transformer keyword inputs that carry a batch dimension; every other input must be the same
+    # object in both branches (e.g. position ids). Empty: branches are never batched.
+    cfg_batched_inputs: ClassVar[tuple[str, ...]] = ()
+
     def predict_noise(self, **kwargs: Any) -> torch.Tensor:
         """One transformer call; override when the transformer's call or output is non-standard."""
         return self.transformer(**kwargs)
@@ -32,9 +42,40 @@ class CFGParallelMixin:
     ) -> torch.Tensor:
         if not do_true_cfg:
             return self.predict_noise(**positive_kwargs)
-        positive = self.predict_noise(**positive_kwargs)
-        negative = self.predict_noise(**negative_kwargs)
+        cfg = get_cfg_group()
+        if cfg.world_size > 1:
+            mine = self.predict_noise(**(positive_kwargs if cfg.rank_in_group == 0 else negative_kwargs))
+            positive, negative = cfg.all_gather(mine.unsqueeze(0), dim=0).unbind(0)
+        else:
+            batched = self._batch_cfg_kwargs(positive_kwargs, negative_kwargs)
+            if batched is not None:
+                positive, negative = self.predict_noise(**batched).chunk(2)
+            else:
+                positive = self.predict_noise(**positive_kwargs)
+                negative = self.predict_noise(**negative_kwargs)
         return self.combine_cfg_noise(positive, negative, true_cfg_scale)
+
+    def _batch_cfg_kwargs(self, positive: dict[str, Any], negative: dict[str, Any]) -> dict[str, Any] | None:
+        """Both branches as one batch, or None if their inputs cannot be stacked (e.g. text lengths differ)."""
+        if not self.cfg_batched_inputs:
+            return None
+        if positive.keys() != negative.keys():
+            raise ValueError(f"CFG branches take different inputs: {sorted(positive)} vs {sorted(negative)}")
+        batched = {}
+        for key, pos in positive.items():
+            neg = negative[key]
+            if key in self.cfg_batched_inputs and isinstance(pos, torch.Tensor):
+                if pos.shape != neg.shape:
+                    return None
+                batched[key] = torch.cat([pos, neg])
+            elif pos is neg:
+                batched[key] = pos
+            else:
+                raise ValueError(
+                    f"CFG input {key!r} differs between the branches but is not in {type(self).__name__}."
+                    f"cfg_batched_inputs; add it there if it has a batch dimension"
+                )
+        return batched
 
     def scheduler_step_maybe_with_cfg(
         self, noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, do_true_cfg: bool

@@ -44,9 +44,14 @@ class DiffusionEngine:
 
     def _run_batch(self, batch: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
         start = time.perf_counter()
+        if not self.executor.is_healthy():
+            dead = RuntimeError("the engine's workers are not running (a worker died or the engine was shut down)")
+            return [self._error_output(req, dead) for req in batch]
         try:
             output = self.executor.execute(merge_requests(batch))
         except Exception as exc:
+            if not self.executor.is_healthy():  # nothing to retry on
+                return [self._error_output(req, exc) for req in batch]
             if len(batch) > 1:
                 # Find the culprit: run each request alone so only the failing one reports an error.
                 logger.warning("batch of %d failed (%s); retrying its requests one by one", len(batch), exc)

@@ -1,21 +1,29 @@
 """Executors run a scheduled request on every worker and return rank 0's output.
 
-With world size 1 the worker lives in this process. Multi-process execution (one worker per GPU)
-is the multi-GPU runtime's executor and plugs in behind the same interface.
+- world size 1: the worker lives in this process (InProcessExecutor);
+- world size > 1: one spawned worker process per rank (MultiprocExecutor);
+- launched by torchrun (multi-node): this process is one rank and every rank runs the same script
+  (TorchrunExecutor).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
-from diffserve.config import OmniDiffusionConfig
-from diffserve.engine.worker import DiffusionWorker
+from diffserve.config import ENV_TORCHRUN, OmniDiffusionConfig
+from diffserve.distributed import parallel_state as ps
+from diffserve.engine.worker import DiffusionWorker, init_parallel_state
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
 
 class Executor(ABC):
     @abstractmethod
     def execute(self, req: OmniDiffusionRequest) -> DiffusionOutput: ...
+
+    @abstractmethod
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        """Call `DiffusionWorker.<method>(*args)` on every rank; the results, by rank."""
 
     @abstractmethod
     def start_profile(self, trace_dir: str) -> None: ...
@@ -42,6 +50,9 @@ class InProcessExecutor(Executor):
     def execute(self, req: OmniDiffusionRequest) -> DiffusionOutput:
         return self._live_worker().execute(req)
 
+    def collective_rpc(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(self._live_worker(), method)(*args)]
+
     def start_profile(self, trace_dir: str) -> None:
         self._live_worker().start_profile(trace_dir)
 
@@ -55,11 +66,42 @@ class InProcessExecutor(Executor):
         self.worker = None
 
 
+class TorchrunExecutor(InProcessExecutor):
+    """This process is one rank of a torchrun launch; every rank calls generate() with the same inputs.
+
+    Rank 0's request is broadcast first, so ranks agree even on seeds drawn at random. Only rank 0's
+    outputs are post-processed into images.
+    """
+
+    def __init__(self, od_config: OmniDiffusionConfig, rank: int, world_size: int, local_rank: int):
+        init_parallel_state(od_config, rank, world_size, local_rank)
+        self.worker = DiffusionWorker(od_config, rank=rank, local_rank=local_rank)
+
+    def execute(self, req: OmniDiffusionRequest) -> DiffusionOutput:
+        synced = ps.get_world_group().broadcast_object(req)
+        # Report what ran: the prompts here are shared with the caller's requests.
+        for mine, theirs in zip(req.prompts, synced.prompts):
+            mine.seed = theirs.seed
+        return self._live_worker().execute(synced)
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+        self.worker = None
+
+
 def make_executor(od_config: OmniDiffusionConfig) -> Executor:
     world_size = od_config.parallel_config.world_size
+    launched = ENV_TORCHRUN.get("WORLD_SIZE", 1)
+    if launched > 1:
+        if launched != world_size:
+            raise ValueError(
+                f"torchrun started {launched} processes but the parallel config needs {world_size} "
+                f"(tp x ulysses x ring x cfg x dp)"
+            )
+        return TorchrunExecutor(od_config, ENV_TORCHRUN["RANK"], launched, ENV_TORCHRUN.get("LOCAL_RANK", 0))
     if world_size == 1:
         return InProcessExecutor(od_config)
-    raise ValueError(
-        f"a parallel config with world size {world_size} needs the multi-process executor, which this "
-        f"version does not have yet; use the default single-process settings"
-    )
+    from diffserve.engine.multiproc_executor import MultiprocExecutor
+
+    return MultiprocExecutor(od_config)

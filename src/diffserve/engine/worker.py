@@ -7,9 +7,12 @@ import os
 import time
 
 import torch
+import torch.nn as nn
 
 from diffserve.compile import compile_repeated_blocks
 from diffserve.config import OmniDiffusionConfig
+from diffserve.distributed import parallel_state as ps
+from diffserve.distributed.hsdp import apply_hsdp
 from diffserve.layers.attention import select_attention_backend, set_attention_backend
 from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.interface import discover_components
@@ -29,12 +32,34 @@ def init_device(od_config: OmniDiffusionConfig, local_rank: int = 0) -> torch.de
     return device
 
 
+def init_parallel_state(od_config: OmniDiffusionConfig, rank: int, world_size: int, local_rank: int) -> None:
+    """Join the process group (MASTER_ADDR/PORT from the environment) and build diffserve's groups."""
+    device = init_device(od_config, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    ps.init_distributed_environment(rank, world_size, backend)
+    ps.initialize_model_parallel(od_config.parallel_config, device.type)
+
+
+def local_param_bytes(module: nn.Module) -> int:
+    """Bytes of parameters this rank holds (a sharded DTensor counts only its local shard)."""
+    total = 0
+    for p in module.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
 class DiffusionWorker:
     def __init__(self, od_config: OmniDiffusionConfig, rank: int = 0, local_rank: int = 0):
         self.od_config = od_config
         self.rank = rank
         self.device = init_device(od_config, local_rank)
-        self.pipeline = DiffusersPipelineLoader(od_config).load_model(self.device)
+        use_hsdp = od_config.parallel_config.use_hsdp
+        # HSDP: load the full weights on the CPU, then shard them onto the device.
+        load_device = torch.device("cpu") if use_hsdp else self.device
+        self.pipeline = DiffusersPipelineLoader(od_config).load_model(load_device)
+        if use_hsdp:
+            apply_hsdp(self.pipeline, ps.get_hsdp_mesh(), self.device)
         self.apply_features()
         self.pre_process = get_pre_process_func(od_config)
         self.post_process = get_post_process_func(od_config)
@@ -43,6 +68,8 @@ class DiffusionWorker:
     def apply_features(self) -> None:
         backend = select_attention_backend(self.od_config.attention_backend, self.device, self.od_config.torch_dtype)
         set_attention_backend(self.pipeline, backend)
+        if self.rank != 0 and hasattr(self.pipeline, "set_progress_bar_config"):
+            self.pipeline.set_progress_bar_config(disable=True)
         if not self.od_config.enforce_eager:
             if self.device.type == "cuda":
                 for module in discover_components(self.pipeline)["dit"].values():
@@ -50,16 +77,22 @@ class DiffusionWorker:
             else:
                 logger.info("torch.compile is used on CUDA only; running eagerly on %s", self.device)
 
-    @torch.inference_mode()
     def execute(self, req: OmniDiffusionRequest) -> DiffusionOutput:
         start = time.perf_counter()
-        if self.pre_process is not None:
-            req = self.pre_process(req)
-        output = self.pipeline(req)
-        if self.post_process is not None:
-            output = self.post_process(output, req.sampling_params.output_type)
+        # FSDP2's parameter all-gathers cannot run under inference mode; no_grad is enough there.
+        grad_off = torch.no_grad() if self.od_config.parallel_config.use_hsdp else torch.inference_mode()
+        with grad_off:
+            if self.pre_process is not None:
+                req = self.pre_process(req)
+            output = self.pipeline(req)
+            if self.post_process is not None and self.rank == 0:
+                output = self.post_process(output, req.sampling_params.output_type)
         output.metrics["pipeline_s"] = time.perf_counter() - start
         return output
+
+    def dit_param_bytes(self) -> dict[str, int]:
+        """Per denoiser module, the parameter bytes this rank holds."""
+        return {name: local_param_bytes(m) for name, m in discover_components(self.pipeline)["dit"].items()}
 
     def start_profile(self, trace_dir: str) -> None:
         if self._profiler is not None:
@@ -80,3 +113,8 @@ class DiffusionWorker:
         self._profiler.export_chrome_trace(path)
         self._profiler = None
         return path
+
+    def close(self) -> None:
+        self.pipeline = None
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()

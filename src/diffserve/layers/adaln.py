@@ -1,8 +1,9 @@
 """Adaptive layer norm (adaLN) modulation shared by DiT models.
 
 A conditioning vector (timestep + pooled text) goes through SiLU and one linear layer that yields
-shift/scale/gate chunks; the norm output is modulated as x * (1 + scale) + shift. The modulation
-linear stays replicated under TP: every rank needs the whole hidden dim of each chunk.
+shift/scale/gate chunks; the norm output is modulated as x * (1 + scale) + shift. Under TP the
+modulation linear is split by output and gathered: these layers are a quarter of FLUX's weights,
+while the gathered vector is only [batch, chunks * dim].
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffserve.layers.linear import ReplicatedLinear
+from diffserve.layers.linear import ColumnParallelLinear
 from diffserve.layers.norm import LayerNorm
 
 
@@ -26,7 +27,7 @@ class AdaLNModulation(nn.Module):
     def __init__(self, dim: int, num_chunks: int, cond_dim: int | None = None, bias: bool = True):
         super().__init__()
         self.num_chunks = num_chunks
-        self.linear = ReplicatedLinear(cond_dim or dim, num_chunks * dim, bias=bias)
+        self.linear = ColumnParallelLinear(cond_dim or dim, num_chunks * dim, bias=bias, gather_output=True)
 
     def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(F.silu(emb)).chunk(self.num_chunks, dim=1)

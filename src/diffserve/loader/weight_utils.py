@@ -9,6 +9,8 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
+import mmap
 import os
 from typing import Any, Iterator
 
@@ -59,21 +61,60 @@ def find_weight_files(folder: str, fall_back_to_pt: bool = True) -> tuple[list[s
     raise WeightLoadingError(f"no weight files ({allowed}) in {folder}; it holds: {present or 'nothing'}")
 
 
-def safetensors_weights_iterator(files: list[str]) -> Weights:
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 
-    for path in files:
+
+def _read_safetensors_header(path: str, file_size: int) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise WeightLoadingError(f"cannot read safetensors file {path} (truncated or corrupt?): no header")
+        header_len = int.from_bytes(raw, "little")
+        if header_len > file_size - 8:
+            raise WeightLoadingError(
+                f"cannot read safetensors file {path} (truncated or corrupt?): header of {header_len} bytes "
+                f"does not fit a {file_size}-byte file"
+            )
         try:
-            handle = safe_open(path, framework="pt", device="cpu")
-        except Exception as exc:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise WeightLoadingError(f"cannot read safetensors file {path} (truncated or corrupt?): {exc}") from exc
-        with handle as f:
-            for name in f.keys():
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as exc:
-                    raise WeightLoadingError(f"cannot read tensor {name!r} from {path}: {exc}") from exc
-                yield name, tensor
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
+
+
+def safetensors_weights_iterator(files: list[str]) -> Weights:
+    """Yield tensors that view a copy-on-write memory map of each file.
+
+    Nothing is read until a tensor's bytes are touched, so a tensor-parallel rank that copies only
+    its slice of a weight reads only (the pages of) that slice from disk.
+    """
+    for path in files:
+        size = os.path.getsize(path)
+        header, data_start = _read_safetensors_header(path, size)
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        for name, info in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise WeightLoadingError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+            begin, end = info["data_offsets"]
+            shape = info["shape"]
+            expected = math.prod(shape) * dtype.itemsize
+            if end - begin != expected or data_start + end > size:
+                raise WeightLoadingError(
+                    f"cannot read tensor {name!r} from {path} (truncated or corrupt?): its bytes "
+                    f"[{data_start + begin}, {data_start + end}) do not fit the {size}-byte file or its shape {shape}"
+                )
+            if expected == 0:
+                yield name, torch.empty(shape, dtype=dtype)
+                continue
+            flat = torch.frombuffer(mapped, dtype=torch.uint8, count=expected, offset=data_start + begin)
+            yield name, flat.view(dtype).reshape(shape)
 
 
 def pt_weights_iterator(files: list[str]) -> Weights:

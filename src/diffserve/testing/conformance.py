@@ -32,6 +32,14 @@ class ConformanceCase:
     run_reference: Callable[[str, ConformanceScenario], torch.Tensor]
     # max |ours - reference| on the float output, fp32 on CPU
     tolerance: float = 1e-4
+    # The scenario the parallel tests (TP, CFG, HSDP vs one process) run; it should use CFG.
+    # None: the first scenario.
+    parallel_scenario: str | None = None
+
+    def scenario(self, name: str | None) -> ConformanceScenario:
+        if name is None:
+            return self.scenarios[0]
+        return next(s for s in self.scenarios if s.name == name)
 
 
 def _generators(scenario: ConformanceScenario):
@@ -91,6 +99,6 @@ def _flux_scenarios(guidance: float | None) -> list[ConformanceScenario]:
 
 
 CONFORMANCE_CASES: list[ConformanceCase] = [
-    ConformanceCase("flux", _flux_scenarios(guidance=3.5), run_flux_reference),
+    ConformanceCase("flux", _flux_scenarios(guidance=3.5), run_flux_reference, parallel_scenario="true_cfg_batch2"),
     ConformanceCase("flux-schnell", _flux_scenarios(guidance=None), run_flux_reference),
 ]
