@@ -20,7 +20,7 @@ class EchoExecutor(Executor):
     def __init__(self):
         self.calls = []
 
-    def execute(self, req):
+    def execute(self, req, progress=None):
         self.calls.append([p.prompt for p in req.prompts])
         for p in req.prompts:
             if "boom" in p.prompt:

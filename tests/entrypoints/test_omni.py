@@ -90,15 +90,32 @@ def test_stage_metrics_are_reported(flux_omni):
         assert metrics[key] > 0
 
 
-def test_step_callback_sees_every_step(flux_omni):
-    pipeline = flux_omni.engine.executor.worker.pipeline
+def test_progress_callback_sees_every_step(flux_omni):
+    from diffserve.request import OmniDiffusionRequest, PromptInput
+
+    sp = params(seed=0, num_inference_steps=3)
+    req = OmniDiffusionRequest(prompts=[PromptInput.from_user("a fox", sp)], sampling_params=sp)
     seen = []
-    pipeline.set_step_callback(lambda done, total: seen.append((done, total)))
-    try:
-        flux_omni.generate("a fox", params(seed=0, num_inference_steps=3))
-    finally:
-        pipeline.set_step_callback(None)
-    assert seen == [(1, 3), (2, 3), (3, 3)]
+    (out,) = flux_omni.engine.run_batch([req], progress=lambda done, total: seen.append((done, total)))
+    assert out.error is None and seen == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_progress_callback_can_abort(flux_omni):
+    from diffserve.engine.engine import RequestAborted
+    from diffserve.request import OmniDiffusionRequest, PromptInput
+
+    sp = params(seed=0, num_inference_steps=50)
+    req = OmniDiffusionRequest(prompts=[PromptInput.from_user("a fox", sp)], sampling_params=sp)
+    seen = []
+
+    def stop_after_two(done, total):
+        seen.append(done)
+        if done == 2:
+            raise RequestAborted("client went away")
+
+    (out,) = flux_omni.engine.run_batch([req], progress=stop_after_two)
+    assert out.error_type == "aborted" and seen == [1, 2]
+    assert flux_omni.generate("a fox", params(seed=0))[0].images is not None  # the engine goes on
 
 
 def test_profiler_writes_a_trace(tiny_flux, tmp_path):

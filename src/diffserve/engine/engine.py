@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 from diffserve.config import OmniDiffusionConfig
 from diffserve.engine.executor import Executor, make_executor
@@ -12,6 +13,10 @@ from diffserve.registry import resolve_model
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)
+
+
+class RequestAborted(Exception):
+    """Raised (from a progress callback) to stop a request whose callers are gone."""
 
 
 def check_features_available(od_config: OmniDiffusionConfig) -> None:
@@ -38,24 +43,29 @@ class DiffusionEngine:
         """Run requests (batching compatible ones); one output per request, in order."""
         results: dict[str, DiffusionOutput] = {}
         for batch in make_batches(requests, self.od_config.max_batch_size):
-            for out in self._run_batch(batch):
+            for out in self.run_batch(batch):
                 results[out.request_id] = out
         return [results[req.request_id] for req in requests]
 
-    def _run_batch(self, batch: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
+    def run_batch(
+        self, batch: list[OmniDiffusionRequest], progress: Callable[[int, int], None] | None = None
+    ) -> list[DiffusionOutput]:
+        """Run compatible requests as one pipeline call; one output (or error output) per request."""
         start = time.perf_counter()
         if not self.executor.is_healthy():
             dead = RuntimeError("the engine's workers are not running (a worker died or the engine was shut down)")
             return [self._error_output(req, dead) for req in batch]
         try:
-            output = self.executor.execute(merge_requests(batch))
+            output = self.executor.execute(merge_requests(batch), progress)
+        except RequestAborted as exc:
+            return [self._error_output(req, exc) for req in batch]
         except Exception as exc:
             if not self.executor.is_healthy():  # nothing to retry on
                 return [self._error_output(req, exc) for req in batch]
             if len(batch) > 1:
                 # Find the culprit: run each request alone so only the failing one reports an error.
                 logger.warning("batch of %d failed (%s); retrying its requests one by one", len(batch), exc)
-                return [out for req in batch for out in self._run_batch([req])]
+                return [out for req in batch for out in self.run_batch([req], progress)]
             return [self._error_output(batch[0], exc)]
         outputs = split_output(output, batch)
         for out in outputs:
@@ -65,6 +75,8 @@ class DiffusionEngine:
     @staticmethod
     def _error_output(req: OmniDiffusionRequest, exc: Exception) -> DiffusionOutput:
         invalid = isinstance(exc, ValueError)
+        if isinstance(exc, RequestAborted):
+            return DiffusionOutput(request_id=req.request_id, error=str(exc), error_type="aborted")
         if not invalid:
             logger.exception("request %s failed", req.request_id, exc_info=exc)
         return DiffusionOutput(

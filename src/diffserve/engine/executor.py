@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 from diffserve.config import ENV_TORCHRUN, OmniDiffusionConfig
 from diffserve.distributed import parallel_state as ps
@@ -19,7 +19,10 @@ from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
 class Executor(ABC):
     @abstractmethod
-    def execute(self, req: OmniDiffusionRequest) -> DiffusionOutput: ...
+    def execute(
+        self, req: OmniDiffusionRequest, progress: Callable[[int, int], None] | None = None
+    ) -> DiffusionOutput:
+        """Run `req` on every rank; rank 0's output. `progress(done, total)` follows the denoise steps."""
 
     @abstractmethod
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
@@ -47,8 +50,8 @@ class InProcessExecutor(Executor):
             raise RuntimeError("the engine has been shut down")
         return self.worker
 
-    def execute(self, req: OmniDiffusionRequest) -> DiffusionOutput:
-        return self._live_worker().execute(req)
+    def execute(self, req, progress=None) -> DiffusionOutput:
+        return self._live_worker().execute(req, progress)
 
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         return [getattr(self._live_worker(), method)(*args)]
@@ -77,12 +80,12 @@ class TorchrunExecutor(InProcessExecutor):
         init_parallel_state(od_config, rank, world_size, local_rank)
         self.worker = DiffusionWorker(od_config, rank=rank, local_rank=local_rank)
 
-    def execute(self, req: OmniDiffusionRequest) -> DiffusionOutput:
+    def execute(self, req, progress=None) -> DiffusionOutput:
         synced = ps.get_world_group().broadcast_object(req)
         # Report what ran: the prompts here are shared with the caller's requests.
         for mine, theirs in zip(req.prompts, synced.prompts):
             mine.seed = theirs.seed
-        return self._live_worker().execute(synced)
+        return self._live_worker().execute(synced, progress)
 
     def shutdown(self) -> None:
         if self.worker is not None:

@@ -28,7 +28,7 @@ import time
 import traceback
 import weakref
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Callable
 
 from diffserve.config import OmniDiffusionConfig
 from diffserve.engine.executor import Executor
@@ -121,7 +121,10 @@ def serve_calls(worker, conn: Connection, rank: int) -> None:
             break
         if message is None:
             break
-        method, args = message
+        method, args, want_progress = message
+        if want_progress and rank == 0:
+            # Rank 0 streams step progress to the engine ahead of its reply.
+            args = (*args, lambda done, total: conn.send(("progress", done, total)))
         try:
             result = getattr(worker, method)(*args)
             # Only rank 0's outputs are returned; other ranks skip pickling theirs.
@@ -177,21 +180,30 @@ class MultiprocExecutor(Executor):
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def collective_rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        """Call `DiffusionWorker.<method>(*args)` on every rank; the results, by rank."""
+    def collective_rpc(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[Any]:
+        """Call `DiffusionWorker.<method>(*args)` on every rank; the results, by rank.
+
+        With `progress`, rank 0 also reports (done, total) as the call goes (the worker method must
+        take a progress callback as its last argument)."""
         if not self._healthy:
             raise WorkerDiedError("the worker processes are gone (a worker died or the executor was shut down)")
         for conn in self.conns:
             try:
-                conn.send((method, args))
+                conn.send((method, args, progress is not None))
             except (BrokenPipeError, OSError) as exc:
                 self._fail(f"cannot reach a worker: {exc}")
         try:
-            return self._gather(timeout)
+            return self._gather(timeout, progress)
         except RemoteError as exc:
             raise _as_local_error(exc, f"{method} failed") from None
 
-    def _gather(self, timeout: float | None) -> list[Any]:
+    def _gather(self, timeout: float | None, progress: Callable[[int, int], None] | None = None) -> list[Any]:
         """Collect one reply per rank, watching for dead processes and wedged groups."""
         results: list[Any] = [None] * self.world_size
         pending = {conn: rank for rank, conn in enumerate(self.conns)}
@@ -207,11 +219,15 @@ class MultiprocExecutor(Executor):
             for item in ready:
                 if item not in pending:
                     continue
-                rank = pending.pop(item)
+                rank = pending[item]
                 try:
                     reply = item.recv()
                 except (EOFError, OSError):
                     self._fail(f"worker rank {rank} died (its connection closed; exit code {self.procs[rank].exitcode})")
+                if reply[0] == "progress":
+                    _report_progress(progress, *reply[1:])
+                    continue
+                del pending[item]
                 if reply[0] == "ok":
                     results[rank] = reply[1]
                 elif first_error is None:
@@ -244,8 +260,9 @@ class MultiprocExecutor(Executor):
         self.shutdown()
         raise WorkerDiedError(reason)
 
-    def execute(self, req: OmniDiffusionRequest) -> DiffusionOutput:
-        return self.collective_rpc("execute", req)[0]
+    def execute(self, req, progress=None) -> DiffusionOutput:
+        # A running request cannot be aborted here: all ranks would have to stop at the same step.
+        return self.collective_rpc("execute", req, progress=progress)[0]
 
     def start_profile(self, trace_dir: str) -> None:
         self.collective_rpc("start_profile", trace_dir)
@@ -273,6 +290,15 @@ class MultiprocExecutor(Executor):
         for conn in self.conns:
             conn.close()
         self.conns = []
+
+
+def _report_progress(callback: Callable[[int, int], None] | None, done: int, total: int) -> None:
+    if callback is None:
+        return
+    try:
+        callback(done, total)
+    except Exception:  # an observer's failure (e.g. a client gone) must not break the call
+        logger.debug("progress callback failed", exc_info=True)
 
 
 def _shutdown_ref(ref: "weakref.ref[MultiprocExecutor]") -> None:

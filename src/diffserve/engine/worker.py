@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -77,14 +78,25 @@ class DiffusionWorker:
             else:
                 logger.info("torch.compile is used on CUDA only; running eagerly on %s", self.device)
 
-    def execute(self, req: OmniDiffusionRequest) -> DiffusionOutput:
+    def execute(
+        self, req: OmniDiffusionRequest, progress: Callable[[int, int], None] | None = None
+    ) -> DiffusionOutput:
+        """Run one (batched) request. `progress(steps_done, total_steps)` is called after each step;
+        it may raise to abort the request."""
         start = time.perf_counter()
+        reports_progress = hasattr(self.pipeline, "set_step_callback")
+        if reports_progress:
+            self.pipeline.set_step_callback(progress)
         # FSDP2's parameter all-gathers cannot run under inference mode; no_grad is enough there.
         grad_off = torch.no_grad() if self.od_config.parallel_config.use_hsdp else torch.inference_mode()
         with grad_off:
             if self.pre_process is not None:
                 req = self.pre_process(req)
-            output = self.pipeline(req)
+            try:
+                output = self.pipeline(req)
+            finally:
+                if reports_progress:
+                    self.pipeline.set_step_callback(None)
             if self.post_process is not None and self.rank == 0:
                 output = self.post_process(output, req.sampling_params.output_type)
         output.metrics["pipeline_s"] = time.perf_counter() - start

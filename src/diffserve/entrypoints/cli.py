@@ -85,6 +85,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from diffserve.logger import configure_logging
+    from diffserve.server.launch import build_server, run_server
+
+    configure_logging()
+    app, state = build_server(
+        args.model,
+        engine_kwargs(args),
+        served_model_name=args.served_model_name,
+        api_key=args.api_key or os.environ.get("DIFFSERVE_API_KEY"),
+        max_queue=args.max_queue,
+        batch_wait_ms=args.batch_wait_ms,
+        request_timeout_s=args.request_timeout if args.request_timeout > 0 else None,
+        max_upload_mb=args.max_upload_mb,
+        jobs_dir=args.jobs_dir,
+        max_n=args.max_n,
+    )
+    print(f"serving {state.config.served_model_name!r} ({state.config.modality}) on http://{args.host}:{args.port}",
+          flush=True)
+    run_server(app, args.host, args.port, log_level=args.uvicorn_log_level)
+    return 0
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from diffserve.testing import make_tiny_checkpoint
 
@@ -140,6 +163,30 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("path", help="output folder")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed")
     tiny.set_defaults(func=cmd_make_tiny)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (images, image edits, video jobs, audio).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("model", help="checkpoint folder (diffusers layout) or hub id")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1 endpoints (or set DIFFSERVE_API_KEY)")
+    serve.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="how long the scheduler waits for compatible requests to fill a batch")
+    serve.add_argument("--max-queue", type=int, default=256, help="queued requests before answering 429")
+    serve.add_argument("--request-timeout", type=float, default=600.0,
+                       help="seconds before a request is aborted with 504 (0: no limit)")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (413 above)")
+    serve.add_argument("--max-n", type=int, default=8, help="most images one request may ask for (n)")
+    serve.add_argument("--jobs-dir", default=None, help="where video jobs are kept (default ./diffserve_jobs)")
+    serve.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level")
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="list the supported pipeline classes")
     models.set_defaults(func=cmd_models)

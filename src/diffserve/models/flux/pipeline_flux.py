@@ -53,6 +53,7 @@ class FluxPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompon
     _encoder_modules: ClassVar[list[str]] = ["text_encoder", "text_encoder_2"]
     _vae_modules: ClassVar[list[str]] = ["vae"]
 
+    output_modality: ClassVar[str] = "image"
     cfg_batched_inputs = ("hidden_states", "timestep", "guidance", "encoder_hidden_states", "pooled_projections")
     max_image_side = 4096
     max_sequence_length = 512

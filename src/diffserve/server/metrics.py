@@ -1,0 +1,45 @@
+"""Prometheus metrics of one server (its own registry, so several servers can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+# The *_created timestamps double every series for no use here.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class ServerMetrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "diffserve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
+        )
+        self.queue_depth = Gauge("diffserve_queue_depth", "requests waiting for the engine", registry=self.registry)
+        self.batch_size = Histogram(
+            "diffserve_batch_size", "prompts per pipeline call", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.step_latency = Histogram(
+            "diffserve_denoise_step_seconds", "time per denoise step", buckets=STEP_BUCKETS, registry=self.registry
+        )
+        self.e2e_latency = Histogram(
+            "diffserve_request_seconds", "end-to-end request latency", ["endpoint"], buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.outputs = Counter(
+            "diffserve_outputs", "images, videos and audio clips generated", ["kind"], registry=self.registry
+        )
+
+    def observe_batch(self, requests, outputs, elapsed_s: float) -> None:
+        self.batch_size.observe(sum(len(r.prompts) for r in requests))
+        for out in outputs:
+            steps = out.metrics.get("num_inference_steps")
+            if out.error is None and steps and "denoise_s" in out.metrics:
+                self.step_latency.observe(out.metrics["denoise_s"] / steps)
+                break  # one batch, one step time
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

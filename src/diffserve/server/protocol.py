@@ -1,0 +1,127 @@
+"""Request bodies of the HTTP API (pydantic), strict about types and unknown fields.
+
+Fields OpenAI defines but that have no meaning here (quality, style, user, ...) are accepted and
+ignored, so the official client works unchanged; anything else unknown is a 400 that names it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from diffserve.request import MAX_SEED
+
+MAX_PROMPT_CHARS = 20000
+MAX_STEPS = 1000
+MAX_SIDE = 4096
+SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number, got {type(value).__name__}")
+    return value
+
+
+def _integer(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"must be an integer, got {type(value).__name__}")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_number)]
+Integer = Annotated[int, BeforeValidator(_integer)]
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """"WxH" -> (height, width); None or "auto" -> the model's default."""
+    if size is None or size == "auto":
+        return None, None
+    match = SIZE_PATTERN.match(size)
+    if not match:
+        raise ValueError(f"size must look like '1024x768' (width x height) or 'auto', got {size!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
+        raise ValueError(f"size {size} is out of range: width and height must be between 1 and {MAX_SIDE}")
+    return height, width
+
+
+class GenerationExtensions(BaseModel):
+    """diffserve's extensions to OpenAI's request bodies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
+    num_inference_steps: Annotated[Integer, Field(ge=1, le=MAX_STEPS)] | None = None
+    guidance_scale: Annotated[Number, Field(ge=0, le=100)] | None = None
+    true_cfg_scale: Annotated[Number, Field(ge=0, le=100)] | None = None
+    seed: Annotated[Integer, Field(ge=0, le=MAX_SEED)] | None = None
+
+
+class ImageGenerationRequest(GenerationExtensions):
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    model: str | None = None
+    n: Annotated[Integer, Field(ge=1)] = 1
+    size: str | None = None
+    response_format: str | None = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: Annotated[Integer, Field(ge=0, le=100)] | None = None
+    # OpenAI fields accepted for compatibility; they do not change the result.
+    quality: str | None = None
+    style: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    user: str | None = None
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value):
+        parse_size(value)
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value):
+        if value not in (None, "b64_json"):
+            raise ValueError(f"only 'b64_json' is supported (images are returned inline), got {value!r}")
+        return value
+
+
+class VideoCreateRequest(GenerationExtensions):
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    model: str | None = None
+    seconds: str | Integer | None = None
+    size: str | None = None
+    num_frames: Annotated[Integer, Field(ge=1, le=1025)] | None = None
+    fps: Annotated[Integer, Field(ge=1, le=120)] | None = None
+    guidance_scale_2: Annotated[Number, Field(ge=0, le=100)] | None = None
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value):
+        parse_size(value)
+        return value
+
+    @field_validator("seconds")
+    @classmethod
+    def _seconds(cls, value):
+        if value is None:
+            return value
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"seconds must be a number of seconds, got {value!r}") from None
+        if not 0 < seconds <= 60:
+            raise ValueError(f"seconds must be in (0, 60], got {value!r}")
+        return value
+
+
+class AudioGenerationRequest(GenerationExtensions):
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    model: str | None = None
+    seconds: Annotated[Number, Field(gt=0, le=600)] | None = None
+    response_format: Literal["wav"] = "wav"

@@ -1,0 +1,81 @@
+"""/v1/images/generations with the official openai client and with httpx."""
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from openai import OpenAI
+from PIL import Image
+
+from diffserve import Omni, OmniDiffusionSamplingParams
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_openai_client_png_equals_offline_omni(flux_server, tiny_flux):
+    client = OpenAI(base_url=f"{flux_server.url}/v1", api_key="unused")
+    resp = client.images.generate(model="tiny-flux", prompt="a red fox in snow", n=2, size="48x32",
+                                  extra_body={"num_inference_steps": 3, "seed": 11, "guidance_scale": 3.5})
+    served = [np.asarray(decode(d.b64_json)) for d in resp.data]
+    assert len(served) == 2 and served[0].shape == (32, 48, 3)
+    with Omni(tiny_flux, dtype="float32", device="cpu") as omni:
+        offline = omni.generate("a red fox in snow", OmniDiffusionSamplingParams(
+            height=32, width=48, num_inference_steps=3, seed=11, guidance_scale=3.5, num_outputs_per_prompt=2))
+    for png, image in zip(served, offline[0].images):
+        np.testing.assert_array_equal(png, np.asarray(image))
+    assert resp.model_extra["seed"] == 11 and resp.size == "48x32"
+
+
+def test_true_cfg_and_formats_with_httpx(flux_server):
+    for fmt, pil_format in (("png", "PNG"), ("jpeg", "JPEG"), ("webp", "WEBP")):
+        r = httpx.post(f"{flux_server.url}/v1/images/generations", timeout=60, json={
+            "prompt": "a blue car", "size": "32x32", "output_format": fmt, "num_inference_steps": 2,
+            "negative_prompt": "blurry", "true_cfg_scale": 3.0, "seed": 1})
+        assert r.status_code == 200, r.text
+        image = decode(r.json()["data"][0]["b64_json"])
+        assert image.format == pil_format and image.size == (32, 32)
+
+
+def test_unseeded_request_reports_a_seed(flux_server):
+    r = httpx.post(f"{flux_server.url}/v1/images/generations", timeout=60,
+                   json={"prompt": "x", "size": "16x16", "num_inference_steps": 1})
+    assert r.status_code == 200 and isinstance(r.json()["seed"], int)
+
+
+def test_models_health_and_metrics(flux_server):
+    models = httpx.get(f"{flux_server.url}/v1/models").json()
+    assert models["data"][0]["id"] == "tiny-flux" and models["data"][0]["modality"] == "image"
+    assert httpx.get(f"{flux_server.url}/v1/models/tiny-flux").status_code == 200
+    assert httpx.get(f"{flux_server.url}/v1/models/other").status_code == 404
+    assert httpx.get(f"{flux_server.url}/health").json() == {"status": "ok"}
+    text = httpx.get(f"{flux_server.url}/metrics").text
+    for name in ("diffserve_requests_total", "diffserve_queue_depth", "diffserve_batch_size",
+                 "diffserve_denoise_step_seconds", "diffserve_request_seconds", "diffserve_outputs_total"):
+        assert name in text
+
+
+def test_wrong_endpoints_for_an_image_model(flux_server):
+    client = OpenAI(base_url=f"{flux_server.url}/v1", api_key="unused")
+    with pytest.raises(Exception) as err:
+        client.videos.create(prompt="a cat surfing")
+    assert getattr(err.value, "status_code", None) == 400
+    r = httpx.post(f"{flux_server.url}/v1/audio/generations", json={"prompt": "rain"})
+    assert r.status_code == 400 and "needs a audio model" in r.json()["error"]["message"]
+    r = httpx.post(f"{flux_server.url}/v1/images/edits", files={"image": ("a.png", b"x", "image/png")},
+                   data={"prompt": "x"})
+    assert r.status_code == 400 and "does not take input images" in r.json()["error"]["message"]
+
+
+def test_api_key(start_server, tiny_flux):
+    server = start_server(tiny_flux, "--api-key", "s3cret")
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    bad = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{server.url}/health").status_code == 200  # probes need no key
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="s3cret")
+    resp = client.images.generate(prompt="x", size="16x16", extra_body={"num_inference_steps": 1})
+    assert len(resp.data) == 1
