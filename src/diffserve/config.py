@@ -33,11 +33,15 @@ DTYPES = {
 CACHE_BACKENDS = (None, "cache_dit", "tea_cache")
 
 
+class UnknownKeyError(TypeError):
+    """A config, keyword or request field that does not exist (a TypeError, as for bad keywords)."""
+
+
 def check_known_keys(kind: str, given: dict[str, Any], allowed: list[str]) -> None:
-    """Raise a TypeError naming every unknown key of `given` and listing the allowed ones."""
+    """Raise UnknownKeyError naming every unknown key of `given` and listing the allowed ones."""
     unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise TypeError(
+        raise UnknownKeyError(
             f"unknown {kind} key(s): {', '.join(map(repr, unknown))}. "
             f"Allowed: {', '.join(sorted(allowed))}"
         )
@@ -165,7 +169,9 @@ class OmniDiffusionConfig:
     # None: DIFFSERVE_ATTENTION_BACKEND or "sdpa".
     attention_backend: str | None = None
     cache_backend: str | None = None
-    cache_config: dict[str, Any] = field(default_factory=dict)
+    # A dict of the backend's options (or its typed config, diffserve.cache.config); parsed into
+    # the typed config in __post_init__ (None without a backend).
+    cache_config: Any = field(default_factory=dict)
     enable_cpu_offload: bool = False
     enable_layerwise_offload: bool = False
     # False: compile the transformer's repeated blocks with torch.compile on CUDA.
@@ -195,8 +201,9 @@ class OmniDiffusionConfig:
             raise ValueError(
                 f"cache_backend must be one of {', '.join(map(str, CACHE_BACKENDS))}, got {self.cache_backend!r}"
             )
-        if not isinstance(self.cache_config, dict):
-            raise ValueError(f"cache_config must be a dict, got {type(self.cache_config).__name__}")
+        from diffserve.cache.config import parse_cache_config  # the cache package imports this module
+
+        self.cache_config = parse_cache_config(self.cache_backend, self.cache_config)
         _check_positive_int("max_batch_size", self.max_batch_size)
 
     @classmethod

@@ -21,12 +21,18 @@ logger = logging.getLogger(__name__)
 # _class_name -> (folder under diffserve/models, module file, class name)
 _DIFFUSION_MODELS: dict[str, tuple[str, str, str]] = {
     "FluxPipeline": ("flux", "pipeline_flux", "FluxPipeline"),
+    "WanPipeline": ("wan", "pipeline_wan", "WanPipeline"),
+    "WanImageToVideoPipeline": ("wan", "pipeline_wan_i2v", "WanImageToVideoPipeline"),
+    "DiffservePixelDiTPipeline": ("demo_dit", "pipeline_demo_dit", "DiffservePixelDiTPipeline"),
 }
 
 # _class_name -> name of a factory in the pipeline module: factory(od_config) -> callable
 _DIFFUSION_PRE_PROCESS_FUNCS: dict[str, str] = {}
 _DIFFUSION_POST_PROCESS_FUNCS: dict[str, str] = {
     "FluxPipeline": "get_flux_post_process_func",
+    "WanPipeline": "get_wan_post_process_func",
+    "WanImageToVideoPipeline": "get_wan_i2v_post_process_func",
+    "DiffservePixelDiTPipeline": "get_demo_dit_post_process_func",
 }
 
 MODEL_INDEX = "model_index.json"

@@ -50,7 +50,9 @@ def _user_prompts(scenario):
 def _generate(path, scenario, **kwargs):
     with Omni(path, dtype="float32", device="cpu", disable_progress_bar=True, **kwargs) as omni:
         outputs = omni.generate(_user_prompts(scenario), scenario.params)
-        return torch.cat([out.images for out in outputs]), omni.engine.executor.collective_rpc("dit_param_bytes")
+        # Video pipelines (Wan) return frames, image pipelines images; both float tensors for output_type='pt'.
+        videos_or_images = [out.frames if out.frames is not None else out.images for out in outputs]
+        return torch.cat(videos_or_images), omni.engine.executor.collective_rpc("dit_param_bytes")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +83,9 @@ def test_parallel_mode_matches_single_process(tiny_checkpoint, single_process, c
             for name, nbytes in rank_bytes.items():
                 share = nbytes / full_bytes[name]
                 # HSDP shards everything: exactly half. TP keeps the tiny model's embedders replicated,
-                # which are a large share only at toy sizes (the real FLUX config is checked below).
-                assert 0.49 < share < (0.51 if mode == "hsdp2" else 0.6), (mode, name, share)
+                # which are a large share only at toy sizes (the real FLUX config is checked below;
+                # tiny Wan holds 0.74, its real 1.3B/14B configs 0.509/0.508, see tests/models/wan).
+                assert 0.49 < share < (0.51 if mode == "hsdp2" else 0.8), (mode, name, share)
 
 
 def test_tp2_real_flux_config_holds_half_the_bytes(monkeypatch):

@@ -19,8 +19,8 @@ def test_unknown_keyword_is_named(tiny_flux):
 
 
 def test_unavailable_feature_is_refused_not_ignored(tiny_flux):
-    with pytest.raises(ValueError, match="cache_backend='cache_dit'"):
-        Omni(tiny_flux, cache_backend="cache_dit")
+    with pytest.raises(ValueError, match="enable_cpu_offload=True"):
+        Omni(tiny_flux, enable_cpu_offload=True)
 
 
 def test_batched_prompts_equal_one_by_one(flux_omni):

@@ -22,8 +22,6 @@ class RequestAborted(Exception):
 def check_features_available(od_config: OmniDiffusionConfig) -> None:
     """Refuse settings whose engine feature this version does not implement, rather than ignore them."""
     unavailable = []
-    if od_config.cache_backend is not None:
-        unavailable.append(f"cache_backend={od_config.cache_backend!r}")
     if od_config.enable_cpu_offload:
         unavailable.append("enable_cpu_offload=True")
     if od_config.enable_layerwise_offload:

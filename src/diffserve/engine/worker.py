@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from diffserve.cache import make_cache_backend
 from diffserve.compile import compile_repeated_blocks
 from diffserve.config import OmniDiffusionConfig
 from diffserve.distributed import parallel_state as ps
@@ -77,6 +78,10 @@ class DiffusionWorker:
                     compile_repeated_blocks(module)
             else:
                 logger.info("torch.compile is used on CUDA only; running eagerly on %s", self.device)
+        # Step caching swaps the transformers' block lists per forward; compiled blocks stay compiled.
+        self.cache_backend = make_cache_backend(self.od_config)
+        if self.cache_backend is not None:
+            self.cache_backend.enable(self.pipeline)
 
     def execute(
         self, req: OmniDiffusionRequest, progress: Callable[[int, int], None] | None = None
@@ -92,6 +97,8 @@ class DiffusionWorker:
         with grad_off:
             if self.pre_process is not None:
                 req = self.pre_process(req)
+            if self.cache_backend is not None:
+                self.cache_backend.refresh(self.pipeline, req.sampling_params.num_inference_steps)
             try:
                 output = self.pipeline(req)
             finally:
@@ -100,6 +107,8 @@ class DiffusionWorker:
             if self.post_process is not None and self.rank == 0:
                 output = self.post_process(output, req.sampling_params.output_type)
         output.metrics["pipeline_s"] = time.perf_counter() - start
+        if self.cache_backend is not None:
+            output.metrics.update(self.cache_backend.request_metrics())
         return output
 
     def dit_param_bytes(self) -> dict[str, int]:

@@ -57,11 +57,42 @@ def output_paths(output: str, count: int) -> list[str]:
     return [output] + [f"{stem}_{i}{ext}" for i in range(1, count)]
 
 
+def load_image_arg(path: str):
+    from PIL import Image
+
+    try:
+        return Image.open(path).convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read --image {path!r}: {exc}") from exc
+
+
+def save_outputs(output, path: str | None, fps_flag: int | None) -> list[str]:
+    """Write images as given (PNG by default) or videos as MP4 at --fps (else the model's rate)."""
+    if output.frames is None:
+        paths = output_paths(path or "output.png", len(output.images))
+        for image, p in zip(output.images, paths):
+            os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+            image.save(p)
+        return paths
+    from diffserve.media import write_mp4
+
+    path = path or "output.mp4"
+    if not path.lower().endswith(".mp4"):
+        path = os.path.splitext(path)[0] + ".mp4"  # the output is a video whatever the name said
+    fps = fps_flag or output.metrics.get("fps") or 16
+    paths = output_paths(path, len(output.frames))
+    for frames, p in zip(output.frames, paths):
+        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+        write_mp4(p, frames, fps)
+    return paths
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from diffserve import Omni, OmniDiffusionSamplingParams
     from diffserve.logger import configure_logging
 
     configure_logging()
+    prompt = {"prompt": args.prompt, "image": load_image_arg(args.image)} if args.image else args.prompt
     params = OmniDiffusionSamplingParams(
         height=args.height,
         width=args.width,
@@ -72,15 +103,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_outputs_per_prompt=args.num_outputs,
         max_sequence_length=args.max_sequence_length,
+        num_frames=args.num_frames,
+        fps=args.fps,
+        guidance_scale_2=args.guidance_scale_2,
     )
-    with Omni(args.model, **engine_kwargs(args)) as omni:
+    model = args.model
+    if model is None:
+        from diffserve.assets import default_model_path
+
+        model = default_model_path()
+    with Omni(model, **engine_kwargs(args)) as omni:
         start = time.perf_counter()
-        output = omni.generate(args.prompt, params)[0]
+        output = omni.generate(prompt, params)[0]
         elapsed = time.perf_counter() - start
-    paths = output_paths(args.output, len(output.images))
-    for image, path in zip(output.images, paths):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        image.save(path)
+    paths = save_outputs(output, args.output, args.fps)
     print(f"wrote {', '.join(paths)} (seed {output.seed}, {elapsed:.2f} s)")
     return 0
 
@@ -90,8 +126,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from diffserve.server.launch import build_server, run_server
 
     configure_logging()
+    model = args.model
+    if model is None:
+        from diffserve.assets import default_model_path
+
+        model = default_model_path()
     app, state = build_server(
-        args.model,
+        model,
         engine_kwargs(args),
         served_model_name=args.served_model_name,
         api_key=args.api_key or os.environ.get("DIFFSERVE_API_KEY"),
@@ -135,13 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser(
         "generate",
-        help="generate an image from a prompt",
-        description="Generate an image from a prompt and save it.",
+        help="generate an image or a video from a prompt",
+        description="Generate an image (PNG) or, with a video model, a video (MP4) from a prompt and save it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     gen.add_argument("prompt", help="the text prompt")
-    gen.add_argument("--model", required=True, help="checkpoint folder (diffusers layout) or hub id")
-    gen.add_argument("-o", "--output", default="output.png", help="output file; several outputs get _1, _2, ...")
+    gen.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder (diffusers layout) or hub id; unset: the built-in demo model (64x64 coloured shapes)",
+    )
+    gen.add_argument(
+        "-o", "--output", default=None,
+        help="output file (default output.png, or output.mp4 for video models); several outputs get _1, _2, ...",
+    )
     gen.add_argument("--negative-prompt", default=None, help="negative prompt (true CFG with --true-cfg-scale > 1)")
     gen.add_argument("--height", type=int, default=None, help="image height (model default if unset)")
     gen.add_argument("--width", type=int, default=None, help="image width (model default if unset)")
@@ -151,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="random seed (random if unset; printed)")
     gen.add_argument("--num-outputs", type=int, default=1, help="images per prompt")
     gen.add_argument("--max-sequence-length", type=int, default=None, help="text encoder token limit")
+    gen.add_argument("--image", default=None, help="input image file (image-to-video: the first frame)")
+    gen.add_argument("--num-frames", type=int, default=None, help="video frames, 4k+1 for Wan (model default if unset)")
+    gen.add_argument("--fps", type=int, default=None, help="video frame rate of the MP4 (model default if unset)")
+    gen.add_argument(
+        "--guidance-scale-2", type=float, default=None,
+        help="guidance scale of the low-noise expert (Wan2.2 A14B); defaults to --guidance-scale",
+    )
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -170,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model over an OpenAI-compatible HTTP API (images, image edits, video jobs, audio).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    serve.add_argument("model", help="checkpoint folder (diffusers layout) or hub id")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="checkpoint folder or hub id; unset: the built-in demo model")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", default=None,
@@ -194,10 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffserve.config import UnknownKeyError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:
+    except (ValueError, UnknownKeyError) as exc:
         # User errors (bad flag values, unsupported model, bad size) get one clear line, no traceback.
         print(f"diffserve: error: {exc}", file=sys.stderr)
         return 2

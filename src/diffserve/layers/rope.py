@@ -27,6 +27,13 @@ def rope_cos_sin(
     return cos.float(), sin.float()
 
 
+def grid_positions(*sizes: int, device: torch.device | None = None) -> torch.Tensor:
+    """Positions [prod(sizes), len(sizes)] of every cell of a grid in row-major order, e.g. (frame,
+    row, column) of each video patch token, as float ids for MultiAxisRoPE."""
+    axes = [torch.arange(n, device=device, dtype=torch.float32) for n in sizes]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(sizes))
+
+
 class MultiAxisRoPE(nn.Module):
     """One RoPE table per position axis (e.g. text/frame, row, column), concatenated along dim."""
 

@@ -63,3 +63,34 @@ def image_post_process(output: DiffusionOutput, output_type: str) -> DiffusionOu
 
 def get_image_post_process_func(od_config) -> Callable[[DiffusionOutput, str], DiffusionOutput]:
     return image_post_process
+
+
+def to_video_output_type(videos: torch.Tensor, output_type: str):
+    """Float videos [N, C, F, H, W] in [0, 1] -> per output_type:
+
+    - "pil" (the default): a list with one uint8 array [F, H, W, C] per video, ready for encoding;
+    - "np": float array [N, F, H, W, C];
+    - "pt": float tensor [N, F, C, H, W] (diffusers' video layout for output_type="pt").
+    """
+    videos = videos.detach().cpu()
+    if output_type == "pt":
+        return videos.permute(0, 2, 1, 3, 4)
+    array = videos.permute(0, 2, 3, 4, 1).float().numpy()
+    if output_type == "np":
+        return array
+    return list((array * 255).round().astype(np.uint8))
+
+
+def video_post_process(output: DiffusionOutput, output_type: str) -> DiffusionOutput:
+    """Post-process for video pipelines: `output.output` holds [0, 1] videos (or latents) and the
+    result goes to `output.frames`."""
+    if output_type == "latent":
+        output.frames = output.output
+    else:
+        output.frames = to_video_output_type(output.output, output_type)
+    output.output = None
+    return output
+
+
+def get_video_post_process_func(od_config) -> Callable[[DiffusionOutput, str], DiffusionOutput]:
+    return video_post_process

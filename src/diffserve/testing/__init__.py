@@ -27,6 +27,13 @@ def _register(name: str, module: str, func: str, **kwargs) -> None:
 
 _register("flux", "flux", "build_tiny_flux", guidance_embeds=True)
 _register("flux-schnell", "flux", "build_tiny_flux", guidance_embeds=False)
+_register("wan2.1-t2v", "wan", "build_tiny_wan_t2v")
+_register("wan2.2-t2v", "wan", "build_tiny_wan_t2v", dual=True)
+_register("wan2.2-ti2v", "wan", "build_tiny_wan_t2v", ti2v=True)
+_register("wan2.1-i2v", "wan", "build_tiny_wan_i2v")
+_register("wan2.2-i2v", "wan", "build_tiny_wan_i2v", dual=True)
+_register("wan2.2-ti2v-i2v", "wan", "build_tiny_wan_i2v", ti2v=True)
+_register("demo-dit", "demo_dit", "build_tiny_demo_dit")
 
 
 def make_tiny_checkpoint(arch: str, path: str, seed: int = 0) -> str:

@@ -98,7 +98,217 @@ def _flux_scenarios(guidance: float | None) -> list[ConformanceScenario]:
     ]
 
 
+def run_demo_dit_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
+    """The built-in demo model has no diffusers pipeline: its reference is the training script's own
+    plain-PyTorch model and sampler (diffserve.models.demo_dit.reference) on the same weights."""
+    from diffserve.models.demo_dit.reference import load_pipeline
+
+    pipe = load_pipeline(path)
+    sp = scenario.params
+    return pipe(
+        prompts=[p["prompt"] if isinstance(p, dict) else p for p in scenario.prompts],
+        seeds=scenario.seeds,
+        negative_prompts=[p.get("negative_prompt") if isinstance(p, dict) else None for p in scenario.prompts],
+        height=sp.height,
+        width=sp.width,
+        num_inference_steps=sp.num_inference_steps,
+        guidance_scale=sp.guidance_scale,
+        outputs_per_prompt=sp.num_outputs_per_prompt,
+    )
+
+
+def _demo_dit_scenarios() -> list[ConformanceScenario]:
+    def params(**kw):
+        return OmniDiffusionSamplingParams(num_inference_steps=3, output_type="pt", **kw)
+
+    return [
+        ConformanceScenario(
+            "cfg_batch2_nonsquare",
+            ["a red circle above a blue square", "a green triangle"],
+            params(height=32, width=48, guidance_scale=4.0),
+            seeds=[0, 1],
+        ),
+        ConformanceScenario(
+            "cfg_negative_prompts",
+            [
+                {"prompt": "a yellow square left of a purple circle", "negative_prompt": "a blue circle"},
+                {"prompt": "a red square", "negative_prompt": ""},
+            ],
+            params(height=48, width=32, guidance_scale=3.0),
+            seeds=[3, 4],
+        ),
+        ConformanceScenario(
+            "no_cfg_two_outputs_per_prompt",
+            ["a blue triangle below a green circle"],
+            params(height=32, width=32, guidance_scale=1.0, num_outputs_per_prompt=2),
+            seeds=[7],
+        ),
+        # Size, steps and guidance from the checkpoint (64x64, model_index.json's defaults).
+        ConformanceScenario(
+            "model_defaults", ["a purple circle"], OmniDiffusionSamplingParams(output_type="pt"), seeds=[5]
+        ),
+    ]
+
+
 CONFORMANCE_CASES: list[ConformanceCase] = [
     ConformanceCase("flux", _flux_scenarios(guidance=3.5), run_flux_reference, parallel_scenario="true_cfg_batch2"),
     ConformanceCase("flux-schnell", _flux_scenarios(guidance=None), run_flux_reference),
+    ConformanceCase(
+        "demo-dit", _demo_dit_scenarios(), run_demo_dit_reference, parallel_scenario="cfg_negative_prompts"
+    ),
 ]
+
+
+# -- Wan2.1 / Wan2.2 (video) -------------------------------------------------------------------------
+# References return diffusers' output_type="pt" videos [N, F, C, H, W]; ours come from
+# DiffusionOutput.frames in the same layout. Measured max-abs differences (fp32, CPU, 2026-11-26) are
+# noted per case; every one is float32 rounding, far below the tolerance.
+
+
+def wan_test_image(seed: int, width: int = 56, height: int = 40):
+    """A deterministic RGB image (smooth gradients plus noise) for image-to-video scenarios."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    smooth = np.stack([x, y, (x + y) / 2], axis=-1) * rng.uniform(0.5, 1.0, size=3)
+    pixels = np.clip(smooth + rng.normal(0, 0.15, size=smooth.shape), 0, 1)
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
+def run_wan_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
+    """diffusers' WanPipeline / WanImageToVideoPipeline (from model_index.json). Its image-to-video
+    call takes one image for all prompts, so prompts with different images run one call each, which
+    is also what a batch must equal."""
+    import diffusers
+
+    from diffserve.registry import read_model_index
+
+    pipe_cls = getattr(diffusers, read_model_index(path)["_class_name"])
+    pipe = pipe_cls.from_pretrained(path, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    sp = scenario.params
+    prompts = [p if isinstance(p, dict) else {"prompt": p} for p in scenario.prompts]
+    kwargs = dict(
+        height=sp.height,
+        width=sp.width,
+        num_frames=sp.num_frames,
+        num_inference_steps=sp.num_inference_steps,
+        guidance_scale=sp.guidance_scale,
+        num_videos_per_prompt=sp.num_outputs_per_prompt,
+        max_sequence_length=sp.max_sequence_length,
+        output_type="pt",
+    )
+    if sp.guidance_scale_2 is not None:
+        kwargs["guidance_scale_2"] = sp.guidance_scale_2
+
+    def call(group: list[dict], seeds: list[int]) -> torch.Tensor:
+        extra = {"image": group[0]["image"]} if "image" in group[0] else {}
+        negatives = [p.get("negative_prompt") for p in group]
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return pipe(
+            prompt=[p["prompt"] for p in group],
+            negative_prompt=[n or "" for n in negatives] if any(negatives) else None,
+            generator=gens[0] if len(gens) == 1 else gens,
+            **extra,
+            **kwargs,
+        ).frames
+
+    shared_image = all(p.get("image") is prompts[0].get("image") for p in prompts)
+    if shared_image:
+        return call(prompts, scenario.seeds)
+    return torch.cat([call([p], [s]) for p, s in zip(prompts, scenario.seeds)])
+
+
+# tests/distributed/test_parallel.py runs the first case of each family ("wan2.1", "wan2.2") below:
+# wan2.1-t2v covers WanPipeline, wan2.2-i2v the image-to-video pipeline with two experts.
+
+
+def _wan_params(**kw) -> OmniDiffusionSamplingParams:
+    defaults = dict(num_frames=5, num_inference_steps=3, guidance_scale=4.0, max_sequence_length=32, output_type="pt")
+    return OmniDiffusionSamplingParams(**{**defaults, **kw})
+
+
+def _wan_t2v_scenarios(size: tuple[int, int], dual: bool) -> list[ConformanceScenario]:
+    height, width = size
+    # With 4 UniPC steps (flow_shift 3) the timesteps are 999, 900, 750, 500: the Wan2.2 boundary
+    # (0.875 -> t=875) hands steps 3 and 4 to transformer_2.
+    steps = {"num_inference_steps": 4, "guidance_scale_2": 2.5} if dual else {}
+    return [
+        ConformanceScenario(
+            "cfg_batch2_nonsquare",
+            [
+                {"prompt": "a cat surfing a wave", "negative_prompt": "blurry"},
+                {"prompt": "a red car at night", "negative_prompt": "low quality"},
+            ],
+            _wan_params(height=height, width=width, **steps),
+            seeds=[0, 1],
+        ),
+        ConformanceScenario(
+            "no_cfg_two_outputs_per_prompt",
+            ["a dog running in the park"],
+            _wan_params(height=width, width=height, num_frames=9, guidance_scale=1.0, num_outputs_per_prompt=2),
+            seeds=[7],
+        ),
+    ]
+
+
+def _wan_i2v_scenarios(size: tuple[int, int], dual: bool, max_sequence_length: int) -> list[ConformanceScenario]:
+    height, width = size
+    steps = {"num_inference_steps": 4, "guidance_scale_2": 2.5} if dual else {}
+    image, other = wan_test_image(0), wan_test_image(1, width=48, height=48)
+    return [
+        ConformanceScenario(
+            "cfg_batch2_nonsquare_shared_image",
+            [{"prompt": "the cat starts to walk", "image": image}, {"prompt": "the camera pans left", "image": image}],
+            _wan_params(height=height, width=width, max_sequence_length=max_sequence_length, **steps),
+            seeds=[0, 1],
+        ),
+        ConformanceScenario(
+            "cfg_batch2_own_images_and_negatives",
+            [
+                {"prompt": "waves roll in", "negative_prompt": "static", "image": image},
+                {"prompt": "a bird flies away", "negative_prompt": "blurry", "image": other},
+            ],
+            _wan_params(height=width, width=height, max_sequence_length=max_sequence_length, **steps),
+            seeds=[3, 4],
+        ),
+    ]
+
+
+# Order matters to tests/distributed/test_parallel.py, which runs the first case of each family
+# ("wan2.1", "wan2.2"): wan2.1-t2v covers WanPipeline, wan2.2-i2v the image-to-video class with two
+# experts.
+CONFORMANCE_CASES.extend(
+    [
+        # Measured: 9.8e-7 (cfg_batch2_nonsquare), 0.0 (no_cfg_two_outputs_per_prompt).
+        ConformanceCase(
+            "wan2.1-t2v", _wan_t2v_scenarios((32, 48), dual=False), run_wan_reference,
+            parallel_scenario="cfg_batch2_nonsquare",
+        ),
+        # CLIP image tokens + first-frame latent conditioning; diffusers' I2V transformer needs the
+        # 512-token text length it hard-codes. Measured: 8.3e-7 (shared image), 1.9e-6 (own images).
+        ConformanceCase(
+            "wan2.1-i2v", _wan_i2v_scenarios((32, 48), dual=False, max_sequence_length=512), run_wan_reference,
+            parallel_scenario="cfg_batch2_nonsquare_shared_image",
+        ),
+        # Latent conditioning only, two experts. Measured: 9.5e-7, 4.5e-6 (own images:
+        # batched VAE encoding and CFG against one-prompt reference calls).
+        ConformanceCase(
+            "wan2.2-i2v", _wan_i2v_scenarios((32, 48), dual=True, max_sequence_length=32), run_wan_reference,
+            parallel_scenario="cfg_batch2_nonsquare_shared_image",
+        ),
+        # Two experts switched at boundary_ratio, guidance_scale_2 on the second. Measured: 8.9e-7, 0.0.
+        ConformanceCase(
+            "wan2.2-t2v", _wan_t2v_scenarios((32, 48), dual=True), run_wan_reference,
+            parallel_scenario="cfg_batch2_nonsquare",
+        ),
+        # TI2V-5B: 48-channel VAE at 16x, per-token timesteps. Measured: 0.0, 0.0.
+        ConformanceCase("wan2.2-ti2v", _wan_t2v_scenarios((64, 96), dual=False), run_wan_reference),
+        # TI2V-5B image-to-video: the first latent frame is the image, timestep 0. Measured: 1.2e-6, 1.5e-6.
+        ConformanceCase(
+            "wan2.2-ti2v-i2v", _wan_i2v_scenarios((64, 96), dual=False, max_sequence_length=32), run_wan_reference,
+        ),
+    ]
+)

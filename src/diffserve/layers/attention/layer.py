@@ -35,6 +35,7 @@ class Attention(nn.Module):
         causal: bool = False,
         num_kv_heads: int | None = None,
         prefix: str = "",
+        skip_sequence_parallel: bool = False,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -43,6 +44,10 @@ class Attention(nn.Module):
         self.softmax_scale = softmax_scale if softmax_scale is not None else head_size**-0.5
         self.causal = causal
         self.prefix = prefix
+        # True when k/v are whole on every sequence-parallel rank (cross-attention to text or image
+        # tokens, which are never split): only q is sharded, so the layer needs no SP communication
+        # and sequence-parallel wrappers must leave it alone.
+        self.skip_sequence_parallel = skip_sequence_parallel
         self.backend: type[AttentionBackend] = TorchSDPABackend
 
     def forward(

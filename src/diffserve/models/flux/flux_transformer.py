@@ -200,6 +200,21 @@ class FluxTransformer2DModel(nn.Module):
 
     _hsdp_shard_conditions = [_is_transformer_block]
 
+    # Step caching (diffserve.cache): the block lists in call order, with their blocks' I/O as
+    # cache-dit ForwardPattern names. Both kinds match Pattern_1 exactly: called positionally as
+    # block(hidden_states, encoder_hidden_states, temb, rotary_emb) -> (encoder_hidden_states, hidden_states).
+    _cache_blocks = {"transformer_blocks": "Pattern_1", "single_transformer_blocks": "Pattern_1"}
+    # TeaCache's rescale polynomial (highest power first), fitted on FLUX.1-dev by the TeaCache
+    # authors: TeaCache4FLUX/teacache_flux.py in github.com/ali-vilab/TeaCache. schnell shares the
+    # architecture; its 1-4 steps leave TeaCache little to skip.
+    _teacache_coefficients = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+
+    @staticmethod
+    def _teacache_modulated_input(block, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        """TeaCache's signal, as TeaCache4FLUX reads it: the first double-stream block's
+        adaLN-modulated image tokens."""
+        return block.norm1(hidden_states, temb)[0]
+
     # (our fused parameter, diffusers parameter, shard id)
     stacked_params_mapping = [
         (".attn.to_qkv.", ".attn.to_q.", "q"),

@@ -1,0 +1,183 @@
+"""Cache-DiT: DBCache from the cache-dit library on diffserve's own transformers.
+
+Every denoiser of the pipeline gets one cache-dit BlockAdapter entry per block list, built from the
+transformer's declared `_cache_blocks` (or, for one list, its inferred pattern; see
+diffserve.cache.blocks). cache-dit then replaces each list, during the transformer's forward, with a
+wrapper that runs the first Fn blocks, decides, and either runs the rest or adds the cached residual.
+Each list of each transformer has its own context (its own step count, warmup and cached residual),
+so Wan2.2's two experts, which run disjoint steps, never compare one expert's output with the other's.
+
+A model that a declaration cannot describe registers an enabler in CUSTOM_DIT_ENABLERS, keyed by its
+pipeline class name: `enabler(pipeline, config) -> refresh(pipeline, num_inference_steps)`; it
+installs cache-dit itself (e.g. with per-list ParamsModifiers or a PatchFunctor) and returns the
+function that gives its contexts a fresh state before each request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Callable
+
+import torch.nn as nn
+
+from diffserve.cache.base import CacheBackend, check_cfg_runs_in_one_call, denoisers
+from diffserve.cache.blocks import cache_block_lists
+from diffserve.cache.config import CacheDiTConfig
+
+if TYPE_CHECKING:
+    from cache_dit import DBCacheConfig
+
+logger = logging.getLogger(__name__)
+
+CacheDiTRefresh = Callable[[nn.Module, "int | None"], None]
+CacheDiTEnabler = Callable[[nn.Module, CacheDiTConfig], CacheDiTRefresh]
+
+
+def import_cache_dit():
+    try:
+        import cache_dit
+    except ImportError as exc:
+        raise ImportError(
+            "cache_backend='cache_dit' needs the cache-dit package (pip install cache-dit); "
+            "cache_backend='tea_cache' needs nothing extra"
+        ) from exc
+    return cache_dit
+
+
+def db_cache_config(config: CacheDiTConfig) -> "DBCacheConfig":
+    from cache_dit import DBCacheConfig
+
+    return DBCacheConfig(
+        Fn_compute_blocks=config.Fn_compute_blocks,
+        Bn_compute_blocks=config.Bn_compute_blocks,
+        max_warmup_steps=config.max_warmup_steps,
+        max_cached_steps=config.max_cached_steps,
+        max_continuous_cached_steps=config.max_continuous_cached_steps,
+        residual_diff_threshold=float(config.residual_diff_threshold),
+        # The contexts are rebuilt before every request, so they carry no step count: with one,
+        # cache-dit would reset a context by itself once a transformer had made that many calls.
+        num_inference_steps=None,
+        # One transformer call per step on each rank: CFG branches are batched or CFG-parallel.
+        enable_separate_cfg=False,
+    )
+
+
+def check_block_counts(transformers: dict[str, nn.Module], config: CacheDiTConfig) -> None:
+    """Fn + Bn blocks always run; at least one block of every list must be skippable."""
+    always = config.Fn_compute_blocks + config.Bn_compute_blocks
+    for path, transformer in transformers.items():
+        for blocks in cache_block_lists(transformer):
+            if always >= len(blocks.blocks):
+                raise ValueError(
+                    f"Fn_compute_blocks ({config.Fn_compute_blocks}) + Bn_compute_blocks "
+                    f"({config.Bn_compute_blocks}) must be below the {len(blocks.blocks)} blocks of "
+                    f"{path}.{blocks.attr}, or no block could ever be skipped (small models need "
+                    f"Fn_compute_blocks=1, Bn_compute_blocks=0)"
+                )
+
+
+def enable_cache_for_dit(pipeline: nn.Module, config: CacheDiTConfig) -> CacheDiTRefresh:
+    """The default enabler: every denoiser of the pipeline, with its declared block lists."""
+    cache_dit = import_cache_dit()
+    from cache_dit import BlockAdapter, ForwardPattern
+    from cache_dit.caching import FakeDiffusionPipeline
+
+    transformers = denoisers(pipeline)
+    check_block_counts(transformers, config)
+    modules = list(transformers.values())
+    block_lists = [cache_block_lists(t) for t in modules]
+    adapter = BlockAdapter(
+        # A stand-in pipeline object: given a real one, cache-dit would patch its class's __call__
+        # (every instance in the process). With the stand-in, the contexts live on the transformers
+        # and persist until our refresh() rebuilds them before each request.
+        pipe=FakeDiffusionPipeline(modules[0]),
+        transformer=modules,
+        blocks=[[lst.blocks for lst in lists] for lists in block_lists],
+        blocks_name=[[lst.attr for lst in lists] for lists in block_lists],
+        forward_pattern=[[ForwardPattern[lst.pattern] for lst in lists] for lists in block_lists],
+        check_forward_pattern=True,
+    )
+    cache_dit.enable_cache(adapter, cache_config=db_cache_config(config))
+
+    def refresh(pipeline: nn.Module, num_inference_steps: int | None) -> None:
+        for transformer in modules:
+            cache_dit.refresh_context(transformer)
+
+    return refresh
+
+
+# Pipeline class name -> enabler, for models whose caching a block declaration cannot describe.
+# FLUX (two block lists, both Pattern_1) and Wan2.1/2.2 (one list, Pattern_2, inferred; Wan2.2's two
+# experts get separate contexts by default) need none.
+CUSTOM_DIT_ENABLERS: dict[str, CacheDiTEnabler] = {}
+
+
+def context_cached_steps(transformer: nn.Module) -> set[int]:
+    """Steps of the current request in which any block list of `transformer` reused its cache.
+
+    cache-dit keeps the context manager and context names on the transformer (as its own
+    refresh_context reads them); each context counts the steps of its block list.
+    """
+    manager = getattr(transformer, "_context_manager", None)
+    if manager is None:
+        return set()
+    steps: set[int] = set()
+    for name in getattr(transformer, "_context_names", []):
+        steps.update(manager.get_context(name).get_cached_steps())
+    return steps
+
+
+def uninstall(transformer: nn.Module) -> None:
+    """cache-dit's disable_cache, then drop the bound copy of the class's forward it leaves on the
+    instance, so the transformer is exactly as it was before enable."""
+    import_cache_dit().disable_cache(transformer)
+    forward = transformer.__dict__.get("forward")
+    if getattr(forward, "__func__", None) is type(transformer).forward and forward.__self__ is transformer:
+        del transformer.forward
+
+
+class CacheDiTBackend(CacheBackend):
+    name = "cache_dit"
+
+    def __init__(self, config: CacheDiTConfig):
+        if not isinstance(config, CacheDiTConfig):
+            raise TypeError(f"CacheDiTBackend takes a CacheDiTConfig, got {type(config).__name__}")
+        super().__init__(config)
+        self._refresh: CacheDiTRefresh | None = None
+        self._transformers: list[nn.Module] = []
+
+    def enable(self, pipeline: nn.Module) -> None:
+        if self._enabled:
+            raise RuntimeError("cache-dit is already enabled on this pipeline")
+        import_cache_dit()
+        check_cfg_runs_in_one_call(pipeline, self.name)
+        name = type(pipeline).__name__
+        enabler = CUSTOM_DIT_ENABLERS.get(name, enable_cache_for_dit)
+        transformers = list(denoisers(pipeline).values())
+        try:
+            self._refresh = enabler(pipeline, self.config)
+        except Exception:
+            # cache-dit leaves hooks behind after a failed enable; remove them so the pipeline runs
+            # uncached and a later enable starts clean.
+            for transformer in transformers:
+                uninstall(transformer)
+            raise
+        self._transformers = transformers
+        self._enabled = True
+        logger.info("Cache-dit enabled successfully on %s (%s)", name, self.config.strify())
+
+    def refresh(self, pipeline: nn.Module, num_inference_steps: int | None) -> None:
+        if not self._enabled:
+            raise RuntimeError("refresh() before enable()")
+        self._refresh(pipeline, num_inference_steps)
+
+    def disable(self, pipeline: nn.Module) -> None:
+        if not self._enabled:
+            return
+        for transformer in self._transformers:
+            uninstall(transformer)
+        self._transformers, self._refresh, self._enabled = [], None, False
+
+    def cached_steps(self) -> int:
+        # Wan2.2's experts run disjoint steps, each counted from 0 in its own contexts: add them up.
+        return sum(len(context_cached_steps(t)) for t in self._transformers)

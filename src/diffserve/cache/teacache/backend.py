@@ -1,0 +1,90 @@
+"""TeaCache (Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model",
+CVPR 2025) as a diffserve cache backend.
+
+A transformer supports it by declaring
+- `_teacache_modulated_input(first_block, *block_args, **block_kwargs) -> Tensor`: the first block's
+  timestep-modulated input, computed from the arguments that block is called with;
+- `_teacache_coefficients`: the rescale polynomial (highest power first) fitted for the model, with
+  a comment naming where it comes from (a user may override it with cache_config["coefficients"]);
+- its block lists (`_cache_blocks`, see diffserve.cache.blocks), of patterns 0-3.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.nn as nn
+
+from diffserve.cache.base import CacheBackend, check_cfg_runs_in_one_call, denoisers
+from diffserve.cache.blocks import cache_block_lists
+from diffserve.cache.config import TeaCacheConfig
+from diffserve.cache.teacache.hook import StepCounter, TeaCacheHook
+
+logger = logging.getLogger(__name__)
+
+# Residual replay needs every returned stream to be an input too (patterns 4 and 5 create one).
+REPLAYABLE_PATTERNS = ("Pattern_0", "Pattern_1", "Pattern_2", "Pattern_3")
+
+
+def build_hook(path: str, transformer: nn.Module, config: TeaCacheConfig, counter: StepCounter) -> TeaCacheHook:
+    """The hook for one transformer, or a ValueError saying what the model would need to declare."""
+    name = type(transformer).__name__
+    modulated_input = getattr(transformer, "_teacache_modulated_input", None)
+    coefficients = config.coefficients or getattr(transformer, "_teacache_coefficients", None)
+    missing = []
+    if modulated_input is None:
+        missing.append("_teacache_modulated_input(first_block, *block_args, **block_kwargs)")
+    if coefficients is None:
+        missing.append("_teacache_coefficients (or pass cache_config['coefficients'])")
+    if missing:
+        raise ValueError(
+            f"cache_backend='tea_cache' is not supported by {name} ({path}): it declares no "
+            f"{' and no '.join(missing)}. TeaCache needs the first block's modulated input and a rescale "
+            f"polynomial fitted for the model; use cache_backend='cache_dit' instead."
+        )
+    block_lists = cache_block_lists(transformer)
+    for lst in block_lists:
+        if lst.pattern not in REPLAYABLE_PATTERNS:
+            raise ValueError(
+                f"cache_backend='tea_cache' cannot skip {path}.{lst.attr}: its blocks are {lst.pattern}, "
+                f"and TeaCache replays residuals only for {', '.join(REPLAYABLE_PATTERNS)}"
+            )
+    return TeaCacheHook(transformer, block_lists, modulated_input, coefficients, config.rel_l1_thresh, counter)
+
+
+class TeaCacheBackend(CacheBackend):
+    name = "tea_cache"
+
+    def __init__(self, config: TeaCacheConfig):
+        if not isinstance(config, TeaCacheConfig):
+            raise TypeError(f"TeaCacheBackend takes a TeaCacheConfig, got {type(config).__name__}")
+        super().__init__(config)
+        self.counter = StepCounter()
+        self.hooks: list[TeaCacheHook] = []
+
+    def enable(self, pipeline: nn.Module) -> None:
+        if self._enabled:
+            raise RuntimeError("TeaCache is already enabled on this pipeline")
+        check_cfg_runs_in_one_call(pipeline, self.name)
+        # Every check first: a refused model is left untouched.
+        hooks = [build_hook(path, t, self.config, self.counter) for path, t in denoisers(pipeline).items()]
+        for hook in hooks:
+            hook.install()
+        self.hooks = hooks
+        self._enabled = True
+        logger.info("TeaCache enabled successfully on %s (%s)", type(pipeline).__name__, self.config.strify())
+
+    def refresh(self, pipeline: nn.Module, num_inference_steps: int | None) -> None:
+        if not self._enabled:
+            raise RuntimeError("refresh() before enable()")
+        self.counter.reset(num_inference_steps, getattr(pipeline, "scheduler", None))
+        for hook in self.hooks:
+            hook.reset()
+
+    def disable(self, pipeline: nn.Module) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks, self._enabled = [], False
+
+    def cached_steps(self) -> int:
+        return len(self.counter.cached_steps)

@@ -1,0 +1,80 @@
+"""Encoding generated media into files (MP4 video) and decoding them back, through PyAV.
+
+Shared by the CLI and the HTTP server: a video is a uint8 array [F, H, W, 3] (what video pipelines
+put in `DiffusionOutput.frames` by default), encoded as H.264 in an MP4 container at the requested
+frame rate.
+"""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError as exc:  # a dependency of diffserve; only a broken install lacks it
+        raise ImportError("MP4 encoding needs PyAV: pip install av") from exc
+    return av
+
+
+def as_uint8_frames(frames: Any) -> np.ndarray:
+    """A video as a contiguous uint8 array [F, H, W, 3]; float input is taken as [0, 1]."""
+    if hasattr(frames, "detach"):  # a torch tensor
+        frames = frames.detach().cpu().numpy()
+    array = np.asarray(frames)
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"a video must have shape [frames, height, width, 3], got {tuple(array.shape)}")
+    if array.shape[0] == 0:
+        raise ValueError("a video needs at least one frame")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"video frames must be uint8 or float in [0, 1], got dtype {array.dtype}")
+        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def encode_mp4(frames: Any, fps: int | float, crf: int = 18) -> bytes:
+    """Encode a video (uint8 [F, H, W, 3], or float in [0, 1]) as H.264 MP4 bytes at `fps`.
+
+    Even frame sizes use yuv420p, which every player decodes; odd sizes cannot be chroma-subsampled
+    and use yuv444p instead. `crf` is x264's quality (0 lossless, 18 visually lossless, 23 default).
+    """
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0:
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    av = _import_av()
+    video = as_uint8_frames(frames)
+    _, height, width, _ = video.shape
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        stream.options = {"crf": str(crf)}
+        for image in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())  # flush the frames the encoder still holds
+    return buffer.getvalue()
+
+
+def write_mp4(path: str, frames: Any, fps: int | float, crf: int = 18) -> None:
+    data = encode_mp4(frames, fps, crf)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def decode_video(data: bytes | str) -> tuple[np.ndarray, float]:
+    """Decode a video file (bytes or a path) into (uint8 frames [F, H, W, 3], frames per second)."""
+    av = _import_av()
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    with av.open(source) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate) if stream.average_rate else 0.0
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    if not frames:
+        raise ValueError("the video has no frames")
+    return np.stack(frames), fps

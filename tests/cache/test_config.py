@@ -1,0 +1,86 @@
+"""cache_config is parsed into the backend's typed dataclass, strictly, and flows from the CLI."""
+
+import pytest
+
+from diffserve.cache import CacheDiTConfig, TeaCacheConfig, parse_cache_config
+from diffserve.config import OmniDiffusionConfig
+from diffserve.entrypoints.cli import build_parser, engine_kwargs, main
+
+
+def test_backend_defaults_are_typed_configs():
+    assert OmniDiffusionConfig(model="m", cache_backend="cache_dit").cache_config == CacheDiTConfig()
+    assert OmniDiffusionConfig(model="m", cache_backend="tea_cache").cache_config == TeaCacheConfig()
+    assert OmniDiffusionConfig(model="m").cache_config is None
+
+
+def test_dict_becomes_the_backends_dataclass():
+    config = OmniDiffusionConfig(
+        model="m", cache_backend="cache_dit", cache_config={"Fn_compute_blocks": 2, "residual_diff_threshold": 0.12}
+    ).cache_config
+    assert isinstance(config, CacheDiTConfig)
+    assert (config.Fn_compute_blocks, config.residual_diff_threshold, config.max_warmup_steps) == (2, 0.12, 4)
+    tea = parse_cache_config("tea_cache", {"rel_l1_thresh": 0.4, "coefficients": [1, 0.5]})
+    assert tea == TeaCacheConfig(rel_l1_thresh=0.4, coefficients=(1.0, 0.5))
+
+
+def test_unknown_key_is_named_with_the_allowed_ones():
+    with pytest.raises(TypeError, match=r"'rel_l1_threshold'.*Allowed: coefficients, rel_l1_thresh"):
+        OmniDiffusionConfig(model="m", cache_backend="tea_cache", cache_config={"rel_l1_threshold": 0.2})
+    # A key of the other backend is unknown too.
+    with pytest.raises(TypeError, match=r"unknown cache_dit cache_config key\(s\): 'rel_l1_thresh'.*Fn_compute_blocks"):
+        OmniDiffusionConfig(model="m", cache_backend="cache_dit", cache_config={"rel_l1_thresh": 0.2})
+
+
+@pytest.mark.parametrize(
+    "backend, values, message",
+    [
+        ("cache_dit", {"Fn_compute_blocks": 0}, "Fn_compute_blocks must be an integer >= 1, got 0"),
+        ("cache_dit", {"Bn_compute_blocks": 1.5}, "Bn_compute_blocks must be an integer >= 0"),
+        ("cache_dit", {"max_warmup_steps": True}, "max_warmup_steps must be an integer"),
+        ("cache_dit", {"max_cached_steps": -2}, "max_cached_steps must be an integer >= -1"),
+        ("cache_dit", {"residual_diff_threshold": "0.2"}, "residual_diff_threshold must be a finite number"),
+        ("cache_dit", {"residual_diff_threshold": -0.1}, "residual_diff_threshold must be a finite number >= 0"),
+        ("tea_cache", {"rel_l1_thresh": float("nan")}, "rel_l1_thresh must be a finite number"),
+        ("tea_cache", {"coefficients": "1,2"}, "coefficients must be a list of numbers"),
+        ("tea_cache", {"coefficients": []}, "coefficients must have at least one number"),
+        ("tea_cache", {"coefficients": [1, None]}, r"coefficients\[1\] must be a finite number"),
+    ],
+)
+def test_bad_values_are_rejected_before_loading(backend, values, message):
+    with pytest.raises(ValueError, match=message):
+        OmniDiffusionConfig(model="m", cache_backend=backend, cache_config=values)
+
+
+def test_cache_config_needs_a_backend_of_the_same_kind():
+    with pytest.raises(ValueError, match="without a cache_backend"):
+        OmniDiffusionConfig(model="m", cache_config={"rel_l1_thresh": 0.2})
+    with pytest.raises(ValueError, match="takes a CacheDiTConfig, got a TeaCacheConfig"):
+        OmniDiffusionConfig(model="m", cache_backend="cache_dit", cache_config=TeaCacheConfig())
+    with pytest.raises(ValueError, match="cache_config must be a dict"):
+        OmniDiffusionConfig(model="m", cache_backend="cache_dit", cache_config=[("Fn_compute_blocks", 1)])
+
+
+def test_typed_config_passes_through():
+    config = TeaCacheConfig(rel_l1_thresh=0.6)
+    assert OmniDiffusionConfig(model="m", cache_backend="tea_cache", cache_config=config).cache_config is config
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_cli_flags_reach_the_engine_config(command):
+    argv = [command, "a prompt"] if command == "generate" else [command, "some/model"]
+    args = build_parser().parse_args(
+        argv + ["--cache-backend", "cache_dit", "--cache-config", '{"Fn_compute_blocks": 2, "max_warmup_steps": 6}']
+    )
+    config = OmniDiffusionConfig.from_kwargs("m", **engine_kwargs(args)).cache_config
+    assert config == CacheDiTConfig(Fn_compute_blocks=2, max_warmup_steps=6)
+
+
+def test_cli_generate_with_tea_cache(tiny_flux, tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    code = main([
+        "generate", "a fox", "--model", tiny_flux, "--dtype", "float32", "--device", "cpu", "--height", "32",
+        "--width", "32", "--steps", "4", "--max-sequence-length", "8", "--seed", "0", "-o", str(out),
+        "--disable-progress-bar", "--cache-backend", "tea_cache", "--cache-config", '{"rel_l1_thresh": 1000}',
+    ])
+    assert code == 0 and out.exists()
+    assert "wrote" in capsys.readouterr().out

@@ -1,0 +1,172 @@
+"""TeaCache's decision rule, per-row (per CFG branch) state and residual replay, on a toy transformer
+whose modulated input is chosen by the test."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from diffserve.cache import TeaCacheConfig
+from diffserve.cache.teacache import TeaCacheBackend, relative_l1_distance, rescale
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(seed)) * 0.3)
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return hidden_states + torch.tanh(hidden_states @ self.weight) * temb[:, None, None]
+
+
+class ToyTransformer(nn.Module):
+    _cache_blocks = {"blocks": "Pattern_3"}
+    # Identity rescale: the accumulated value is the raw relative L1 distance.
+    _teacache_coefficients = (1.0, 0.0)
+
+    @staticmethod
+    def _teacache_modulated_input(block, hidden_states, temb):
+        return hidden_states
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(ToyBlock(i) for i in range(3))
+
+    def forward(self, hidden_states, temb):
+        for block in self.blocks:
+            hidden_states = block(hidden_states, temb)
+        return hidden_states * 2
+
+
+class ToyPipeline(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.transformer = ToyTransformer()
+
+
+def _with_tea_cache(pipeline, threshold, steps):
+    backend = TeaCacheBackend(TeaCacheConfig(rel_l1_thresh=threshold))
+    backend.enable(pipeline)
+    backend.refresh(pipeline, steps)
+    return backend
+
+
+def _block_calls(transformer) -> list[int]:
+    count = [0]
+    for block in transformer.blocks:
+        block.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+def _inputs(base: torch.Tensor, steps: int, rate: float):
+    """Step t's input is base * (1 + rate * t): its relative L1 change is rate / (1 + rate * (t - 1))."""
+    return [base * (1 + rate * t) for t in range(steps)]
+
+
+def test_skips_follow_the_accumulated_distance_and_replay_the_residual():
+    pipeline = ToyPipeline()
+    x0, temb = torch.randn(1, 5, 4, generator=torch.Generator().manual_seed(0)), torch.ones(1)
+    inputs = _inputs(x0, 6, 0.1)
+    with torch.no_grad():
+        uncached = [pipeline.transformer(x, temb) for x in inputs]
+        backend = _with_tea_cache(pipeline, 0.25, steps=6)
+        calls = _block_calls(pipeline.transformer)
+        outputs = [pipeline.transformer(x, temb) for x in inputs]
+    # Distances 0.1, 0.091, 0.083, 0.077: steps 1 and 2 accumulate 0.19 < 0.25 (skipped), step 3
+    # reaches 0.27 (runs, resets), step 4 is 0.077 (skipped); steps 0 and 5 always run.
+    assert backend.cached_steps() == 3
+    assert backend.counter.cached_steps == [1, 2, 4]
+    assert calls[0] == 3 * 3
+    for t in (0, 3, 5):
+        torch.testing.assert_close(outputs[t], uncached[t], atol=0, rtol=0)
+    # A skipped step adds the blocks' residual from the last computed step to its own input.
+    for t, computed in ((1, 0), (2, 0), (4, 3)):
+        residual = uncached[computed] / 2 - inputs[computed]
+        torch.testing.assert_close(outputs[t], (inputs[t] + residual) * 2)
+
+
+def test_each_row_keeps_its_own_state_and_any_due_row_runs_the_step():
+    """Rows are CFG branches (or prompts) of one batch. A row with a tiny magnitude that changes fast
+    is due although the batch-wide distance (dominated by the large, slow row) is small."""
+    pipeline = ToyPipeline()
+    big, small = torch.full((1, 5, 4), 100.0), torch.full((1, 5, 4), 0.01)
+    slow, fast = _inputs(big, 4, 0.01), _inputs(small, 4, 0.5)
+    temb = torch.ones(2)
+    with torch.no_grad():
+        batched = _with_tea_cache(pipeline, 0.1, steps=4)
+        for s, f in zip(slow, fast):
+            pipeline.transformer(torch.cat([s, f]), temb)
+        batch_wide = relative_l1_distance(torch.cat([slow[0], fast[0]])[None], torch.cat([slow[1], fast[1]])[None])
+        assert batch_wide.item() < 0.1  # one accumulator for the whole batch would have skipped
+        assert batched.cached_steps() == 0
+        batched.disable(pipeline)
+        alone = _with_tea_cache(pipeline, 0.1, steps=4)
+        for s in slow:
+            pipeline.transformer(s, temb[:1])
+        assert alone.counter.cached_steps == [1, 2]
+
+
+def test_threshold_zero_never_skips_and_matches_uncached_exactly():
+    pipeline = ToyPipeline()
+    inputs = _inputs(torch.randn(2, 5, 4), 5, 0.001)
+    temb = torch.ones(2)
+    with torch.no_grad():
+        uncached = [pipeline.transformer(x, temb) for x in inputs]
+        backend = _with_tea_cache(pipeline, 0.0, steps=5)
+        outputs = [pipeline.transformer(x, temb) for x in inputs]
+    assert backend.cached_steps() == 0
+    assert all(torch.equal(a, b) for a, b in zip(outputs, uncached))
+
+
+def test_refresh_starts_a_new_request_and_a_call_past_the_last_step_fails():
+    pipeline = ToyPipeline()
+    x, temb = torch.randn(1, 5, 4), torch.ones(1)
+    with torch.no_grad():
+        backend = _with_tea_cache(pipeline, 1e9, steps=3)
+        for _ in range(3):
+            pipeline.transformer(x, temb)
+        assert backend.counter.cached_steps == [1]
+        with pytest.raises(RuntimeError, match="call 4 in a request of 3 denoise steps: it needs one call per step"):
+            pipeline.transformer(x, temb)
+        backend.refresh(pipeline, 3)
+        assert backend.cached_steps() == 0 and all(h.previous_input is None for h in backend.hooks)
+        pipeline.transformer(x, temb)
+
+
+def test_step_count_comes_from_the_scheduler_when_the_request_leaves_it_to_the_model():
+    pipeline = ToyPipeline()
+    pipeline.scheduler = type("Scheduler", (), {"timesteps": torch.arange(4)})()
+    x, temb = torch.randn(1, 5, 4), torch.ones(1)
+    with torch.no_grad():
+        backend = _with_tea_cache(pipeline, 1e9, steps=None)
+        for _ in range(4):
+            pipeline.transformer(x, temb)
+    assert backend.counter.cached_steps == [1, 2]  # the last of the scheduler's 4 steps runs
+
+
+def test_disable_restores_the_transformer():
+    pipeline = ToyPipeline()
+    backend = _with_tea_cache(pipeline, 0.1, steps=2)
+    assert "forward" in pipeline.transformer.__dict__
+    backend.disable(pipeline)
+    assert "forward" not in pipeline.transformer.__dict__
+    assert isinstance(pipeline.transformer.blocks[0], ToyBlock)
+
+
+def test_models_without_a_declaration_or_with_unreplayable_blocks_are_refused():
+    pipeline = ToyPipeline()
+    pipeline.transformer._cache_blocks = {"blocks": "Pattern_4"}
+    with pytest.raises(ValueError, match="cannot skip transformer.blocks: its blocks are Pattern_4"):
+        TeaCacheBackend(TeaCacheConfig()).enable(pipeline)
+    assert "forward" not in pipeline.transformer.__dict__  # left untouched
+    pipeline.transformer._teacache_coefficients = None
+    with pytest.raises(ValueError, match=r"declares no _teacache_coefficients \(or pass cache_config"):
+        TeaCacheBackend(TeaCacheConfig()).enable(pipeline)
+
+
+def test_rescale_is_the_published_polynomial():
+    from diffserve.models.flux.flux_transformer import FluxTransformer2DModel
+
+    coefficients = FluxTransformer2DModel._teacache_coefficients
+    x = torch.tensor([0.0, 0.05, 0.1, 0.3, 0.6])
+    np.testing.assert_allclose(rescale(x, coefficients).numpy(), np.poly1d(coefficients)(x.numpy()), rtol=1e-5)
