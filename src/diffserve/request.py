@@ -49,6 +49,8 @@ class OmniDiffusionSamplingParams:
     fps: int | None = None
     audio_end_in_s: float | None = None
     guidance_scale_2: float | None = None
+    # Image-to-image: how much of the input image is re-noised (1.0: all of it). None: model default.
+    strength: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("height", "width", "num_inference_steps", "max_sequence_length", "num_frames", "fps"):
@@ -59,6 +61,10 @@ class OmniDiffusionSamplingParams:
                 raise ValueError(f"{name} must be a number, got {value!r}")
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if self.strength is not None and (
+            isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or not 0 < self.strength <= 1
+        ):
+            raise ValueError(f"strength must be a number in (0, 1], got {self.strength!r}")
         if isinstance(self.true_cfg_scale, bool) or not isinstance(self.true_cfg_scale, (int, float)):
             raise ValueError(f"true_cfg_scale must be a number, got {self.true_cfg_scale!r}")
         if self.true_cfg_scale < 0:

@@ -2,7 +2,8 @@
 
 Requests are compatible when every sampling parameter but the seed and negative prompt is equal, and
 they agree on whether true CFG is on (a prompt alone without a negative prompt runs without CFG, so
-it must not be batched with prompts that have one). Order among compatible requests is kept.
+it must not be batched with prompts that have one) and on whether they bring input images (an
+image-to-image call is not a text-to-image one). Order among compatible requests is kept.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
 def batch_key(req: OmniDiffusionRequest) -> tuple:
     has_negative = tuple(sorted({p.negative_prompt is not None for p in req.prompts}))
-    return (req.sampling_params.batch_key(), has_negative)
+    image_counts = tuple(sorted({len(p.images or ()) for p in req.prompts}))
+    return (req.sampling_params.batch_key(), has_negative, image_counts)
 
 
 def make_batches(requests: list[OmniDiffusionRequest], max_batch_size: int) -> list[list[OmniDiffusionRequest]]:

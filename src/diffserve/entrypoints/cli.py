@@ -106,6 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_frames=args.num_frames,
         fps=args.fps,
         guidance_scale_2=args.guidance_scale_2,
+        strength=args.strength,
     )
     model = args.model
     if model is None:
@@ -199,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="random seed (random if unset; printed)")
     gen.add_argument("--num-outputs", type=int, default=1, help="images per prompt")
     gen.add_argument("--max-sequence-length", type=int, default=None, help="text encoder token limit")
-    gen.add_argument("--image", default=None, help="input image file (image-to-video: the first frame)")
+    gen.add_argument("--image", default=None,
+                     help="input image file (image-to-video: the first frame; FLUX: image-to-image)")
+    gen.add_argument("--strength", type=float, default=None,
+                     help="image-to-image: share of the schedule the input is re-noised to, (0, 1]")
     gen.add_argument("--num-frames", type=int, default=None, help="video frames, 4k+1 for Wan (model default if unset)")
     gen.add_argument("--fps", type=int, default=None, help="video frame rate of the MP4 (model default if unset)")
     gen.add_argument(

@@ -283,6 +283,7 @@ def build_app(state: ServerState) -> FastAPI:
             height=height, width=width, num_inference_steps=body.num_inference_steps,
             guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale or 1.0,
             negative_prompt=body.negative_prompt, seed=body.seed, num_outputs_per_prompt=body.n,
+            strength=body.strength,
         )
         prompt = PromptInput.from_user({"prompt": body.prompt, "images": images}, params)
         out = await _run(state, request, OmniDiffusionRequest(prompts=[prompt], sampling_params=params))

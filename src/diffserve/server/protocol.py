@@ -70,12 +70,15 @@ class ImageGenerationRequest(GenerationExtensions):
     response_format: str | None = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: Annotated[Integer, Field(ge=0, le=100)] | None = None
+    # Edits (image-to-image): how much of the input is re-noised, (0, 1]. None: the model's default.
+    strength: Annotated[Number, Field(gt=0, le=1)] | None = None
     # OpenAI fields accepted for compatibility; they do not change the result.
     quality: str | None = None
     style: str | None = None
     background: str | None = None
     moderation: str | None = None
     user: str | None = None
+    input_fidelity: str | None = None
 
     @field_validator("size")
     @classmethod

@@ -47,15 +47,34 @@ def _generators(scenario: ConformanceScenario):
     return gens[0] if len(gens) == 1 else gens
 
 
+def test_image(width: int, height: int, seed: int):
+    """A deterministic, structured RGB test picture (smooth gradients plus a few blocks)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    image = np.stack([x, y, 1 - (x + y) / 2], axis=-1)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+        image[y0 : y0 + height // 3, x0 : x0 + width // 3] = rng.random(3)
+    return Image.fromarray((image * 255).astype(np.uint8))
+
+
 def run_flux_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
-    from diffusers import FluxPipeline
+    from diffusers import FluxImg2ImgPipeline, FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(path, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
     sp = scenario.params
     negatives = [p.get("negative_prompt") for p in scenario.prompts if isinstance(p, dict)]
+    negatives = [n for n in negatives if n is not None]
+    images = [p["image"] for p in scenario.prompts if isinstance(p, dict) and "image" in p]
     prompts = [p["prompt"] if isinstance(p, dict) else p for p in scenario.prompts]
     kwargs = {}
+    if images:
+        pipe = FluxImg2ImgPipeline(**pipe.components)
+        kwargs.update(image=images, strength=sp.strength)
+    pipe.set_progress_bar_config(disable=True)
     if sp.guidance_scale is not None:
         kwargs["guidance_scale"] = sp.guidance_scale
     return pipe(
@@ -75,9 +94,8 @@ def run_flux_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor
 
 def _flux_scenarios(guidance: float | None) -> list[ConformanceScenario]:
     def params(**kw):
-        return OmniDiffusionSamplingParams(
-            num_inference_steps=3, max_sequence_length=16, guidance_scale=guidance, output_type="pt", **kw
-        )
+        base = dict(num_inference_steps=3, max_sequence_length=16, guidance_scale=guidance, output_type="pt")
+        return OmniDiffusionSamplingParams(**{**base, **kw})
 
     return [
         ConformanceScenario(
@@ -94,6 +112,15 @@ def _flux_scenarios(guidance: float | None) -> list[ConformanceScenario]:
         ),
         ConformanceScenario(
             "two_outputs_per_prompt", ["a castle"], params(height=32, width=32, num_outputs_per_prompt=2), seeds=[7]
+        ),
+        ConformanceScenario(
+            "image_to_image_batch2_nonsquare",
+            [
+                {"prompt": "a red fox in snow", "image": test_image(40, 28, 0)},
+                {"prompt": "a blue car", "image": test_image(48, 32, 1)},
+            ],
+            params(height=32, width=48, strength=0.7, num_inference_steps=4),
+            seeds=[5, 6],
         ),
     ]
 

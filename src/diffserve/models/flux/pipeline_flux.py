@@ -1,4 +1,6 @@
-"""FLUX.1 text-to-image (dev with distilled guidance, schnell without), with optional true CFG."""
+"""FLUX.1 text-to-image (dev with distilled guidance, schnell without), with optional true CFG, and
+image-to-image when a prompt brings an image (the input is re-noised to `strength` and denoised, as
+diffusers' FluxImg2ImgPipeline does)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from diffserve.distributed.cfg_parallel import CFGParallelMixin
 from diffserve.loader import AutoWeightsLoader, DiffusersPipelineLoader
 from diffserve.models.flow_match import default_sigmas, set_timesteps, shift_from_scheduler_config
 from diffserve.models.flux.flux_transformer import FluxTransformer2DModel, FluxTransformerConfig
-from diffserve.models.interface import SupportsComponentDiscovery
+from diffserve.models.interface import SupportImageInput, SupportsComponentDiscovery
 from diffserve.models.outputs import denormalize_images, image_post_process, seeded_noise
 from diffserve.models.progress_bar import ProgressBarMixin
 from diffserve.models.stage_timer import StageTimer
@@ -48,7 +50,7 @@ def latent_image_ids(height: int, width: int, device: torch.device) -> torch.Ten
     return ids.reshape(-1, 3)
 
 
-class FluxPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsComponentDiscovery):
+class FluxPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsComponentDiscovery, SupportImageInput):
     _dit_modules: ClassVar[list[str]] = ["transformer"]
     _encoder_modules: ClassVar[list[str]] = ["text_encoder", "text_encoder_2"]
     _vae_modules: ClassVar[list[str]] = ["vae"]
@@ -57,6 +59,7 @@ class FluxPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompon
     cfg_batched_inputs = ("hidden_states", "timestep", "guidance", "encoder_hidden_states", "pooled_projections")
     max_image_side = 4096
     max_sequence_length = 512
+    default_strength = 0.6
 
     def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
         super().__init__()
@@ -81,6 +84,11 @@ class FluxPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompon
             )
         ]
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.image_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor * 2, vae_latent_channels=self.vae.config.latent_channels
+        )
         self.clip_max_length = self.tokenizer.model_max_length
         self.set_progress_bar_config(disable=od_config.disable_progress_bar)
 
@@ -101,6 +109,27 @@ class FluxPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompon
 
     def default_size(self) -> int:
         return 128 * self.vae_scale_factor
+
+    def input_images(self, req: OmniDiffusionRequest) -> list | None:
+        """One input image per prompt (image-to-image), or None (text-to-image)."""
+        counts = {len(p.images or ()) for p in req.prompts}
+        if counts == {0}:
+            return None
+        if counts != {1}:
+            raise ValueError(
+                f"FLUX image-to-image takes exactly one input image per prompt (got {sorted(counts)} images); "
+                f"the prompts of one request must all have one or all have none"
+            )
+        return [p.images[0] for p in req.prompts]
+
+    def default_size_for(self, images: list | None) -> tuple[int, int]:
+        """Text-to-image: the model's default. Image-to-image: the first input image's size, rounded down."""
+        if images is None:
+            return self.default_size(), self.default_size()
+        m = self.size_multiple
+        width, height = images[0].size
+        clamp = lambda v: max(m, min(self.max_image_side, v // m * m))  # noqa: E731
+        return clamp(height), clamp(width)
 
     def check_inputs(self, req: OmniDiffusionRequest, height: int, width: int, max_sequence_length: int) -> None:
         m = self.size_multiple
@@ -158,6 +187,39 @@ class FluxPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompon
         mu = shift_from_scheduler_config(self.scheduler, image_seq_len)
         return set_timesteps(self.scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
 
+    def strength_timesteps(self, timesteps: torch.Tensor, num_inference_steps: int, strength: float) -> torch.Tensor:
+        """Image-to-image starts part-way: keep the last `strength` of the schedule."""
+        start = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
+        if start >= len(timesteps):
+            raise ValueError(
+                f"strength={strength} with num_inference_steps={num_inference_steps} leaves no denoising step; "
+                f"raise either"
+            )
+        self.scheduler.set_begin_index(start)
+        return timesteps[start:]
+
+    def prepare_image_latents(
+        self, images: list, seeds: list[int], outputs_per_prompt: int, height: int, width: int, t0: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode each prompt's image, then noise it to the first kept timestep.
+
+        One CPU generator per seed is used first for the VAE posterior sample, then for the noise, as
+        diffusers' FluxImg2ImgPipeline uses the generator of each prompt.
+        """
+        pixels = self.image_processor.preprocess(images, height=height, width=width)
+        pixels = pixels.to(device=self.device, dtype=self.vae.dtype)
+        latent_h, latent_w = self._latent_size(height, width)
+        config = self.vae.config
+        k = outputs_per_prompt
+        blocks = []
+        for i, seed in enumerate(seeds):
+            generator = torch.Generator("cpu").manual_seed(seed)
+            encoded = self.vae.encode(pixels[i : i + 1]).latent_dist.sample(generator=generator)
+            encoded = ((encoded - config.shift_factor) * config.scaling_factor).to(self.dtype)
+            noise = torch.randn((k, encoded.shape[1], latent_h, latent_w), generator=generator, dtype=self.dtype)
+            blocks.append(self.scheduler.scale_noise(encoded.expand(k, -1, -1, -1), t0.repeat(k), noise.to(self.device)))
+        return pack_latents(torch.cat(blocks)), latent_image_ids(latent_h, latent_w, self.device)
+
     def diffuse(
         self,
         latents: torch.Tensor,
@@ -190,8 +252,10 @@ class FluxPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompon
     def forward(self, req: OmniDiffusionRequest) -> DiffusionOutput:
         sp = req.sampling_params
         guidance_distilled = self.transformer.config.guidance_embeds
-        height = sp.height or self.default_size()
-        width = sp.width or self.default_size()
+        images = self.input_images(req)
+        default_height, default_width = self.default_size_for(images)
+        height = sp.height or default_height
+        width = sp.width or default_width
         steps = sp.num_inference_steps or (28 if guidance_distilled else 4)
         max_sequence_length = sp.max_sequence_length or self.max_sequence_length
         self.check_inputs(req, height, width, max_sequence_length)
@@ -208,8 +272,15 @@ class FluxPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompon
                 neg_embeds, neg_pooled = self.encode_prompt(negatives, k, max_sequence_length)
 
         with timer.stage("denoise"):
-            latents, img_ids = self.prepare_latents(req.seeds, k, height, width)
-            timesteps = self.prepare_timesteps(steps, latents.shape[1])
+            if images is None:
+                latents, img_ids = self.prepare_latents(req.seeds, k, height, width)
+                timesteps = self.prepare_timesteps(steps, latents.shape[1])
+            else:
+                latent_h, latent_w = self._latent_size(height, width)
+                timesteps = self.prepare_timesteps(steps, (latent_h // 2) * (latent_w // 2))
+                strength = self.default_strength if sp.strength is None else sp.strength
+                timesteps = self.strength_timesteps(timesteps, steps, strength)
+                latents, img_ids = self.prepare_image_latents(images, req.seeds, k, height, width, timesteps[:1])
             guidance = None
             if guidance_distilled:
                 scale = 3.5 if sp.guidance_scale is None else sp.guidance_scale
@@ -227,7 +298,7 @@ class FluxPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompon
             return DiffusionOutput(output=latents, metrics=timer.timings)
         with timer.stage("decode"):
             images = self.decode_latents(latents, height, width)
-        return DiffusionOutput(output=images, metrics={**timer.timings, "num_inference_steps": steps})
+        return DiffusionOutput(output=images, metrics={**timer.timings, "num_inference_steps": len(timesteps)})
 
     def load_weights(self, weights) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights)

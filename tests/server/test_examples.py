@@ -1,0 +1,31 @@
+"""The online-serving examples run against a real server."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from diffserve.media import decode_video
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "online_serving"
+
+
+def test_image_client_example(flux_server, tmp_path):
+    out = tmp_path / "served.png"
+    run = subprocess.run([sys.executable, str(EXAMPLES / "text_to_image/openai_client.py"), "--url",
+                          f"{flux_server.url}/v1", "--size", "32x32", "--steps", "2", "--output", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert Image.open(out).size == (32, 32) and (tmp_path / "served_1.png").exists()
+
+
+def test_video_job_example(start_server, tiny_checkpoint, tmp_path):
+    server = start_server(tiny_checkpoint("wan2.1-t2v"), "--jobs-dir", str(tmp_path / "jobs"))
+    out = tmp_path / "served.mp4"
+    run = subprocess.run([sys.executable, str(EXAMPLES / "text_to_video/video_job.py"), "--url", f"{server.url}/v1",
+                          "--size", "32x32", "--frames", "5", "--steps", "2", "--output", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr + run.stdout
+    frames, _ = decode_video(out.read_bytes())
+    assert frames.shape == (5, 32, 32, 3)
