@@ -91,3 +91,14 @@ def test_server_is_healthy_after_the_bad_inputs(flux_server):
     assert r.status_code == 200
     metrics = httpx.get(f"{flux_server.url}/metrics").text
     assert 'status="500"' not in metrics
+
+
+def test_oversized_chunked_body_is_413(flux_server):
+    def chunks():  # no Content-Length: the limit must hold while streaming
+        for _ in range(40):
+            yield b"x" * 65536
+
+    r = httpx.post(f"{flux_server.url}{GEN}", content=chunks(), headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
+    assert httpx.get(f"{flux_server.url}/health").status_code == 200

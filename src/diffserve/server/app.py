@@ -163,6 +163,85 @@ async def _read_upload(upload: UploadFile, param: str):
 # -- the app -----------------------------------------------------------------------------------------
 
 
+class GuardMiddleware:
+    """API key, body size limit and request metrics, as plain ASGI.
+
+    (Starlette's BaseHTTPMiddleware would hide the client's disconnect from the endpoints, which
+    need it to abort work nobody waits for.)
+    """
+
+    def __init__(self, app, state: "ServerState"):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        config, metrics = self.state.config, self.state.metrics
+        start = time.monotonic()
+        path = scope["path"]
+        endpoint = path
+        if path.startswith("/v1/videos/"):
+            endpoint = "/v1/videos/{id}" + ("/content" if path.endswith("/content") else "")
+        status = {"code": 500}
+        received = {"bytes": 0, "too_large": False}
+
+        async def send_and_record(message):
+            if received["too_large"]:
+                return  # the app's answer to a cut-off body is replaced by the 413 below
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        async def receive_limited():
+            message = await receive()
+            if message["type"] == "http.request":
+                received["bytes"] += len(message.get("body", b""))
+                if received["bytes"] > config.max_upload_bytes:
+                    received["too_large"] = True
+                    return {"type": "http.disconnect"}  # stop the app reading; it must not see the rest
+            return message
+
+        refusal = self._refusal(scope, config)
+        if refusal is not None:
+            await refusal(scope, receive, send_and_record)
+        else:
+            try:
+                await self.app(scope, receive_limited, send_and_record)
+            except Exception:
+                if not received["too_large"]:
+                    raise
+            if received["too_large"]:
+                received["too_large"] = False
+                limit = config.max_upload_bytes
+                await error_response(413, f"request body exceeds the limit of {limit} bytes")(
+                    scope, receive, send_and_record
+                )
+        metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
+        if endpoint.startswith("/v1/") and status["code"] < 400:
+            metrics.e2e_latency.labels(endpoint=endpoint).observe(time.monotonic() - start)
+        metrics.queue_depth.set(self.state.engine.queue_depth)
+
+    @staticmethod
+    def _refusal(scope, config: ServerConfig):
+        """An error response for what can be refused from the headers alone, else None."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["path"].startswith("/v1/") and config.api_key is not None:
+            auth = headers.get("authorization", "")
+            if auth != f"Bearer {config.api_key}":
+                message = "missing API key" if not auth else "invalid API key"
+                return error_response(401, f"{message}: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return error_response(400, f"invalid Content-Length {length!r}")
+            if int(length) > config.max_upload_bytes:
+                return error_response(
+                    413, f"request body of {int(length)} bytes exceeds the limit of {config.max_upload_bytes} bytes"
+                )
+        return None
+
+
+
 class ServerState:
     def __init__(self, engine: AsyncDiffusionEngine, config: ServerConfig, jobs: VideoJobStore | None):
         self.engine = engine
@@ -188,41 +267,7 @@ def build_app(state: ServerState) -> FastAPI:
     app.state.diffserve = state
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        start = time.monotonic()
-        endpoint = request.url.path
-        if endpoint.startswith("/v1/videos/"):
-            endpoint = "/v1/videos/{id}" + ("/content" if endpoint.endswith("/content") else "")
-        response = await _guarded(request, call_next)
-        state.metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        if endpoint.startswith("/v1/") and response.status_code < 400:
-            state.metrics.e2e_latency.labels(endpoint=endpoint).observe(time.monotonic() - start)
-        state.metrics.queue_depth.set(state.engine.queue_depth)
-        return response
-
-    async def _guarded(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and config.api_key is not None:
-            auth = request.headers.get("authorization", "")
-            if auth != f"Bearer {config.api_key}":
-                message = "missing API key" if not auth else "invalid API key"
-                return error_response(401, f"{message}: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                return error_response(400, f"invalid Content-Length {length!r}")
-            if int(length) > config.max_upload_bytes:
-                return error_response(
-                    413, f"request body of {int(length)} bytes exceeds the limit of {config.max_upload_bytes} bytes"
-                )
-        elif request.method in ("POST", "PUT") and request.headers.get("transfer-encoding", "") == "chunked":
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > config.max_upload_bytes:
-                    return error_response(413, f"request body exceeds the limit of {config.max_upload_bytes} bytes")
-            request._body = body
-        return await call_next(request)
+    app.add_middleware(GuardMiddleware, state=state)
 
     # -- images --------------------------------------------------------------------------------------
 
