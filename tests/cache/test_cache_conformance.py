@@ -47,11 +47,9 @@ MAX_REL_L2 = 0.2
 
 # Declared refusals, (architecture, backend) -> what the error must say. TeaCache needs the
 # transformer to declare its first block's modulated input and fitted rescale coefficients; Wan
-# declares neither yet, the demo model its input but no coefficients (a user may pass them).
+# declares neither yet.
 NO_TEACACHE = r"tea_cache'.* is not supported by \w+ \(transformer\): it declares no _teacache_modulated_input"
-NO_COEFFICIENTS = r"tea_cache'.* is not supported by \w+ \(transformer\): it declares no _teacache_coefficients"
 REFUSALS = {
-    ("demo-dit", "tea_cache"): NO_COEFFICIENTS,
     ("wan2.1-t2v", "tea_cache"): NO_TEACACHE,
     ("wan2.1-i2v", "tea_cache"): NO_TEACACHE,
     ("wan2.2-t2v", "tea_cache"): NO_TEACACHE,
@@ -202,8 +200,8 @@ def test_refusals_name_conformance_models():
     assert {backend for _, backend in REFUSALS} <= set(BACKENDS)
 
 
-def test_demo_model_teacache_with_user_coefficients(tiny_checkpoint):
-    """The demo model declares its modulated input; with coefficients given, TeaCache runs and skips."""
+def test_user_coefficients_override_the_declared_ones(tiny_checkpoint):
+    """cache_config["coefficients"] replaces the transformer's fitted polynomial."""
     from diffserve import Omni, OmniDiffusionSamplingParams
 
     sp = OmniDiffusionSamplingParams(num_inference_steps=6, seed=0, output_type="pt")

@@ -81,8 +81,11 @@ class DemoDiTBlock(nn.Module):
 class DemoDiTTransformer2DModel(nn.Module):
     _repeated_blocks = ["DemoDiTBlock"]
 
-    # TeaCache's signal: the first block's adaLN-modulated input. No rescale polynomial has been fitted
-    # for this model, so TeaCache needs cache_config["coefficients"] (e.g. [1.0, 0.0]: the raw change).
+    # TeaCache: the signal is the first block's adaLN-modulated input; the rescale polynomial (highest
+    # power first) was fitted on the shipped weights by scripts/fit_teacache_coefficients.py over the 20
+    # held-out *validation* captions x 2 seeds (1520 step pairs, R^2 = 0.83; never the test captions).
+    _teacache_coefficients = (1.40659910e03, -9.44310340e02, 2.17610656e02, -1.97276197e01, 6.15319895e-01)
+
     @staticmethod
     def _teacache_modulated_input(block, hidden_states, temb, rotary_emb):
         return block.norm1(hidden_states, temb)[0]
