@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from diffserve.config import OmniDiffusionConfig
 from diffserve.engine.executor import Executor
-from diffserve.request import DiffusionOutput, OmniDiffusionRequest
+from diffserve.request import DiffusionOutput
 
 logger = logging.getLogger(__name__)
 

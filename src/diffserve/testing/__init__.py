@@ -6,7 +6,6 @@ downloaded: weights are random and tokenizers are built in memory.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Callable
 

@@ -6,15 +6,10 @@ building anything. Unknown keys are an error naming them.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
-T = TypeVar("T", bound="_JsonConfig")
+from diffserve.models.model_config import ModelConfig
 
-CONFIG_NAME = "config.json"
 
 # Sampling defaults when a checkpoint's model_index.json does not set them (the training script writes
 # the guidance scale it chose there, and the schedule shift into scheduler_config.json).
@@ -23,41 +18,8 @@ DEFAULT_GUIDANCE_SCALE = 4.0
 DEFAULT_SHIFT = 1.0
 
 
-class _JsonConfig:
-    """from_dict/from_pretrained/to_dict for a frozen dataclass; keys starting with '_' are metadata."""
-
-    _class_name: str = ""
-
-    @classmethod
-    def from_dict(cls: type[T], config: dict[str, Any]) -> T:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__} has no key(s) {unknown}; supported: {sorted(known)}")
-        for f in dataclasses.fields(cls):
-            if f.name in values and isinstance(values[f.name], list):
-                values[f.name] = tuple(values[f.name])
-        return cls(**values)
-
-    @classmethod
-    def from_pretrained(cls: type[T], folder: str) -> T:
-        with open(os.path.join(folder, CONFIG_NAME)) as f:
-            return cls.from_dict(json.load(f))
-
-    def to_dict(self) -> dict[str, Any]:
-        values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        return {"_class_name": self._class_name, **values}
-
-    def save(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-
-
 @dataclass(frozen=True)
-class DemoDiTConfig(_JsonConfig):
+class DemoDiTConfig(ModelConfig):
     """Pixel-space DiT: an image of `sample_size`^2 pixels becomes (sample_size/patch_size)^2 tokens
     that attend jointly with the text tokens in every block."""
 
@@ -95,7 +57,7 @@ class DemoDiTConfig(_JsonConfig):
 
 
 @dataclass(frozen=True)
-class DemoTextEncoderConfig(_JsonConfig):
+class DemoTextEncoderConfig(ModelConfig):
     """A small bidirectional transformer over word tokens with learned positions."""
 
     _class_name = "DemoTextEncoder"

@@ -29,6 +29,7 @@ from diffserve.models.demo_dit import scenes
 from diffserve.models.demo_dit.demo_dit_transformer import DemoDiTTransformer2DModel
 from diffserve.models.demo_dit.text_encoder import DemoTextEncoder
 from diffserve.models.flow_match import default_sigmas, set_timesteps
+from diffserve.models.denoise import denoise
 from diffserve.models.interface import SupportsComponentDiscovery
 from diffserve.models.outputs import denormalize_images, image_post_process, seeded_noise
 from diffserve.models.progress_bar import ProgressBarMixin
@@ -188,28 +189,6 @@ class DiffservePixelDiTPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, S
             self.scheduler, num_inference_steps, self.device, sigmas=default_sigmas(num_inference_steps)
         )
 
-    def diffuse(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        positive_kwargs: dict,
-        negative_kwargs: dict | None,
-        guidance_scale: float,
-    ) -> torch.Tensor:
-        do_cfg = negative_kwargs is not None
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
-                timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-                noise_pred = self.predict_noise_maybe_with_cfg(
-                    do_cfg,
-                    guidance_scale,
-                    {**positive_kwargs, "hidden_states": latents, "timestep": timestep},
-                    {**negative_kwargs, "hidden_states": latents, "timestep": timestep} if do_cfg else None,
-                )
-                latents = self.scheduler_step_maybe_with_cfg(noise_pred, t, latents, do_cfg)
-                progress.update()
-        return latents
-
     def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Patch tokens in [-1, 1] -> float images [B, C, H, W] in [0, 1]."""
         return denormalize_images(unpatchify(latents, height, width, self.patch_size))
@@ -245,7 +224,7 @@ class DiffservePixelDiTPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, S
             negative = (
                 {**common, "encoder_hidden_states": neg_text, "pooled_projections": neg_pooled} if do_cfg else None
             )
-            latents = self.diffuse(latents, timesteps, positive, negative, guidance_scale)
+            latents = denoise(self, latents, timesteps, positive, negative, guidance_scale)
 
         metrics = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
         if sp.output_type == "latent":

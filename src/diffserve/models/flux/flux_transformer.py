@@ -7,11 +7,7 @@ fused into one projection per stream.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,10 +22,11 @@ from diffserve.layers.mlp import FeedForward
 from diffserve.layers.norm import LayerNorm, RMSNorm
 from diffserve.layers.rope import MultiAxisRoPE, apply_rotary_emb
 from diffserve.loader.utils import load_weights_with_mapping
+from diffserve.models.model_config import ModelConfig
 
 
 @dataclass(frozen=True)
-class FluxTransformerConfig:
+class FluxTransformerConfig(ModelConfig):
     patch_size: int = 1
     in_channels: int = 64
     out_channels: int | None = None
@@ -41,25 +38,6 @@ class FluxTransformerConfig:
     pooled_projection_dim: int = 768
     guidance_embeds: bool = False
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "FluxTransformerConfig":
-        """From a diffusers config.json; keys starting with '_' are metadata."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"FLUX transformer config has unsupported key(s) {unknown}; supported: {sorted(known)}"
-            )
-        if "axes_dims_rope" in values:
-            values["axes_dims_rope"] = tuple(values["axes_dims_rope"])
-        return cls(**values)
-
-    @classmethod
-    def from_pretrained(cls, folder: str) -> "FluxTransformerConfig":
-        with open(os.path.join(folder, "config.json")) as f:
-            return cls.from_dict(json.load(f))
 
 
 class FluxAttention(nn.Module):

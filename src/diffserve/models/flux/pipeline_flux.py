@@ -15,6 +15,7 @@ from diffserve.distributed.cfg_parallel import CFGParallelMixin
 from diffserve.loader import AutoWeightsLoader, DiffusersPipelineLoader
 from diffserve.models.flow_match import default_sigmas, set_timesteps, shift_from_scheduler_config
 from diffserve.models.flux.flux_transformer import FluxTransformer2DModel, FluxTransformerConfig
+from diffserve.models.denoise import denoise
 from diffserve.models.interface import SupportImageInput, SupportsComponentDiscovery
 from diffserve.models.outputs import denormalize_images, image_post_process, seeded_noise
 from diffserve.models.progress_bar import ProgressBarMixin
@@ -220,28 +221,6 @@ class FluxPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompon
             blocks.append(self.scheduler.scale_noise(encoded.expand(k, -1, -1, -1), t0.repeat(k), noise.to(self.device)))
         return pack_latents(torch.cat(blocks)), latent_image_ids(latent_h, latent_w, self.device)
 
-    def diffuse(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        positive_kwargs: dict,
-        negative_kwargs: dict | None,
-        true_cfg_scale: float,
-    ) -> torch.Tensor:
-        do_true_cfg = negative_kwargs is not None
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
-                timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-                noise_pred = self.predict_noise_maybe_with_cfg(
-                    do_true_cfg,
-                    true_cfg_scale,
-                    {**positive_kwargs, "hidden_states": latents, "timestep": timestep},
-                    {**negative_kwargs, "hidden_states": latents, "timestep": timestep} if do_true_cfg else None,
-                )
-                latents = self.scheduler_step_maybe_with_cfg(noise_pred, t, latents, do_true_cfg)
-                progress.update()
-        return latents
-
     def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         latents = unpack_latents(latents, *self._latent_size(height, width))
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
@@ -292,7 +271,7 @@ class FluxPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompon
                 if do_true_cfg
                 else None
             )
-            latents = self.diffuse(latents, timesteps, positive, negative, sp.true_cfg_scale)
+            latents = denoise(self, latents, timesteps, positive, negative, sp.true_cfg_scale)
 
         if sp.output_type == "latent":
             return DiffusionOutput(output=latents, metrics=timer.timings)

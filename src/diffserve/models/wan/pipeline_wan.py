@@ -20,6 +20,7 @@ from diffserve.config import OmniDiffusionConfig
 from diffserve.distributed.cfg_parallel import CFGParallelMixin
 from diffserve.loader import AutoWeightsLoader, DiffusersPipelineLoader
 from diffserve.models.flow_match import set_timesteps
+from diffserve.models.denoise import denoise
 from diffserve.models.interface import SupportsComponentDiscovery
 from diffserve.models.outputs import denormalize_images, seeded_noise, video_post_process
 from diffserve.models.progress_bar import ProgressBarMixin
@@ -265,29 +266,6 @@ class WanPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompone
         # `dit` names the expert of this step (Wan2.2); both CFG branches carry the same one.
         return getattr(self, dit)(**kwargs)
 
-    def diffuse(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        experts: list[tuple[str, float]],
-        positive_kwargs: dict[str, Any],
-        negative_kwargs: dict[str, Any] | None,
-        cond: dict[str, Any],
-    ) -> torch.Tensor:
-        do_cfg = negative_kwargs is not None
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for t, (dit, guidance_scale) in zip(timesteps, experts):
-                step_inputs = {"dit": dit, **self.transformer_inputs(latents, t, cond)}
-                noise_pred = self.predict_noise_maybe_with_cfg(
-                    do_cfg,
-                    guidance_scale,
-                    {**positive_kwargs, **step_inputs},
-                    {**negative_kwargs, **step_inputs} if do_cfg else None,
-                )
-                latents = self.scheduler_step_maybe_with_cfg(noise_pred, t, latents, do_cfg)
-                progress.update()
-        return latents
-
     def latent_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1/std) of the VAE latents, [1, C, 1, 1, 1], computed as the reference does (it divides
         by the reciprocal, which is not bit-equal to multiplying by std)."""
@@ -333,7 +311,10 @@ class WanPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompone
             experts = self.expert_schedule(timesteps, p["guidance_scale"], p["guidance_scale_2"])
             positive = {**shared_kwargs, "encoder_hidden_states": embeds}
             negative = {**shared_kwargs, "encoder_hidden_states": neg_embeds} if do_cfg else None
-            latents = self.diffuse(latents, timesteps, experts, positive, negative, cond)
+            latents = denoise(
+                self, latents, timesteps, positive, negative, [scale for _, scale in experts],
+                step_inputs=lambda latents, t, i: {"dit": experts[i][0], **self.transformer_inputs(latents, t, cond)},
+            )
             latents = self.finalize_latents(latents, cond)
 
         metrics = {"num_inference_steps": p["steps"], "num_frames": p["num_frames"], "fps": p["fps"]}

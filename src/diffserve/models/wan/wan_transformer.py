@@ -8,12 +8,8 @@ self-attention q/k/v fused into one projection and the cross-attention k/v into 
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,13 +29,14 @@ from diffserve.layers.mlp import FeedForward
 from diffserve.layers.norm import ColumnParallelRMSNorm, FP32LayerNorm
 from diffserve.layers.rope import MultiAxisRoPE, apply_rotary_emb, grid_positions
 from diffserve.loader.utils import load_weights_with_mapping
+from diffserve.models.model_config import ModelConfig
 
 # The only q/k normalization Wan checkpoints use (diffusers builds it whatever the config says).
 QK_NORMS = ("rms_norm_across_heads",)
 
 
 @dataclass(frozen=True)
-class WanTransformerConfig:
+class WanTransformerConfig(ModelConfig):
     patch_size: tuple[int, int, int] = (1, 2, 2)
     num_attention_heads: int = 40
     attention_head_dim: int = 128
@@ -73,23 +70,6 @@ class WanTransformerConfig:
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> "WanTransformerConfig":
-        """From a diffusers config.json; keys starting with '_' are metadata."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Wan transformer config has unsupported key(s) {unknown}; supported: {sorted(known)}")
-        if "patch_size" in values:
-            values["patch_size"] = tuple(values["patch_size"])
-        return cls(**values)
-
-    @classmethod
-    def from_pretrained(cls, folder: str) -> "WanTransformerConfig":
-        with open(os.path.join(folder, "config.json")) as f:
-            return cls.from_dict(json.load(f))
 
 
 def rope_axes_dims(head_dim: int) -> list[int]:
