@@ -32,6 +32,7 @@ def test_flat_keys_and_parallel_config_together_is_an_error():
         ({"use_hsdp": True, "ulysses_degree": 4, "hsdp_shard_size": 3}, "must equal the world size"),
         ({"hsdp_shard_size": 2}, "only meaningful with use_hsdp"),
         ({"use_hsdp": True}, "HSDP on its own needs hsdp_shard_size"),
+        ({"ring_degree": 2}, "ring attention is not available yet"),
         ({"data_parallel_size": 2}, "data_parallel_size > 1 is not supported yet"),
     ],
 )

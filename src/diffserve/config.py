@@ -95,6 +95,11 @@ class DiffusionParallelConfig:
             raise ValueError(f"use_hsdp must be a bool, got {self.use_hsdp!r}")
         if self.hsdp_shard_size != -1:
             _check_positive_int("hsdp_shard_size", self.hsdp_shard_size)
+        if self.ring_degree > 1:
+            raise ValueError(
+                f"ring_degree={self.ring_degree}: ring attention is not available yet; use ulysses_degree for "
+                f"sequence parallelism"
+            )
         if self.data_parallel_size > 1:
             raise ValueError(
                 "data_parallel_size > 1 is not supported yet (it needs a request router); run one engine per "

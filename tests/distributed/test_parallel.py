@@ -2,7 +2,9 @@
 
 One representative conformance case per pipeline class runs its parallel scenario (CFG on) through
 one process, then through TP=2, CFG=2, HSDP=2 and TP2 x CFG2 worker processes. Measured max-abs
-differences on tiny FLUX (2026-11-26): TP2 8.3e-7, CFG2 9.5e-7, HSDP2 0.0; tolerance 1e-4.
+differences on tiny FLUX (2026-11-26): TP2 8.3e-7, CFG2 9.5e-7, HSDP2 0.0, Ulysses2 9.5e-7 (demo model
+3.3e-7, Wan2.1 6.0e-7); tolerance 1e-4. Ulysses needs the model's `_sp_plan`, which every model declares
+(apply_sequence_parallel raises for one that does not).
 """
 
 import pytest
@@ -19,7 +21,10 @@ MODES = {
     "cfg2": {"cfg_parallel_size": 2},
     "hsdp2": {"use_hsdp": True, "hsdp_shard_size": 2},
     "tp2xcfg2": {"tensor_parallel_size": 2, "cfg_parallel_size": 2},
+    "ulysses2": {"ulysses_degree": 2},
+    "ulysses2xcfg2": {"ulysses_degree": 2, "cfg_parallel_size": 2},
 }
+FOUR_PROCESS_MODES = ("tp2xcfg2", "ulysses2xcfg2")
 
 
 def _one_case_per_pipeline():
@@ -76,7 +81,7 @@ def test_parallel_mode_matches_single_process(tiny_checkpoint, single_process, c
     assert _declares(case, mode, path), f"{case.arch} does not declare what {mode} needs"
     expected, (full_bytes,) = single_process(case)
     actual, per_rank_bytes = _generate(path, case.scenario(case.parallel_scenario), **MODES[mode])
-    assert len(per_rank_bytes) == (4 if mode == "tp2xcfg2" else 2)
+    assert len(per_rank_bytes) == (4 if mode in FOUR_PROCESS_MODES else 2)
     assert (actual - expected).abs().max().item() <= TOLERANCE
     if mode in ("tp2", "hsdp2"):
         for rank_bytes in per_rank_bytes:
@@ -101,3 +106,16 @@ def test_tp2_real_flux_config_holds_half_the_bytes(monkeypatch):
     with torch.device("meta"):
         shard = local_param_bytes(FluxTransformer2DModel(config))
     assert 0.50 <= shard / full < 0.51
+
+
+def test_sequence_parallel_errors_name_the_problem(tiny_flux):
+    from diffserve import OmniDiffusionSamplingParams
+
+    with Omni(tiny_flux, dtype="float32", device="cpu", ulysses_degree=2) as omni:
+        # 12x4 pixels -> 3 packed image tokens: not divisible over 2 ranks.
+        with pytest.raises(ValueError, match="length 3 along dim 1, which does not divide by the sequence parallel"):
+            omni.generate("a fox", OmniDiffusionSamplingParams(height=12, width=4, num_inference_steps=1,
+                                                               max_sequence_length=8))
+        out = omni.generate("a fox", OmniDiffusionSamplingParams(height=16, width=16, num_inference_steps=1,
+                                                                 max_sequence_length=8, seed=0))
+        assert out[0].images[0].size == (16, 16)  # the engine keeps serving

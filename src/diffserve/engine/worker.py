@@ -15,6 +15,7 @@ from diffserve.compile import compile_repeated_blocks
 from diffserve.config import OmniDiffusionConfig
 from diffserve.distributed import parallel_state as ps
 from diffserve.distributed.hsdp import apply_hsdp
+from diffserve.distributed.sequence_parallel import apply_sequence_parallel
 from diffserve.layers.attention import select_attention_backend, set_attention_backend
 from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.interface import discover_components
@@ -70,6 +71,8 @@ class DiffusionWorker:
     def apply_features(self) -> None:
         backend = select_attention_backend(self.od_config.attention_backend, self.device, self.od_config.torch_dtype)
         set_attention_backend(self.pipeline, backend)
+        if self.od_config.parallel_config.sequence_parallel_size > 1:
+            apply_sequence_parallel(self.pipeline, self.od_config.parallel_config)
         if self.rank != 0 and hasattr(self.pipeline, "set_progress_bar_config"):
             self.pipeline.set_progress_bar_config(disable=True)
         if not self.od_config.enforce_eager:

@@ -49,6 +49,9 @@ class Attention(nn.Module):
         # and sequence-parallel wrappers must leave it alone.
         self.skip_sequence_parallel = skip_sequence_parallel
         self.backend: type[AttentionBackend] = TorchSDPABackend
+        # Set from outside by sequence parallelism (distributed/sequence_parallel.py): a callable
+        # (layer, q, k, v, mask) -> out that wraps `compute` with the sequence exchange.
+        self.sequence_parallel = None
 
     def forward(
         self,
@@ -57,6 +60,18 @@ class Attention(nn.Module):
         value: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.sequence_parallel is not None:
+            return self.sequence_parallel(self, query, key, value, attn_mask)
+        return self.compute(query, key, value, attn_mask)
+
+    def compute(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The attention itself, on whatever part of the sequence and heads this rank holds."""
         backend = self.backend
         if attn_mask is not None and not backend.supports_mask:
             backend = TorchSDPABackend
