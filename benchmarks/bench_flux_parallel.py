@@ -1,5 +1,5 @@
-"""FLUX.1-dev through the whole engine on 1 GPU, TP=2 and CFG=2 (true CFG): per-step latency and
-agreement with the one-GPU output.
+"""FLUX.1-dev through the whole engine on one GPU and in parallel modes (TP, CFG parallel, Ulysses,
+and their mixes; true CFG on): per-step latency and agreement with the one-GPU output.
 
 The checkpoint is written first: the real FLUX.1-dev transformer (11.9B parameters, random bf16
 weights, 1-D parameters perturbed), with small random text encoders and VAE of the right widths
@@ -62,6 +62,12 @@ MODES = {
     "1gpu": {},
     "tp2": {"tensor_parallel_size": 2},
     "cfg2": {"cfg_parallel_size": 2},
+    "ulysses2": {"ulysses_degree": 2},
+    "tp4": {"tensor_parallel_size": 4},
+    "ulysses4": {"ulysses_degree": 4},
+    "ulysses8": {"ulysses_degree": 8},
+    "cfg2xulysses2": {"cfg_parallel_size": 2, "ulysses_degree": 2},
+    "cfg2xulysses4": {"cfg_parallel_size": 2, "ulysses_degree": 4},
 }
 
 
