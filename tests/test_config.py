@@ -42,7 +42,7 @@ def test_parallel_config_rejects_bad_values(kwargs, message):
 
 
 def test_parallel_config_world_size_and_hsdp_default_shard():
-    cfg = DiffusionParallelConfig(ulysses_degree=2, ring_degree=2, use_hsdp=True, hsdp_replicate_size=2)
+    cfg = DiffusionParallelConfig(ulysses_degree=4, use_hsdp=True, hsdp_replicate_size=2)
     assert cfg.sequence_parallel_size == 4 and cfg.world_size == 4
     assert cfg.resolved_hsdp_shard_size == 2
 
