@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 import torch.nn as nn
 
 
@@ -32,6 +33,19 @@ class SupportsComponentDiscovery:
     _encoder_modules: ClassVar[list[str]] = []
     _vae_modules: ClassVar[list[str]] = ["vae"]
     _resident_modules: ClassVar[list[str]] = []
+
+    def _first_dit_parameter(self):
+        return next(get_submodule_by_path(self, self._dit_modules[0]).parameters())
+
+    @property
+    def device(self) -> torch.device:
+        """Where the pipeline computes: its (first) denoiser's device."""
+        return self._first_dit_parameter().device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's dtype, which latents and embeddings follow."""
+        return self._first_dit_parameter().dtype
 
 
 # Used for pipelines that do not declare SupportsComponentDiscovery.

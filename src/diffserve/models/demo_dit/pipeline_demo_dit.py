@@ -115,14 +115,6 @@ class DiffservePixelDiTPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, S
         self.set_progress_bar_config(disable=od_config.disable_progress_bar)
 
     @property
-    def device(self) -> torch.device:
-        return self.transformer.x_embedder.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.x_embedder.weight.dtype
-
-    @property
     def patch_size(self) -> int:
         return self.transformer.config.patch_size
 

@@ -93,14 +93,6 @@ class FluxPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompon
         self.clip_max_length = self.tokenizer.model_max_length
         self.set_progress_bar_config(disable=od_config.disable_progress_bar)
 
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.x_embedder.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.x_embedder.weight.dtype
-
     # -- defaults and checks ------------------------------------------------------------------------
 
     @property

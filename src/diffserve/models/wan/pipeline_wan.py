@@ -118,14 +118,6 @@ class WanPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompone
         self.set_progress_bar_config(disable=od_config.disable_progress_bar)
 
     @property
-    def device(self) -> torch.device:
-        return self.transformer.proj_out.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.proj_out.weight.dtype
-
-    @property
     def is_dual(self) -> bool:
         return self.boundary_ratio is not None
 
