@@ -32,7 +32,8 @@ def test_flat_keys_and_parallel_config_together_is_an_error():
         ({"use_hsdp": True, "ulysses_degree": 4, "hsdp_shard_size": 3}, "must equal the world size"),
         ({"hsdp_shard_size": 2}, "only meaningful with use_hsdp"),
         ({"use_hsdp": True}, "HSDP on its own needs hsdp_shard_size"),
-        ({"ring_degree": 2}, "ring attention is not available yet"),
+        ({"vae_patch_parallel_size": 3, "ulysses_degree": 4}, "must divide the world size"),
+        ({"vae_patch_parallel_size": 8, "ulysses_degree": 4}, "cannot exceed the world size"),
         ({"data_parallel_size": 2}, "data_parallel_size > 1 is not supported yet"),
     ],
 )
@@ -42,6 +43,7 @@ def test_parallel_config_rejects_bad_values(kwargs, message):
 
 
 def test_parallel_config_world_size_and_hsdp_default_shard():
+    assert DiffusionParallelConfig(ulysses_degree=2, ring_degree=2, cfg_parallel_size=2).world_size == 8
     cfg = DiffusionParallelConfig(ulysses_degree=4, use_hsdp=True, hsdp_replicate_size=2)
     assert cfg.sequence_parallel_size == 4 and cfg.world_size == 4
     assert cfg.resolved_hsdp_shard_size == 2

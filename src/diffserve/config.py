@@ -95,11 +95,6 @@ class DiffusionParallelConfig:
             raise ValueError(f"use_hsdp must be a bool, got {self.use_hsdp!r}")
         if self.hsdp_shard_size != -1:
             _check_positive_int("hsdp_shard_size", self.hsdp_shard_size)
-        if self.ring_degree > 1:
-            raise ValueError(
-                f"ring_degree={self.ring_degree}: ring attention is not available yet; use ulysses_degree for "
-                f"sequence parallelism"
-            )
         if self.data_parallel_size > 1:
             raise ValueError(
                 "data_parallel_size > 1 is not supported yet (it needs a request router); run one engine per "
@@ -128,6 +123,11 @@ class DiffusionParallelConfig:
             raise ValueError(
                 f"vae_patch_parallel_size ({self.vae_patch_parallel_size}) cannot exceed the world size "
                 f"({self.world_size})"
+            )
+        if self.world_size % self.vae_patch_parallel_size:
+            raise ValueError(
+                f"vae_patch_parallel_size ({self.vae_patch_parallel_size}) must divide the world size "
+                f"({self.world_size}): the ranks decode in groups of that size"
             )
 
     @property
@@ -179,6 +179,9 @@ class OmniDiffusionConfig:
     cache_config: Any = field(default_factory=dict)
     enable_cpu_offload: bool = False
     enable_layerwise_offload: bool = False
+    # Decode large latents in overlapping tiles (the VAE's own tile size); implied by
+    # parallel_config.vae_patch_parallel_size > 1, which spreads the tiles over ranks.
+    vae_use_tiling: bool = False
     # False: compile the transformer's repeated blocks with torch.compile on CUDA.
     enforce_eager: bool = False
     # Most prompts the engine merges into one pipeline call.

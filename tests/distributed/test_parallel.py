@@ -1,10 +1,11 @@
 """Every parallel mode produces the single-process output (gloo, CPU, fp32).
 
 One representative conformance case per pipeline class runs its parallel scenario (CFG on) through
-one process, then through TP=2, CFG=2, HSDP=2 and TP2 x CFG2 worker processes. Measured max-abs
-differences on tiny FLUX (2026-11-26): TP2 8.3e-7, CFG2 9.5e-7, HSDP2 0.0, Ulysses2 9.5e-7 (demo model
-3.3e-7, Wan2.1 6.0e-7); tolerance 1e-4. Ulysses needs the model's `_sp_plan`, which every model declares
-(apply_sequence_parallel raises for one that does not).
+one process, then through 2 or 4 worker processes in each mode. Measured max-abs differences on tiny
+FLUX (2026-11-26): TP2 8.3e-7, CFG2 9.5e-7, HSDP2 0.0, Ulysses2 9.5e-7, Ring2 1.1e-6, Ulysses2 x Ring2
+1.1e-6 (ring on the demo model 3.6e-7, Wan2.1 1.2e-6, Wan2.2 i2v 1.1e-6); tolerance 1e-4. Sequence
+parallel modes need the model's `_sp_plan`, which every model declares (apply_sequence_parallel
+raises for one that does not).
 """
 
 import pytest
@@ -23,8 +24,10 @@ MODES = {
     "tp2xcfg2": {"tensor_parallel_size": 2, "cfg_parallel_size": 2},
     "ulysses2": {"ulysses_degree": 2},
     "ulysses2xcfg2": {"ulysses_degree": 2, "cfg_parallel_size": 2},
+    "ring2": {"ring_degree": 2},
+    "ulysses2xring2": {"ulysses_degree": 2, "ring_degree": 2},
 }
-FOUR_PROCESS_MODES = ("tp2xcfg2", "ulysses2xcfg2")
+FOUR_PROCESS_MODES = ("tp2xcfg2", "ulysses2xcfg2", "ulysses2xring2")
 
 
 def _one_case_per_pipeline():

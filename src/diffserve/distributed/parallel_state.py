@@ -66,7 +66,9 @@ def _single(name: str) -> GroupCoordinator:
     return GroupCoordinator(name=name, ranks=[0])
 
 
-_GROUPS: dict[str, GroupCoordinator] = {name: _single(name) for name in ("tp", "sp", "ulysses", "ring", "cfg", "dp", "world")}
+_GROUPS: dict[str, GroupCoordinator] = {
+    name: _single(name) for name in ("tp", "sp", "ulysses", "ring", "cfg", "dp", "vae", "world")
+}
 _HSDP_MESH = None
 
 
@@ -92,6 +94,11 @@ def get_cfg_group() -> GroupCoordinator:
 
 def get_dp_group() -> GroupCoordinator:
     return _GROUPS["dp"]
+
+
+def get_vae_group() -> GroupCoordinator:
+    """The ranks that share one tiled VAE decode (consecutive blocks of vae_patch_parallel_size)."""
+    return _GROUPS["vae"]
 
 
 def get_world_group() -> GroupCoordinator:
@@ -178,6 +185,16 @@ def initialize_model_parallel(parallel_config, device_type: str) -> None:
             group = dist.new_group(ranks) if name != "world" else dist.group.WORLD
             if rank in ranks:
                 _GROUPS[name] = GroupCoordinator(name=name, ranks=ranks, rank_in_group=ranks.index(rank), group=group)
+    # VAE patch parallel is not a dimension of the layout: consecutive blocks of ranks each decode
+    # the (identical) latents together.
+    vae_size = parallel_config.vae_patch_parallel_size
+    _GROUPS["vae"] = GroupCoordinator(name="vae", ranks=[rank])
+    if vae_size > 1:
+        for start in range(0, world_size, vae_size):
+            ranks = list(range(start, start + vae_size))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                _GROUPS["vae"] = GroupCoordinator("vae", ranks=ranks, rank_in_group=ranks.index(rank), group=group)
     if parallel_config.use_hsdp:
         from torch.distributed.device_mesh import init_device_mesh
 

@@ -1,13 +1,20 @@
-"""Ulysses sequence parallelism, applied from outside the model.
+"""Sequence parallelism (Ulysses, ring, or both), applied from outside the model.
 
 A transformer's `_sp_plan` says where the token sequence is split across the sequence-parallel ranks
-and where it is gathered back; this module turns it into forward hooks and switches every
-`Attention` layer of the denoisers to Ulysses attention: before attention an all-to-all trades
-sequence shards for head shards (each rank then attends over the whole sequence with 1/P of the
-heads), and after it a second all-to-all trades them back. Model code does not change.
+(ulysses x ring of them) and where it is gathered back; this module turns it into forward hooks and
+switches every `Attention` layer of the denoisers to sequence-parallel attention:
 
-A mismatch between the plan and the tensors (a missing input, a wrong rank, a length that does not
-divide by the degree) is an error naming the module and the input; it never falls back silently.
+- Ulysses: before attention an all-to-all trades sequence shards for head shards (each rank then
+  attends over the Ulysses group's whole sequence with 1/U of the heads); a second one trades back.
+- Ring (ring_attention.py): each rank attends its queries to every rank's keys/values, passed around
+  the ring while the kernels run.
+- Both (USP): the Ulysses exchange runs inside each ring position, then the ring runs over the
+  Ulysses groups' sequences. Sequence-parallel rank u + U * r holds shard u + U * r, so a Ulysses
+  group gathers one contiguous ring part.
+
+Model code does not change. A mismatch between the plan and the tensors (a missing input, a wrong
+rank, a length that does not divide by the degree) is an error naming the module and the input; it
+never falls back silently.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from diffserve.distributed.parallel_state import GroupCoordinator, get_ulysses_group
+from diffserve.distributed.parallel_state import GroupCoordinator, get_ring_group, get_sp_group, get_ulysses_group
+from diffserve.distributed.ring_attention import ring_attention
 from diffserve.distributed.sp_plan import SequenceParallelInput, SequenceParallelOutput
 from diffserve.layers.attention import Attention
 from diffserve.models.interface import discover_components
@@ -58,20 +66,28 @@ def heads_to_sequence(x: torch.Tensor, group: GroupCoordinator) -> torch.Tensor:
     return x.permute(1, 2, 0, 3, 4).reshape(b, s, p * h_local, d)
 
 
-class UlyssesAttention:
-    """Wraps an Attention layer's computation with the two all-to-alls (holds no weights)."""
+class SequenceParallelAttention:
+    """Wraps an Attention layer's computation with the Ulysses exchange and/or the ring (holds no weights)."""
 
-    def __init__(self, group: GroupCoordinator):
-        self.group = group
+    def __init__(self, ulysses: GroupCoordinator, ring: GroupCoordinator):
+        self.ulysses = ulysses
+        self.ring = ring
 
     def __call__(self, attention: Attention, query, key, value, attn_mask):
         if attn_mask is not None:
             raise ValueError(
-                f"{attention.prefix or 'attention'}: an attention mask is not supported with Ulysses sequence "
-                f"parallelism (the mask would have to be gathered along the sequence)"
+                f"{attention.prefix or 'attention'}: an attention mask is not supported with sequence "
+                f"parallelism (the mask would have to be split along the sequence)"
             )
-        q, k, v = (sequence_to_heads(t, self.group) for t in (query, key, value))
-        return heads_to_sequence(attention.compute(q, k, v, None), self.group)
+        if self.ulysses.world_size > 1:
+            query, key, value = (sequence_to_heads(t, self.ulysses) for t in (query, key, value))
+        if self.ring.world_size > 1:
+            out = ring_attention(query, key, value, attention.softmax_scale, self.ring, attention.backend)
+        else:
+            out = attention.compute(query, key, value, None)
+        if self.ulysses.world_size > 1:
+            out = heads_to_sequence(out, self.ulysses)
+        return out
 
 
 # -- the plan's hooks --------------------------------------------------------------------------------
@@ -149,8 +165,8 @@ def _install_output_gather(module: nn.Module, name: str, spec: SequenceParallelO
 
 
 def apply_sequence_parallel(pipeline: nn.Module, parallel_config) -> None:
-    """Shard every denoiser's sequence over the Ulysses group, as its `_sp_plan` declares."""
-    group = get_ulysses_group()
+    """Shard every denoiser's sequence over the sequence-parallel group, as its `_sp_plan` declares."""
+    group, ulysses, ring = get_sp_group(), get_ulysses_group(), get_ring_group()
     if group.world_size == 1:
         return
     for path, transformer in discover_components(pipeline)["dit"].items():
@@ -163,15 +179,18 @@ def apply_sequence_parallel(pipeline: nn.Module, parallel_config) -> None:
                 _install_output_gather(module, name, spec, group)
             else:
                 _install_input_split(module, name, spec, group)
-        ulysses = UlyssesAttention(group)
+        wrapper = SequenceParallelAttention(ulysses, ring)
         count = 0
         for module in transformer.modules():
             if isinstance(module, Attention) and not module.skip_sequence_parallel:
-                if module.num_heads % group.world_size:
+                if module.num_heads % ulysses.world_size:
                     raise ValueError(
                         f"{path}: attention with {module.num_heads} heads (per tensor-parallel rank) cannot be "
-                        f"split over ulysses_degree={group.world_size}"
+                        f"split over ulysses_degree={ulysses.world_size}; use ring_degree for the rest"
                     )
-                module.sequence_parallel = ulysses
+                module.sequence_parallel = wrapper
                 count += 1
-        logger.info("sequence parallel (Ulysses %d) on %s: %d attention layers", group.world_size, path, count)
+        logger.info(
+            "sequence parallel (ulysses %d x ring %d) on %s: %d attention layers",
+            ulysses.world_size, ring.world_size, path, count,
+        )

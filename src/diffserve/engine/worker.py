@@ -16,6 +16,7 @@ from diffserve.config import OmniDiffusionConfig
 from diffserve.distributed import parallel_state as ps
 from diffserve.distributed.hsdp import apply_hsdp
 from diffserve.distributed.sequence_parallel import apply_sequence_parallel
+from diffserve.distributed.vae_patch import apply_vae_tiling
 from diffserve.layers.attention import select_attention_backend, set_attention_backend
 from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.interface import discover_components
@@ -73,6 +74,8 @@ class DiffusionWorker:
         set_attention_backend(self.pipeline, backend)
         if self.od_config.parallel_config.sequence_parallel_size > 1:
             apply_sequence_parallel(self.pipeline, self.od_config.parallel_config)
+        if self.od_config.vae_use_tiling or self.od_config.parallel_config.vae_patch_parallel_size > 1:
+            apply_vae_tiling(self.pipeline)
         if self.rank != 0 and hasattr(self.pipeline, "set_progress_bar_config"):
             self.pipeline.set_progress_bar_config(disable=True)
         if not self.od_config.enforce_eager:

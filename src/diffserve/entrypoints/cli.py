@@ -21,6 +21,7 @@ ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--ring-degree", "ring_degree", int, "ring sequence parallel degree"),
     ("--cfg-parallel-size", "cfg_parallel_size", int, "1, or 2 to run the CFG branches on two ranks"),
     ("--data-parallel-size", "data_parallel_size", int, "data parallel degree"),
+    ("--vae-patch-parallel-size", "vae_patch_parallel_size", int, "ranks that share the tiled VAE decode"),
     ("--hsdp-shard-size", "hsdp_shard_size", int, "HSDP shard group size (-1: all ranks)"),
     ("--hsdp-replicate-size", "hsdp_replicate_size", int, "HSDP replica count"),
     ("--cache-backend", "cache_backend", str, "cache_dit or tea_cache"),
@@ -31,6 +32,7 @@ ENGINE_SWITCHES: list[tuple[str, str, str]] = [
     ("--use-hsdp", "use_hsdp", "shard the transformer weights with FSDP2 (HSDP)"),
     ("--enable-cpu-offload", "enable_cpu_offload", "keep only the active component on the GPU"),
     ("--enable-layerwise-offload", "enable_layerwise_offload", "stream transformer blocks to the GPU"),
+    ("--vae-use-tiling", "vae_use_tiling", "decode large latents in overlapping tiles (less memory)"),
     ("--disable-progress-bar", "disable_progress_bar", "no progress bar"),
 ]
 

@@ -11,6 +11,8 @@ class AttentionBackend(ABC):
 
     name: ClassVar[str]
     supports_mask: ClassVar[bool] = False
+    # Whether forward_with_lse exists (ring attention merges partial results by their LSE).
+    supports_lse: ClassVar[bool] = False
 
     @classmethod
     def unavailable_reason(cls, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -27,3 +29,13 @@ class AttentionBackend(ABC):
         scale: float | None,
         causal: bool,
     ) -> torch.Tensor: ...
+
+    @staticmethod
+    def forward_with_lse(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unmasked, non-causal attention that also returns the softmax log-sum-exp.
+
+        Returns (out [B, S_q, H, D], lse [B, H, S_q] in float32).
+        """
+        raise NotImplementedError
