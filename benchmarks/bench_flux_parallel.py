@@ -1,11 +1,11 @@
 """FLUX.1-dev through the whole engine on one GPU and in parallel modes (TP, CFG parallel, Ulysses,
-and their mixes; true CFG on): per-step latency and agreement with the one-GPU output.
+ring, and their mixes; true CFG on): per-step latency and agreement with the one-GPU output.
 
 The checkpoint is written first: the real FLUX.1-dev transformer (11.9B parameters, random bf16
 weights, 1-D parameters perturbed), with small random text encoders and VAE of the right widths
 (T5 d_model 4096, CLIP 768, 16 latent channels, VAE factor 8), so the transformer dominates as it
-does with the real model. Each mode then runs in a fresh engine: a 2-step warm-up (compile) and a
-timed request; the per-step time is the denoise stage time over the steps.
+does with the real model. Each mode then runs in a fresh engine (benchmarks/parallel_common.py): a
+2-step warm-up (compile) and timed requests; the per-step time is the denoise stage time over the steps.
 
     python benchmarks/bench_flux_parallel.py --ckpt /tmp/flux-bench --modes 1gpu,tp2,cfg2 --json-out r.json
 """
@@ -13,11 +13,12 @@ timed request; the per-step time is the denoise stage time over the steps.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import torch
+
+from parallel_common import compare, report, run_mode, world_size
 
 
 def build_checkpoint(path: str, seed: int = 0) -> None:
@@ -63,38 +64,16 @@ MODES = {
     "tp2": {"tensor_parallel_size": 2},
     "cfg2": {"cfg_parallel_size": 2},
     "ulysses2": {"ulysses_degree": 2},
+    "ring2": {"ring_degree": 2},
     "tp4": {"tensor_parallel_size": 4},
     "ulysses4": {"ulysses_degree": 4},
-    "ulysses8": {"ulysses_degree": 8},
+    "ring4": {"ring_degree": 4},
+    "ulysses2xring2": {"ulysses_degree": 2, "ring_degree": 2},
     "cfg2xulysses2": {"cfg_parallel_size": 2, "ulysses_degree": 2},
+    "tp8": {"tensor_parallel_size": 8},
+    "ulysses8": {"ulysses_degree": 8},
     "cfg2xulysses4": {"cfg_parallel_size": 2, "ulysses_degree": 4},
 }
-
-
-def run_mode(path: str, mode: str, args) -> dict:
-    from diffserve import Omni, OmniDiffusionSamplingParams
-
-    prompt = {"prompt": "a red fox in the snow, detailed fur", "negative_prompt": "blurry, low quality"}
-    params = dict(height=args.size, width=args.size, max_sequence_length=512, true_cfg_scale=4.0,
-                  guidance_scale=3.5, seed=0, output_type="pt")
-    start = time.perf_counter()
-    with Omni(path, dtype="bfloat16", enforce_eager=args.eager, disable_progress_bar=True, **MODES[mode]) as omni:
-        load_s = time.perf_counter() - start
-        warm = omni.generate(prompt, OmniDiffusionSamplingParams(num_inference_steps=2, **params))[0]
-        runs = []
-        for _ in range(args.repeats):
-            out = omni.generate(prompt, OmniDiffusionSamplingParams(num_inference_steps=args.steps, **params))[0]
-            runs.append(out.metrics["denoise_s"] / args.steps * 1000)
-        images = out.images.float()
-    return {
-        "mode": mode,
-        "load_s": load_s,
-        "warmup_denoise_s": warm.metrics["denoise_s"],
-        "step_ms": sorted(runs)[len(runs) // 2],
-        "step_ms_all": runs,
-        "e2e_s": out.metrics["e2e_s"],
-        "images": images,
-    }
 
 
 def main() -> None:
@@ -113,36 +92,19 @@ def main() -> None:
         build_checkpoint(args.ckpt)
         print(f"wrote checkpoint to {args.ckpt} in {time.perf_counter() - start:.1f} s", flush=True)
 
+    prompt = {"prompt": "a red fox in the snow, detailed fur", "negative_prompt": "blurry, low quality"}
+    params = dict(height=args.size, width=args.size, max_sequence_length=512, true_cfg_scale=4.0,
+                  guidance_scale=3.5, seed=0, output_type="pt")
     results = []
     for mode in args.modes.split(","):
-        result = run_mode(args.ckpt, mode, args)
+        engine = {**MODES[mode], "enforce_eager": args.eager}
+        result = run_mode(args.ckpt, mode, engine, prompt, params, args.steps, 2, args.repeats)
+        result["gpus"] = world_size(MODES[mode])
         print(f"{mode}: load {result['load_s']:.1f} s, step {result['step_ms']:.1f} ms", flush=True)
         results.append(result)
-
-    base = results[0]
-    rows = []
-    for r in results:
-        diff = (r["images"] - base["images"]).flatten()
-        rel = (diff.norm() / base["images"].flatten().norm()).item()
-        mse = diff.pow(2).mean().item()
-        psnr = float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
-        rows.append({k: v for k, v in r.items() if k != "images"} | {
-            "speedup_vs_first": base["step_ms"] / r["step_ms"],
-            "image_rel_err_vs_first": rel,
-            "image_max_abs_vs_first": diff.abs().max().item(),
-            "image_psnr_vs_first_db": psnr,
-        })
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    print(f"\n**FLUX.1-dev pipeline, {args.size}x{args.size}, true CFG 4.0, {args.steps} steps**, {device}, "
-          f"torch {torch.__version__}, {'eager' if args.eager else 'regional torch.compile'}\n")
-    print("| mode | per-step ms | speedup | image rel err | PSNR dB | load s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print(f"| {row['mode']} | {row['step_ms']:.1f} | {row['speedup_vs_first']:.2f}x | "
-              f"{row['image_rel_err_vs_first']:.2e} | {row['image_psnr_vs_first_db']:.1f} | {row['load_s']:.1f} |")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"device": device, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=2)
+    compile_note = "eager" if args.eager else "regional torch.compile"
+    report(compare(results), f"FLUX.1-dev pipeline, {args.size}x{args.size}, true CFG 4.0, {args.steps} steps, "
+           f"{compile_note}", args, args.json_out)
 
 
 if __name__ == "__main__":
