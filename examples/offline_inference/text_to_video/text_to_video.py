@@ -7,8 +7,12 @@
     python examples/offline_inference/text_to_video/text_to_video.py --model Wan-AI/Wan2.2-T2V-A14B-Diffusers \
         --prompt "..." --guidance-scale 4.0 --guidance-scale-2 3.0
 
+    # Wan2.1 14B on 4 GPUs: CFG branches on 2 x 2 Ulysses ranks, VAE tiles decoded on all 4
+    python examples/offline_inference/text_to_video/text_to_video.py --model Wan-AI/Wan2.1-T2V-14B-Diffusers \
+        --prompt "..." --cfg-parallel-size 2 --ulysses-degree 2 --vae-patch-parallel-size 4
+
 Without --model it builds a tiny random-weight Wan2.2 (two-expert) checkpoint first (noise-like
-output, runs on CPU in seconds).
+output, runs on CPU in seconds; the parallel flags then run CPU worker processes).
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ def main() -> None:
     parser.add_argument("--guidance-scale-2", type=float, default=None, help="Wan2.2 A14B low-noise expert")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto")
+    parallel = parser.add_argument_group("parallelism (one process per GPU; see docs/parallelism.md)")
+    for flag in ("tensor-parallel-size", "ulysses-degree", "ring-degree", "cfg-parallel-size",
+                 "vae-patch-parallel-size"):
+        parallel.add_argument(f"--{flag}", type=int, default=1)
     parser.add_argument("--output", default="text_to_video.mp4")
     args = parser.parse_args()
 
@@ -55,7 +63,10 @@ def main() -> None:
         negative_prompt=args.negative_prompt,
         seed=args.seed,
     )
-    with Omni(model=model, dtype=args.dtype) as omni:
+    degrees = dict(tensor_parallel_size=args.tensor_parallel_size, ulysses_degree=args.ulysses_degree,
+                   ring_degree=args.ring_degree, cfg_parallel_size=args.cfg_parallel_size,
+                   vae_patch_parallel_size=args.vae_patch_parallel_size)
+    with Omni(model=model, dtype=args.dtype, **degrees) as omni:
         outputs = omni.generate(prompts, params)
     stem, ext = os.path.splitext(args.output)
     for i, out in enumerate(outputs):
