@@ -13,12 +13,10 @@ does with the real model. Each mode then runs in a fresh engine (benchmarks/para
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import torch
 
-from parallel_common import compare, report, run_mode, world_size
+from parallel_common import compare, ensure_checkpoint, report, run_mode, world_size
 
 
 def build_checkpoint(path: str, seed: int = 0) -> None:
@@ -87,10 +85,7 @@ def main() -> None:
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
 
-    if not os.path.exists(os.path.join(args.ckpt, "model_index.json")):
-        start = time.perf_counter()
-        build_checkpoint(args.ckpt)
-        print(f"wrote checkpoint to {args.ckpt} in {time.perf_counter() - start:.1f} s", flush=True)
+    ensure_checkpoint(args.ckpt, build_checkpoint)
 
     prompt = {"prompt": "a red fox in the snow, detailed fur", "negative_prompt": "blurry, low quality"}
     params = dict(height=args.size, width=args.size, max_sequence_length=512, true_cfg_scale=4.0,

@@ -15,12 +15,10 @@ final latents: the random-weight VAE saturates its output, which would hide diff
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import torch
 
-from parallel_common import compare, report, run_mode, world_size
+from parallel_common import compare, ensure_checkpoint, report, run_mode, world_size
 
 MODES = {
     "1gpu": {},
@@ -86,10 +84,7 @@ def main() -> None:
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
 
-    if not os.path.exists(os.path.join(args.ckpt, "model_index.json")):
-        start = time.perf_counter()
-        build_checkpoint(args.ckpt)
-        print(f"wrote checkpoint to {args.ckpt} in {time.perf_counter() - start:.1f} s", flush=True)
+    ensure_checkpoint(args.ckpt, build_checkpoint)
 
     prompt = {"prompt": "a red fox running through snow, cinematic", "negative_prompt": "blurry, static"}
     params = dict(height=args.height, width=args.width, num_frames=args.frames, guidance_scale=5.0,

@@ -8,9 +8,19 @@ first mode's (normally one GPU): relative L2 error and PSNR on the [0, 1] pixels
 from __future__ import annotations
 
 import json
+import os
 import time
+from typing import Callable
 
 import torch
+
+
+def ensure_checkpoint(path: str, build: Callable[[str], None]) -> None:
+    """Write the random-weight checkpoint once; later runs reuse it."""
+    if not os.path.exists(os.path.join(path, "model_index.json")):
+        start = time.perf_counter()
+        build(path)
+        print(f"wrote checkpoint to {path} in {time.perf_counter() - start:.1f} s", flush=True)
 
 
 def run_mode(path: str, mode: str, engine_kwargs: dict, prompt, params: dict, steps: int, warmup_steps: int,
