@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import torch
+
+from forward_timing import compare, device_name, time_forward
 
 # Keyword arguments accepted by both diffusers' model and our WanTransformerConfig.
 _COMMON = dict(
@@ -201,76 +201,6 @@ def forward_flops(cfg: dict, args) -> float:
 
 
 # -- measurement -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Timing:
-    median_ms: float
-    min_ms: float
-    first_call_s: float  # includes compilation for compiled variants
-    peak_mem_gib: float | None = None  # everything allocated, both models' weights included
-    activation_mem_gib: float | None = None  # peak minus what was allocated before the forward
-    times_ms: list[float] = field(default_factory=list)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_forward(fn, device: torch.device, warmup: int, iters: int) -> Timing:
-    """Median latency of fn() with warmup excluded: CUDA events on GPU, perf_counter elsewhere."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()  # the first call pays for compilation / autotuning / allocator growth
-    synchronize(device)
-    first_call_s = time.perf_counter() - start
-    for _ in range(max(warmup - 1, 0)):
-        fn()
-    synchronize(device)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        events = []
-        for _ in range(iters):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            events.append((begin, end))
-        torch.cuda.synchronize(device)
-        times = [b.elapsed_time(e) for b, e in events]
-        peak = torch.cuda.max_memory_allocated(device)
-        mem = dict(peak_mem_gib=peak / 2**30, activation_mem_gib=(peak - base) / 2**30)
-    else:
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        mem = {}
-    return Timing(statistics.median(times), min(times), first_call_s, times_ms=times, **mem)
-
-
-def compare(ours: torch.Tensor, ref: torch.Tensor) -> dict:
-    ours, ref = ours.float(), ref.float()
-    return dict(
-        rel_err=((ours - ref).norm() / ref.norm()).item(),
-        max_abs_err=(ours - ref).abs().max().item(),
-        ref_abs_max=ref.abs().max().item(),
-        ours_finite=bool(torch.isfinite(ours).all()),
-        ref_finite=bool(torch.isfinite(ref).all()),
-    )
-
-
-# -- report ------------------------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or device.type
 
 
 def markdown_report(result: dict) -> str:
