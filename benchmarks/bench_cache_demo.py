@@ -21,7 +21,7 @@ import torch
 
 from diffserve import Omni, OmniDiffusionSamplingParams
 from diffserve.assets import default_model_path
-from diffserve.models.demo_dit import detector, scenes
+from diffserve.demo import detector, scenes
 
 
 def generate(omni: Omni, captions: list[str], seeds: list[int]) -> tuple[np.ndarray, float, list[int]]:

@@ -31,7 +31,7 @@ def main() -> None:
 
     if args.model is None:
         from diffserve.assets import default_model_path
-        from diffserve.models.demo_dit import scenes
+        from diffserve.demo import scenes
 
         model, prompts = default_model_path(), scenes.held_out_captions("validation")
     else:

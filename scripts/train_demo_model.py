@@ -14,7 +14,7 @@ What it does:
 - data: layouts and captions sampled with numpy in a background thread (scenes.py), rendered on the
   device; layouts held out for evaluation are never drawn; 10% of captions are dropped to "" so the
   model learns the unconditional branch of classifier-free guidance;
-- model: diffserve.models.demo_dit.reference (plain PyTorch, the same code the conformance test
+- model: diffserve.demo.reference (plain PyTorch, the same code the conformance test
   compares our port against), trained with rectified flow (x_t = (1-t) x0 + t noise, target
   noise - x0), AdamW, warmup + cosine decay, an EMA of the weights, bf16 autocast and torch.compile
   on CUDA;
@@ -22,7 +22,7 @@ What it does:
   to fill the budget (the report gives the --steps that reproduces the run); --steps fixes it outright;
 - after training: picks the default guidance scale and schedule shift on held-out *validation*
   layouts, writes them into the checkpoint, and scores held-out *test* layouts with the detector the
-  quality test uses (diffserve.models.demo_dit.detector).
+  quality test uses (diffserve.demo.detector).
 
 Needs torch, numpy, PIL, safetensors, tokenizers and transformers; not diffusers.
 """
@@ -52,9 +52,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from diffserve.models.demo_dit import detector, scenes  # noqa: E402
+from diffserve.demo import detector, scenes  # noqa: E402
+from diffserve.models.demo_dit import captions  # noqa: E402
 from diffserve.models.demo_dit.configs import DEFAULT_NUM_INFERENCE_STEPS, DemoDiTConfig  # noqa: E402
-from diffserve.models.demo_dit.reference import (  # noqa: E402
+from diffserve.demo.reference import (  # noqa: E402
     ReferenceDiT,
     ReferenceTextEncoder,
     default_text_encoder_config,
@@ -157,7 +158,7 @@ class BatchProducer:
 
     def _ids(self, caption: str) -> torch.Tensor:
         if caption not in self.ids_cache:
-            self.ids_cache[caption] = scenes.tokenize(self.tokenizer, [caption], self.max_length)[0]
+            self.ids_cache[caption] = captions.tokenize(self.tokenizer, [caption], self.max_length)[0]
         return self.ids_cache[caption]
 
     def _make(self):

@@ -10,6 +10,8 @@ import logging
 
 import torch.nn as nn
 
+from diffserve.models.interface import is_repeated_block
+
 logger = logging.getLogger(__name__)
 
 
@@ -20,8 +22,7 @@ def compile_repeated_blocks(model: nn.Module, **compile_kwargs) -> int:
         return 0
     count = 0
     for module in model.modules():
-        # Match on the class hierarchy: wrappers such as FSDP2 subclass the block's class.
-        if any(cls.__name__ in names for cls in type(module).__mro__):
+        if is_repeated_block(module, names):
             module.compile(**compile_kwargs)
             count += 1
     logger.info("torch.compile applied to %d blocks of %s", count, type(model).__name__)

@@ -193,6 +193,8 @@ class OmniDiffusionConfig:
     # Filled from model_index.json by the registry; not user settings.
     model_class_name: str | None = field(default=None, init=False)
     model_config: dict[str, Any] = field(default_factory=dict, init=False)
+    # "module:ClassName" of the pipeline (built-in or registered), imported by every worker.
+    pipeline_import_path: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:

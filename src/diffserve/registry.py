@@ -1,6 +1,8 @@
 """Model registry, keyed by the `_class_name` in a checkpoint's model_index.json.
 
-Nothing is imported until a model is resolved, so `import diffserve` loads no model family.
+Nothing is imported until a model is resolved, so `import diffserve` loads no model family. Models
+outside the package join with `register_model("MyPipeline", "my_package.pipeline:MyPipeline")`; the
+resolved import path travels in the config, so spawned worker processes find the class too.
 """
 
 from __future__ import annotations
@@ -26,14 +28,13 @@ _DIFFUSION_MODELS: dict[str, tuple[str, str, str]] = {
     "DiffservePixelDiTPipeline": ("demo_dit", "pipeline_demo_dit", "DiffservePixelDiTPipeline"),
 }
 
-# _class_name -> name of a factory in the pipeline module: factory(od_config) -> callable
+# _class_name -> "module.path:ClassName", for models registered at runtime (register_model).
+_EXTERNAL_MODELS: dict[str, str] = {}
+
+# _class_name -> name of a factory in the pipeline module: factory(od_config) -> callable. A pipeline
+# without a post-process factory gets its modality's (diffserve.models.outputs.POST_PROCESS).
 _DIFFUSION_PRE_PROCESS_FUNCS: dict[str, str] = {}
-_DIFFUSION_POST_PROCESS_FUNCS: dict[str, str] = {
-    "FluxPipeline": "get_flux_post_process_func",
-    "WanPipeline": "get_wan_post_process_func",
-    "WanImageToVideoPipeline": "get_wan_i2v_post_process_func",
-    "DiffservePixelDiTPipeline": "get_demo_dit_post_process_func",
-}
+_DIFFUSION_POST_PROCESS_FUNCS: dict[str, str] = {}
 
 MODEL_INDEX = "model_index.json"
 
@@ -43,7 +44,30 @@ class ModelResolutionError(ValueError):
 
 
 def supported_models() -> list[str]:
-    return sorted(_DIFFUSION_MODELS)
+    return sorted({*_DIFFUSION_MODELS, *_EXTERNAL_MODELS})
+
+
+def register_model(class_name: str, import_path: str) -> None:
+    """Serve checkpoints whose model_index.json `_class_name` is `class_name` with the pipeline at
+    `import_path` ("package.module:ClassName"), imported lazily."""
+    module, sep, attr = import_path.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"import_path must look like 'package.module:ClassName', got {import_path!r}")
+    if class_name in _DIFFUSION_MODELS:
+        raise ValueError(f"{class_name!r} is a built-in pipeline; register the model under another _class_name")
+    _EXTERNAL_MODELS[class_name] = import_path
+
+
+def pipeline_import_path(class_name: str) -> str:
+    """"module:ClassName" of a registered pipeline class, or ModelResolutionError listing the supported ones."""
+    if class_name in _DIFFUSION_MODELS:
+        folder, module, attr = _DIFFUSION_MODELS[class_name]
+        return f"diffserve.models.{folder}.{module}:{attr}"
+    if class_name in _EXTERNAL_MODELS:
+        return _EXTERNAL_MODELS[class_name]
+    raise ModelResolutionError(
+        f"pipeline class {class_name!r} is not supported. Supported: {', '.join(supported_models())}"
+    )
 
 
 def resolve_model_path(model: str, revision: str | None = None) -> str:
@@ -100,7 +124,7 @@ def resolve_model(od_config: "OmniDiffusionConfig") -> None:
     path = resolve_model_path(od_config.model, od_config.revision)
     index = read_model_index(path)
     class_name = index["_class_name"]
-    if class_name not in _DIFFUSION_MODELS:
+    if class_name not in _DIFFUSION_MODELS and class_name not in _EXTERNAL_MODELS:
         raise ModelResolutionError(
             f"pipeline class {class_name!r} (from {os.path.join(path, MODEL_INDEX)}) is not supported. "
             f"Supported: {', '.join(supported_models())}"
@@ -109,35 +133,33 @@ def resolve_model(od_config: "OmniDiffusionConfig") -> None:
     od_config.model = path
     od_config.model_class_name = class_name
     od_config.model_config = index
+    od_config.pipeline_import_path = pipeline_import_path(class_name)
 
 
-def _import_pipeline_module(class_name: str):
-    folder, module, _ = _DIFFUSION_MODELS[class_name]
-    return importlib.import_module(f"diffserve.models.{folder}.{module}")
+def _import(import_path: str):
+    module, _, attr = import_path.partition(":")
+    return importlib.import_module(module), attr
 
 
 def get_pipeline_class(class_name: str) -> type["nn.Module"]:
-    if class_name not in _DIFFUSION_MODELS:
-        raise ModelResolutionError(
-            f"pipeline class {class_name!r} is not supported. Supported: {', '.join(supported_models())}"
-        )
-    return getattr(_import_pipeline_module(class_name), _DIFFUSION_MODELS[class_name][2])
+    module, attr = _import(pipeline_import_path(class_name))
+    return getattr(module, attr)
 
 
 def initialize_model(od_config: "OmniDiffusionConfig") -> "nn.Module":
     """Instantiate the pipeline for an already resolved config (weights are loaded afterwards)."""
-    if od_config.model_class_name is None:
+    if od_config.pipeline_import_path is None:
         resolve_model(od_config)
-    cls = get_pipeline_class(od_config.model_class_name)
-    return cls(od_config=od_config)
+    module, attr = _import(od_config.pipeline_import_path)
+    return getattr(module, attr)(od_config=od_config)
 
 
 def _get_process_func(table: dict[str, str], od_config: "OmniDiffusionConfig") -> Callable | None:
     factory_name = table.get(od_config.model_class_name)
     if factory_name is None:
         return None
-    factory = getattr(_import_pipeline_module(od_config.model_class_name), factory_name)
-    return factory(od_config)
+    module, _ = _import(od_config.pipeline_import_path)
+    return getattr(module, factory_name)(od_config)
 
 
 def get_pre_process_func(od_config: "OmniDiffusionConfig") -> Callable | None:

@@ -1,4 +1,4 @@
-"""Which block lists a step cache wraps: declared by the transformer, or inferred for one list."""
+"""Which block lists a step cache wraps: declared by the transformer, or derived from its blocks."""
 
 import pytest
 import torch
@@ -55,12 +55,32 @@ def test_a_pattern_the_signature_cannot_tell_must_be_declared():
         cache_block_lists(Unannotated())
 
 
-def test_several_undeclared_lists_are_refused():
-    model = Unannotated()
-    model.more_blocks = nn.ModuleList([TupleBlock()])
-    model._layerwise_offload_blocks_attrs = ["blocks", "more_blocks"]
-    with pytest.raises(ValueError, match="inference needs exactly one"):
-        cache_block_lists(model)
+class TensorBlock(nn.Module):
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + encoder_hidden_states
+
+
+class TwoListsFromRepeatedBlocks(nn.Module):
+    """Declares only its block class: the lists (and their order) come from its children."""
+
+    _repeated_blocks = ["TensorBlock"]
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.ModuleList([TensorBlock(), TensorBlock()])
+        self.norm = nn.LayerNorm(4)
+        self.second = nn.ModuleList([TensorBlock()])
+
+
+def test_block_lists_are_derived_from_repeated_blocks():
+    lists = cache_block_lists(TwoListsFromRepeatedBlocks())
+    assert [(lst.attr, lst.pattern, len(lst.blocks)) for lst in lists] == [("first", "Pattern_2", 2),
+                                                                            ("second", "Pattern_2", 1)]
+
+
+def test_a_model_without_blocks_is_refused():
+    with pytest.raises(ValueError, match="has no block lists a step cache could skip: declare _repeated_blocks"):
+        cache_block_lists(nn.Linear(2, 2))
 
 
 def test_declarations_are_checked():

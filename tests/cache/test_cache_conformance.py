@@ -1,8 +1,8 @@
 """Step caching on every conformance model, through the engine (fp32, CPU, tiny random weights).
 
-Every (model, backend) pair either works or is a declared refusal (REFUSALS); a new conformance
-case joins automatically and must do one or the other. A working pair shows, on the case's parallel
-scenario (CFG where the model has it; first prompt, 4 steps):
+Every (model, backend) pair works; a new conformance case joins automatically (a model that
+declares only its blocks gets both caches: see diffserve.cache.blocks and the TeaCache defaults).
+Each pair shows, on the case's parallel scenario (CFG where the model has it; first prompt, 4 steps):
 - a permissive threshold really skips: cached_steps > 0 and fewer block forwards (counted with
   forward pre-hooks) than the uncached run, and the output stays within MAX_REL_L2 of it;
 - threshold 0 gives exactly the uncached output;
@@ -45,20 +45,7 @@ NEVER_SKIP = {"cache_dit": {"residual_diff_threshold": 0.0}, "tea_cache": {"rel_
 # ||cached - uncached|| / ||uncached|| over the output images or video frames in [0, 1].
 MAX_REL_L2 = 0.2
 
-# Declared refusals, (architecture, backend) -> what the error must say. TeaCache needs the
-# transformer to declare its first block's modulated input and fitted rescale coefficients; Wan
-# declares neither yet.
-NO_TEACACHE = r"tea_cache'.* is not supported by \w+ \(transformer\): it declares no _teacache_modulated_input"
-REFUSALS = {
-    ("wan2.1-t2v", "tea_cache"): NO_TEACACHE,
-    ("wan2.1-i2v", "tea_cache"): NO_TEACACHE,
-    ("wan2.2-t2v", "tea_cache"): NO_TEACACHE,
-    ("wan2.2-i2v", "tea_cache"): NO_TEACACHE,
-    ("wan2.2-ti2v", "tea_cache"): NO_TEACACHE,
-    ("wan2.2-ti2v-i2v", "tea_cache"): NO_TEACACHE,
-}
-SUPPORTED = [(c, b) for c in CONFORMANCE_CASES for b in BACKENDS if (c.arch, b) not in REFUSALS]
-REFUSED = [(c, b) for c in CONFORMANCE_CASES for b in BACKENDS if (c.arch, b) in REFUSALS]
+SUPPORTED = [(c, b) for c in CONFORMANCE_CASES for b in BACKENDS]
 
 
 def _ids(pairs):
@@ -186,18 +173,6 @@ def test_cache_state_does_not_leak_between_requests(tiny_checkpoint, permissive,
         alone, fresh_metrics = _run(fresh, _requests(case)[1])
     assert torch.equal(after_first, alone)
     assert metrics["cached_steps"] == fresh_metrics["cached_steps"]
-
-
-@pytest.mark.parametrize("case, backend", REFUSED, ids=_ids(REFUSED))
-def test_unsupported_backend_is_refused_with_a_clear_error(tiny_checkpoint, case, backend):
-    with pytest.raises(ValueError, match=REFUSALS[(case.arch, backend)]):
-        _engine(tiny_checkpoint(case.arch), backend, PERMISSIVE[backend])
-
-
-def test_refusals_name_conformance_models():
-    archs = {case.arch for case in CONFORMANCE_CASES}
-    assert {arch for arch, _ in REFUSALS} <= archs
-    assert {backend for _, backend in REFUSALS} <= set(BACKENDS)
 
 
 def test_user_coefficients_override_the_declared_ones(tiny_checkpoint):

@@ -6,10 +6,7 @@ import torch
 from diffserve import Omni, OmniDiffusionSamplingParams
 from diffserve.cache import CacheDiTConfig
 from diffserve.cache.cache_dit_backend import CUSTOM_DIT_ENABLERS, CacheDiTBackend, enable_cache_for_dit
-from diffserve.config import OmniDiffusionConfig
-from diffserve.loader import DiffusersPipelineLoader
-from diffserve.registry import resolve_model
-from diffserve.request import OmniDiffusionRequest, PromptInput
+from diffserve.testing import load_pipeline, pipeline_request
 
 PERMISSIVE = CacheDiTConfig(max_warmup_steps=1, max_continuous_cached_steps=-1, residual_diff_threshold=0.9)
 
@@ -20,16 +17,8 @@ def _params(steps: int) -> OmniDiffusionSamplingParams:
     )
 
 
-def _load(path: str):
-    od_config = OmniDiffusionConfig(model=path, dtype="float32", device="cpu", disable_progress_bar=True)
-    resolve_model(od_config)
-    return DiffusersPipelineLoader(od_config).load_model(torch.device("cpu"))
-
-
 def _run(pipeline, steps: int) -> torch.Tensor:
-    params = _params(steps)
-    req = OmniDiffusionRequest(prompts=[PromptInput.from_user({"prompt": "a fox", "seed": 0}, params)],
-                               sampling_params=params)
+    req = pipeline_request(pipeline, {"prompt": "a fox", "seed": 0}, _params(steps))
     with torch.inference_mode():
         return pipeline(req).output
 
@@ -54,7 +43,7 @@ def test_a_registered_enabler_replaces_the_default_and_is_refreshed_per_request(
 
 
 def test_a_failed_enable_leaves_the_pipeline_uncached(tiny_flux, monkeypatch):
-    pipeline = _load(tiny_flux)
+    pipeline = load_pipeline(tiny_flux)
     expected = _run(pipeline, 4)
 
     def enable_then_fail(pipeline, config):
@@ -83,7 +72,7 @@ def test_a_failed_enable_leaves_the_pipeline_uncached(tiny_flux, monkeypatch):
 
 
 def test_compute_blocks_must_leave_a_block_to_skip(tiny_flux):
-    pipeline = _load(tiny_flux)
+    pipeline = load_pipeline(tiny_flux)
     with pytest.raises(ValueError, match=r"Fn_compute_blocks \(2\) \+ Bn_compute_blocks \(0\) must be below the 2 "
                                          r"blocks of transformer.transformer_blocks"):
         CacheDiTBackend(CacheDiTConfig(Fn_compute_blocks=2)).enable(pipeline)

@@ -19,14 +19,10 @@ class ToyBlock(nn.Module):
         return hidden_states + torch.tanh(hidden_states @ self.weight) * temb[:, None, None]
 
 
-class ToyTransformer(nn.Module):
-    _cache_blocks = {"blocks": "Pattern_3"}
-    # Identity rescale: the accumulated value is the raw relative L1 distance.
-    _teacache_coefficients = (1.0, 0.0)
+class UndeclaredTransformer(nn.Module):
+    """Declares only its blocks: TeaCache's signal and rescale take their defaults."""
 
-    @staticmethod
-    def _teacache_modulated_input(block, hidden_states, temb):
-        return hidden_states
+    _repeated_blocks = ["ToyBlock"]
 
     def __init__(self):
         super().__init__()
@@ -36,6 +32,16 @@ class ToyTransformer(nn.Module):
         for block in self.blocks:
             hidden_states = block(hidden_states, temb)
         return hidden_states * 2
+
+
+class ToyTransformer(UndeclaredTransformer):
+    _cache_blocks = {"blocks": "Pattern_3"}
+    # Identity rescale: the accumulated value is the raw relative L1 distance.
+    _teacache_coefficients = (1.0, 0.0)
+
+    @staticmethod
+    def _teacache_modulated_input(block, hidden_states, temb):
+        return hidden_states
 
 
 class ToyPipeline(nn.Module):
@@ -153,15 +159,29 @@ def test_disable_restores_the_transformer():
     assert isinstance(pipeline.transformer.blocks[0], ToyBlock)
 
 
-def test_models_without_a_declaration_or_with_unreplayable_blocks_are_refused():
+def test_unreplayable_blocks_are_refused():
     pipeline = ToyPipeline()
     pipeline.transformer._cache_blocks = {"blocks": "Pattern_4"}
     with pytest.raises(ValueError, match="cannot skip transformer.blocks: its blocks are Pattern_4"):
         TeaCacheBackend(TeaCacheConfig()).enable(pipeline)
     assert "forward" not in pipeline.transformer.__dict__  # left untouched
-    pipeline.transformer._teacache_coefficients = None
-    with pytest.raises(ValueError, match=r"declares no _teacache_coefficients \(or pass cache_config"):
-        TeaCacheBackend(TeaCacheConfig()).enable(pipeline)
+
+
+def test_an_undeclared_model_gets_the_uncalibrated_defaults(caplog):
+    """Default signal: the first block's input; default rescale: none. So it decides exactly as the
+    toy transformer that declares those two by hand."""
+    declared, undeclared = ToyPipeline(), ToyPipeline()
+    undeclared.transformer = UndeclaredTransformer()
+    undeclared.transformer.load_state_dict(declared.transformer.state_dict())
+    x, temb = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([1.0, 0.9])
+    results = []
+    for pipeline in (declared, undeclared):
+        backend = _with_tea_cache(pipeline, threshold=0.3, steps=4)
+        outputs = [pipeline.transformer(x * (1 + 0.05 * i), temb * (1 - 0.1 * i)) for i in range(4)]
+        results.append((backend.counter.cached_steps, torch.stack(outputs)))
+    assert "is uncalibrated" in caplog.text
+    assert results[0][0] == results[1][0] and results[0][0]  # same steps skipped, and some were
+    assert torch.equal(results[0][1], results[1][1])
 
 
 def test_rescale_is_the_published_polynomial():

@@ -5,8 +5,12 @@ import pytest
 from diffserve.config import OmniDiffusionConfig
 from diffserve.engine.engine import DiffusionEngine
 from diffserve.engine.executor import Executor
-from diffserve.engine.scheduler import make_batches
+from diffserve.engine.scheduler import Scheduler
+from diffserve.models.spec import SamplingSpec
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
+
+SPEC = SamplingSpec(modality="image", params=frozenset({"height", "width"}), defaults={"height": 16, "width": 16},
+                    cfg="guidance", model="EchoPipeline")
 
 
 def request(prompt, negative=None, **kw):
@@ -29,7 +33,10 @@ class EchoExecutor(Executor):
                 raise ValueError("height must be a multiple of 16")
         return DiffusionOutput(images=[p.prompt for p in req.prompts], metrics={"pipeline_s": 0.1})
 
-    def collective_rpc(self, method, *args): return [None]
+    def collective_rpc(self, method, *args):
+        assert method == "sampling_spec"
+        return [SPEC]
+
     def start_profile(self, trace_dir): ...
     def stop_profile(self): return []
     def is_healthy(self): return True
@@ -43,10 +50,16 @@ def engine(tiny_flux):
 
 
 def test_batches_respect_compatibility_and_size():
-    reqs = [request("a", height=16), request("b", height=32), request("c", height=16),
-            request("d", height=16), request("e", height=16), request("f", height=16, negative="x")]
-    batches = make_batches(reqs, max_batch_size=3)
-    assert [[r.prompts[0].prompt for r in b] for b in batches] == [["a", "c", "d"], ["b"], ["e"], ["f"]]
+    scheduler = Scheduler(SPEC, max_batch_size=3)
+    # No size given is the model's default (16): "a" and "c" share a batch.
+    reqs = [request("a"), request("b", height=32), request("c", height=16),
+            request("d", height=16), request("e", height=16), request("f", height=32, width=32)]
+    for req in reqs:
+        scheduler.add(scheduler.admit(req))
+    batches = []
+    while (batch := scheduler.start_batch()) is not None:
+        batches.append([r.prompts[0].prompt for r in batch.requests])
+    assert batches == [["a", "c", "d"], ["b"], ["e"], ["f"]]
 
 
 def test_outputs_come_back_in_order_per_request(engine):

@@ -45,7 +45,7 @@ def test_invalid_video_inputs_are_one_line_errors(tiny_checkpoint, tmp_path, cap
     path = tiny_checkpoint("wan2.1-t2v")
     assert main(["generate", "--model", path, "x", "--num-frames", "8", "--steps", "1"]) == 2
     err = capsys.readouterr().err
-    assert "error: num_frames=8 is not supported: it must be 4k+1" in err and "Traceback" not in err
+    assert "error: num_frames=8 is not supported by WanPipeline: it must be 4k+1" in err and "Traceback" not in err
     assert main(["generate", "--model", path, "x", "--image", str(tmp_path / "missing.png")]) == 2
     assert "cannot read --image" in capsys.readouterr().err
 

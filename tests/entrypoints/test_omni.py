@@ -69,9 +69,9 @@ def test_default_size_comes_from_the_model(flux_omni):
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"height": 30}, "height=30 is not supported: it must be a multiple of 4"),
+        ({"height": 30}, "height=30 is not supported by FluxPipeline: it must be a multiple of 4"),
         ({"width": 8192}, "width=8192 is not supported"),
-        ({"max_sequence_length": 1000}, "exceeds the T5 limit 512"),
+        ({"max_sequence_length": 1000}, "exceeds the text encoder's limit of 512 tokens"),
     ],
 )
 def test_invalid_request_raises_value_error(flux_omni, kw, message):
@@ -96,7 +96,7 @@ def test_progress_callback_sees_every_step(flux_omni):
     sp = params(seed=0, num_inference_steps=3)
     req = OmniDiffusionRequest(prompts=[PromptInput.from_user("a fox", sp)], sampling_params=sp)
     seen = []
-    (out,) = flux_omni.engine.run_batch([req], progress=lambda done, total: seen.append((done, total)))
+    (out,) = flux_omni.engine.run_batch([flux_omni.engine.admit(req)], progress=lambda done, total: seen.append((done, total)))
     assert out.error is None and seen == [(1, 3), (2, 3), (3, 3)]
 
 
@@ -113,7 +113,7 @@ def test_progress_callback_can_abort(flux_omni):
         if done == 2:
             raise RequestAborted("client went away")
 
-    (out,) = flux_omni.engine.run_batch([req], progress=stop_after_two)
+    (out,) = flux_omni.engine.run_batch([flux_omni.engine.admit(req)], progress=stop_after_two)
     assert out.error_type == "aborted" and seen == [1, 2]
     assert flux_omni.generate("a fox", params(seed=0))[0].images is not None  # the engine goes on
 

@@ -11,8 +11,10 @@ patterns are cache-dit's `ForwardPattern` names, so one declaration serves both 
     Pattern_4  block(hidden_states, *args) -> (hidden_states, encoder_hidden_states)
     Pattern_5  block(hidden_states, *args) -> (encoder_hidden_states, hidden_states)
 
-A transformer with a single list in `_layerwise_offload_blocks_attrs` whose block signature tells its
-pattern (first parameters named as above, return annotated as one tensor) needs no declaration.
+A transformer needs no declaration when its block signatures tell their patterns (first parameters
+named as above, return annotated as one tensor): the lists are then its block lists
+(diffserve.models.interface.block_list_attrs, derived from `_repeated_blocks`). Blocks returning a
+tuple must be declared, since an order cannot be read from a signature.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import inspect
 from dataclasses import dataclass
 
 import torch.nn as nn
+
+from diffserve.models.interface import block_list_attrs
 
 H, E = "hidden_states", "encoder_hidden_states"
 
@@ -108,19 +112,21 @@ def cache_block_lists(transformer: nn.Module) -> list[CachedBlockList]:
         if not lists:
             raise ValueError(f"{name}._cache_blocks is empty")
         return lists
-    attrs = list(getattr(transformer, "_layerwise_offload_blocks_attrs", []))
-    if len(attrs) != 1:
+    attrs = block_list_attrs(transformer)
+    if not attrs:
         raise ValueError(
-            f"{name} does not declare _cache_blocks, and its block lists cannot be inferred "
-            f"(_layerwise_offload_blocks_attrs = {attrs}; inference needs exactly one). Declare "
-            f"_cache_blocks = {{list attribute: forward pattern}} on the transformer."
+            f"{name} has no block lists a step cache could skip: declare _repeated_blocks (the block class "
+            "names) or _cache_blocks = {list attribute: forward pattern}"
         )
-    blocks = _module_list(transformer, attrs[0])
-    pattern = infer_forward_pattern(blocks[0])
-    if pattern is None:
-        raise ValueError(
-            f"the forward pattern of {type(blocks[0]).__name__} (in {name}.{attrs[0]}) cannot be read from its "
-            f"signature; declare _cache_blocks = {{{attrs[0]!r}: 'Pattern_N'}} on {name} "
-            f"(see diffserve.cache.blocks)"
-        )
-    return [CachedBlockList(attrs[0], blocks, pattern)]
+    lists = []
+    for attr in attrs:
+        blocks = _module_list(transformer, attr)
+        pattern = infer_forward_pattern(blocks[0])
+        if pattern is None:
+            raise ValueError(
+                f"the forward pattern of {type(blocks[0]).__name__} (in {name}.{attr}) cannot be read from its "
+                f"signature; declare _cache_blocks = {{{attr!r}: 'Pattern_N', ...}} on {name} "
+                f"(see diffserve.cache.blocks)"
+            )
+        lists.append(CachedBlockList(attr, blocks, pattern))
+    return lists

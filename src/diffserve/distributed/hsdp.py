@@ -1,7 +1,7 @@
 """HSDP: shard the denoisers' repeated blocks with FSDP2 across a (replicate, shard) device mesh.
 
 A model declares which submodules to shard with `_hsdp_shard_conditions` (predicates on name and
-module); the engine applies `fully_shard` to each match, then to the denoiser itself for the rest,
+module), or leaves it to the default, its `_repeated_blocks`; the engine applies `fully_shard` to each match, then to the denoiser itself for the rest,
 after the full weights were loaded on the CPU, so a rank only ever holds a full block transiently.
 """
 
@@ -12,7 +12,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from diffserve.models.interface import discover_components
+from diffserve.models.interface import discover_components, hsdp_shard_conditions
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +20,12 @@ logger = logging.getLogger(__name__)
 def shard_module(module: nn.Module, mesh) -> int:
     from torch.distributed.fsdp import fully_shard
 
-    conditions = getattr(type(module), "_hsdp_shard_conditions", None)
+    conditions = hsdp_shard_conditions(module)
     if not conditions:
-        raise ValueError(f"{type(module).__name__} declares no _hsdp_shard_conditions, so HSDP cannot shard it")
+        raise ValueError(
+            f"{type(module).__name__} declares neither _repeated_blocks nor _hsdp_shard_conditions, so HSDP "
+            "cannot tell which blocks to shard"
+        )
     matches = [(name, sub) for name, sub in module.named_modules() if any(c(name, sub) for c in conditions)]
     if not matches:
         raise ValueError(f"no submodule of {type(module).__name__} matches its _hsdp_shard_conditions")

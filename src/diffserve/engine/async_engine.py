@@ -1,11 +1,11 @@
-"""The serving front of the engine: a bounded request queue and a batching scheduler thread.
+"""The serving front of the engine: the scheduler (diffserve.engine.scheduler) behind a thread.
 
-Callers (the HTTP server) `await generate(request)`. A scheduler thread takes the oldest request,
-waits up to `batch_wait_ms` for compatible ones (same size, frames, steps, guidance) to fill a
-batch of `max_batch_size` prompts, runs it, and resolves each caller's future. A full queue is
-refused at once (the server answers 429). A caller that goes away (cancelled: client disconnect or
-timeout) is dropped if still queued; a running in-process batch whose callers are all gone stops at
-the next denoise step.
+Callers (the HTTP server) `await generate(request)`: the request is admitted against the model's
+spec at once (InvalidRequestError: a 400) and queued; a full queue is refused at once
+(QueueFullError: a 429). The scheduler thread starts a batch with the oldest request, waits up to
+`batch_wait_ms` for compatible ones to fill it to `max_batch_size` prompts, runs it, and resolves each
+caller's future. A caller that goes away (client disconnect or timeout) is dropped if still queued;
+a running batch whose callers are all gone stops at the next denoise step.
 """
 
 from __future__ import annotations
@@ -14,32 +14,26 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 from diffserve.engine.engine import DiffusionEngine, RequestAborted
-from diffserve.engine.scheduler import batch_key
+from diffserve.engine.scheduler import Batch, QueueFullError, ScheduledRequest
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 
-
-class QueueFullError(RuntimeError):
-    """The request queue is at its bound; retry later."""
+__all__ = ["AsyncDiffusionEngine", "QueueFullError"]
 
 
-@dataclass
-class _Pending:
-    req: OmniDiffusionRequest
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    progress: ProgressCallback | None
-    enqueued_at: float = field(default_factory=time.monotonic)
-    # Set from the event loop when the caller is gone; read by the scheduler thread.
-    cancelled: bool = False
+class _Caller:
+    """What the scheduler thread needs to answer one waiting caller."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, progress: ProgressCallback | None):
+        self.loop = loop
+        self.future: asyncio.Future = loop.create_future()
+        self.progress = progress
 
 
 class AsyncDiffusionEngine:
@@ -50,43 +44,42 @@ class AsyncDiffusionEngine:
         batch_wait_ms: float = 5.0,
         on_batch: Callable[[list[OmniDiffusionRequest], list[DiffusionOutput], float], None] | None = None,
     ):
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
         self.engine = engine
-        self.max_batch_size = engine.od_config.max_batch_size
-        self.max_queue = max_queue
+        self.scheduler = engine.make_scheduler(max_queue)
         self.batch_wait_s = batch_wait_ms / 1000
         self.on_batch = on_batch
-        self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="diffserve-scheduler", daemon=True)
         self._thread.start()
 
     @property
+    def spec(self):
+        return self.engine.spec
+
+    @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return len(self.scheduler)
 
     def is_healthy(self) -> bool:
         return self._running and self._thread.is_alive() and self.engine.is_healthy()
 
     async def generate(self, req: OmniDiffusionRequest, progress: ProgressCallback | None = None) -> DiffusionOutput:
-        """Queue `req` and wait for its output. `progress(done, total)` runs on the engine thread."""
-        loop = asyncio.get_running_loop()
-        pending = _Pending(req, loop.create_future(), loop, progress)
+        """Admit and queue `req`, then wait for its output. `progress(done, total)` runs on the
+        engine thread. Raises InvalidRequestError or QueueFullError before anything is queued."""
+        admitted = self.scheduler.admit(req)
+        caller = _Caller(asyncio.get_running_loop(), progress)
         with self._cond:
             if not self._running:
                 raise RuntimeError("the engine is shut down")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
-            self._queue.append(pending)
+            entry = self.scheduler.add(admitted, caller)
             self._cond.notify()
         try:
-            return await pending.future
+            return await caller.future
         except asyncio.CancelledError:
-            pending.cancelled = True
+            entry.cancelled = True
             raise
 
     def _loop(self) -> None:
@@ -98,70 +91,59 @@ class AsyncDiffusionEngine:
                 self._run(batch)
             except Exception as exc:  # never let the scheduler thread die silently
                 logger.exception("scheduler failed on a batch")
-                for p in batch:
-                    self._resolve(p, DiffusionOutput(request_id=p.req.request_id, error=str(exc), error_type="internal"))
+                for entry in batch.entries:
+                    self._resolve(entry, DiffusionOutput(request_id=entry.req.request_id, error=str(exc),
+                                                         error_type="internal"))
 
-    def _take_live(self) -> _Pending | None:
-        while self._queue:
-            p = self._queue.popleft()
-            if not p.cancelled:
-                return p
-        return None
-
-    def _next_batch(self) -> list[_Pending] | None:
+    def _next_batch(self) -> Batch | None:
         with self._cond:
-            first = None
-            while first is None:
-                while self._running and not self._queue:
+            batch = None
+            while batch is None:
+                while self._running and not len(self.scheduler):
                     self._cond.wait()
                 if not self._running:
                     return None
-                first = self._take_live()
-            batch, key, size = [first], batch_key(first.req), len(first.req.prompts)
+                batch = self.scheduler.start_batch()
             deadline = time.monotonic() + self.batch_wait_s
-            while size < self.max_batch_size:
-                for p in list(self._queue):
-                    if p.cancelled:
-                        self._queue.remove(p)
-                    elif batch_key(p.req) == key and size + len(p.req.prompts) <= self.max_batch_size:
-                        self._queue.remove(p)
-                        batch.append(p)
-                        size += len(p.req.prompts)
+            while batch.num_prompts < self.scheduler.max_batch_size and self._running:
                 remaining = deadline - time.monotonic()
-                if size >= self.max_batch_size or remaining <= 0 or not self._running:
+                if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+                self.scheduler.fill(batch)
             return batch
 
-    def _run(self, batch: list[_Pending]) -> None:
-        live = [p for p in batch if not p.cancelled]
+    def _run(self, batch: Batch) -> None:
+        live = [e for e in batch.entries if not e.cancelled]
         if not live:
             return
 
         def progress(done: int, total: int) -> None:
-            for p in live:
-                if p.progress is not None and not p.cancelled:
-                    p.progress(done, total)
-            if all(p.cancelled for p in live):
+            for entry in live:
+                if entry.handle.progress is not None and not entry.cancelled:
+                    entry.handle.progress(done, total)
+            if all(entry.cancelled for entry in live):
                 raise RequestAborted("every caller of this request went away")
 
         start = time.monotonic()
-        outputs = self.engine.run_batch([p.req for p in live], progress)
+        outputs = self.engine.run_batch([e.req for e in live], progress)
         elapsed = time.monotonic() - start
-        for p, out in zip(live, outputs):
-            out.metrics["queue_s"] = start - p.enqueued_at
-            self._resolve(p, out)
+        for entry, out in zip(live, outputs):
+            out.metrics["queue_s"] = start - entry.enqueued_at
+            self._resolve(entry, out)
         if self.on_batch is not None:
-            self.on_batch([p.req for p in live], outputs, elapsed)
+            self.on_batch([e.req for e in live], outputs, elapsed)
 
     @staticmethod
-    def _resolve(p: _Pending, output: DiffusionOutput) -> None:
+    def _resolve(entry: ScheduledRequest, output: DiffusionOutput) -> None:
+        caller: _Caller = entry.handle
+
         def set_result() -> None:
-            if not p.future.done():
-                p.future.set_result(output)
+            if not caller.future.done():
+                caller.future.set_result(output)
 
         try:
-            p.loop.call_soon_threadsafe(set_result)
+            caller.loop.call_soon_threadsafe(set_result)
         except RuntimeError:  # the caller's event loop is closed
             pass
 
@@ -170,8 +152,9 @@ class AsyncDiffusionEngine:
             self._running = False
             self._cond.notify_all()
         self._thread.join(timeout=30)
-        for p in list(self._queue):
-            self._resolve(p, DiffusionOutput(request_id=p.req.request_id, error="the server is shutting down",
-                                             error_type="internal"))
-        self._queue.clear()
+        with self._cond:
+            waiting = self.scheduler.drain()
+        for entry in waiting:
+            self._resolve(entry, DiffusionOutput(request_id=entry.req.request_id, error="the server is shutting down",
+                                                 error_type="internal"))
         self.engine.shutdown()

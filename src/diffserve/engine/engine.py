@@ -1,4 +1,5 @@
-"""The engine: schedules requests into batches, runs them on the executor, isolates failures."""
+"""The engine: admits requests against the model's spec, schedules them into batches, runs them on the
+executor, isolates failures."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import time
 from typing import Callable
 
 from diffserve.config import OmniDiffusionConfig
+from diffserve.engine.admission import admit
 from diffserve.engine.executor import Executor, make_executor
-from diffserve.engine.scheduler import make_batches, merge_requests, split_output
+from diffserve.engine.scheduler import Scheduler, merge_requests, split_output
+from diffserve.models.spec import SamplingSpec
 from diffserve.registry import resolve_model
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
@@ -36,12 +39,25 @@ class DiffusionEngine:
         resolve_model(od_config)
         self.od_config = od_config
         self.executor = executor or make_executor(od_config)
+        # What the loaded model takes: every request is admitted against it before it is queued.
+        self.spec: SamplingSpec = self.executor.collective_rpc("sampling_spec")[0]
+
+    def admit(self, req: OmniDiffusionRequest) -> OmniDiffusionRequest:
+        """`req` resolved against the model's spec (what run_batch takes), or InvalidRequestError."""
+        return admit(self.spec, req)
+
+    def make_scheduler(self, max_queue: int | None = None) -> Scheduler:
+        return Scheduler(self.spec, self.od_config.max_batch_size, max_queue)
 
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
-        """Run requests (batching compatible ones); one output per request, in order."""
+        """Admit every request (InvalidRequestError before anything runs), then run them in batches of
+        compatible ones; one output per request, in order."""
+        scheduler = self.make_scheduler()
+        for req in [scheduler.admit(req) for req in requests]:
+            scheduler.add(req)
         results: dict[str, DiffusionOutput] = {}
-        for batch in make_batches(requests, self.od_config.max_batch_size):
-            for out in self.run_batch(batch):
+        while (batch := scheduler.start_batch()) is not None:
+            for out in self.run_batch(batch.requests):
                 results[out.request_id] = out
         return [results[req.request_id] for req in requests]
 

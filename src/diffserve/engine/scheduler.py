@@ -1,38 +1,114 @@
-"""Batching: merge compatible requests into one pipeline call and split the result back.
+"""The scheduler: admission and batch formation, one for the offline engine and the server.
 
-Requests are compatible when every sampling parameter but the seed and negative prompt is equal, and
-they agree on whether true CFG is on (a prompt alone without a negative prompt runs without CFG, so
-it must not be batched with prompts that have one) and on whether they bring input images (an
-image-to-image call is not a text-to-image one). Order among compatible requests is kept.
+Requests are admitted against the model's SamplingSpec (diffserve.engine.admission) and queued in
+arrival order. A batch starts with the oldest live request and takes every later one with the same
+batch key, up to `max_batch_size` prompts; the server's engine may `fill` a batch again while it
+waits a few milliseconds for more. Merging and splitting keep each request's outputs its own.
+
+The scheduler holds no lock: the async engine calls it under its condition variable, the offline
+engine from one thread.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
+from diffserve.engine.admission import admit, batch_key
+from diffserve.models.spec import SamplingSpec
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
 
-def batch_key(req: OmniDiffusionRequest) -> tuple:
-    has_negative = tuple(sorted({p.negative_prompt is not None for p in req.prompts}))
-    image_counts = tuple(sorted({len(p.images or ()) for p in req.prompts}))
-    return (req.sampling_params.batch_key(), has_negative, image_counts)
+class QueueFullError(RuntimeError):
+    """The request queue is at its bound; retry later."""
 
 
-def make_batches(requests: list[OmniDiffusionRequest], max_batch_size: int) -> list[list[OmniDiffusionRequest]]:
-    """Group requests (in arrival order) into batches of at most `max_batch_size` prompts."""
-    open_batches: dict[tuple, list[OmniDiffusionRequest]] = {}
-    batches: list[list[OmniDiffusionRequest]] = []
-    for req in requests:
-        key = batch_key(req)
-        batch = open_batches.get(key)
-        if batch is not None and sum(len(r.prompts) for r in batch) + len(req.prompts) <= max_batch_size:
-            batch.append(req)
-            continue
-        batch = [req]
-        batches.append(batch)
-        open_batches[key] = batch
-    return batches
+@dataclass(eq=False)
+class ScheduledRequest:
+    """One admitted request waiting for (or in) a batch. `handle` is the caller's (e.g. a future)."""
+
+    req: OmniDiffusionRequest
+    key: tuple
+    handle: Any = None
+    enqueued_at: float = field(default_factory=time.monotonic)
+    # Set when the caller is gone (from another thread); a cancelled request is dropped, and a running
+    # batch whose requests are all cancelled stops at the next step.
+    cancelled: bool = False
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.req.prompts)
+
+
+@dataclass(eq=False)
+class Batch:
+    key: tuple
+    entries: list[ScheduledRequest]
+
+    @property
+    def num_prompts(self) -> int:
+        return sum(e.num_prompts for e in self.entries)
+
+    @property
+    def requests(self) -> list[OmniDiffusionRequest]:
+        return [e.req for e in self.entries]
+
+
+class Scheduler:
+    def __init__(self, spec: SamplingSpec, max_batch_size: int, max_queue: int | None = None):
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.spec = spec
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self._waiting: deque[ScheduledRequest] = deque()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def admit(self, req: OmniDiffusionRequest) -> OmniDiffusionRequest:
+        """`req` resolved against the model's spec, or InvalidRequestError (nothing is queued)."""
+        return admit(self.spec, req)
+
+    def add(self, req: OmniDiffusionRequest, handle: Any = None) -> ScheduledRequest:
+        """Queue an admitted request."""
+        if self.max_queue is not None and len(self._waiting) >= self.max_queue:
+            raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
+        entry = ScheduledRequest(req, batch_key(self.spec, req), handle)
+        self._waiting.append(entry)
+        return entry
+
+    def start_batch(self) -> Batch | None:
+        """The oldest live request and every compatible one behind it, or None if none waits."""
+        while self._waiting:
+            first = self._waiting.popleft()
+            if not first.cancelled:
+                batch = Batch(first.key, [first])
+                self.fill(batch)
+                return batch
+        return None
+
+    def fill(self, batch: Batch) -> None:
+        """Move waiting requests with the batch's key into it, in arrival order, while they fit."""
+        size = batch.num_prompts
+        for entry in list(self._waiting):
+            if size >= self.max_batch_size:
+                break
+            if entry.cancelled:
+                self._waiting.remove(entry)
+            elif entry.key == batch.key and size + entry.num_prompts <= self.max_batch_size:
+                self._waiting.remove(entry)
+                batch.entries.append(entry)
+                size += entry.num_prompts
+
+    def drain(self) -> list[ScheduledRequest]:
+        """Remove and return everything still waiting (on shutdown)."""
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        return waiting
 
 
 def merge_requests(batch: list[OmniDiffusionRequest]) -> OmniDiffusionRequest:

@@ -20,6 +20,8 @@ from diffserve.distributed.vae_patch import apply_vae_tiling
 from diffserve.layers.attention import select_attention_backend, set_attention_backend
 from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.interface import discover_components
+from diffserve.models.outputs import POST_PROCESS
+from diffserve.models.spec import SamplingSpec
 from diffserve.registry import get_post_process_func, get_pre_process_func
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
@@ -66,7 +68,7 @@ class DiffusionWorker:
             apply_hsdp(self.pipeline, ps.get_hsdp_mesh(), self.device)
         self.apply_features()
         self.pre_process = get_pre_process_func(od_config)
-        self.post_process = get_post_process_func(od_config)
+        self.post_process = get_post_process_func(od_config) or POST_PROCESS[self.sampling_spec().modality]
         self._profiler: torch.profiler.profile | None = None
 
     def apply_features(self) -> None:
@@ -88,6 +90,16 @@ class DiffusionWorker:
         self.cache_backend = make_cache_backend(self.od_config)
         if self.cache_backend is not None:
             self.cache_backend.enable(self.pipeline)
+
+    def sampling_spec(self) -> SamplingSpec:
+        """What the loaded model takes and makes (the engine validates requests against it)."""
+        spec = getattr(self.pipeline, "spec", None)
+        if not isinstance(spec, SamplingSpec):
+            raise TypeError(
+                f"{type(self.pipeline).__name__} declares no SamplingSpec: derive it from "
+                "diffserve.models.base.DiffusionPipelineBase and implement sampling_spec()"
+            )
+        return spec
 
     def execute(
         self, req: OmniDiffusionRequest, progress: Callable[[int, int], None] | None = None

@@ -146,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         jobs_dir=args.jobs_dir,
         max_n=args.max_n,
     )
-    print(f"serving {state.config.served_model_name!r} ({state.config.modality}) on http://{args.host}:{args.port}",
+    print(f"serving {state.config.served_model_name!r} ({state.spec.modality}) on http://{args.host}:{args.port}",
           flush=True)
     run_server(app, args.host, args.port, log_level=args.uvicorn_log_level)
     return 0

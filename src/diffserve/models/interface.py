@@ -9,13 +9,15 @@ import torch.nn as nn
 
 
 class SupportImageInput:
-    """The pipeline takes input images (image-to-image, image-to-video, editing)."""
+    """The pipeline takes input images (image-to-image, image-to-video, editing). Kept for code written
+    against the seed's contract; the engine reads what a model takes from its SamplingSpec
+    (diffserve.models.spec), whose `images` must then be set."""
 
     support_image_input: ClassVar[bool] = True
 
 
 class SupportAudioInput:
-    """The pipeline takes input audio."""
+    """The pipeline takes input audio (see SupportImageInput)."""
 
     support_audio_input: ClassVar[bool] = True
 
@@ -57,14 +59,6 @@ _FALLBACK_COMPONENTS = {
 }
 
 
-def supports_image_input(pipeline: object) -> bool:
-    return bool(getattr(pipeline, "support_image_input", False))
-
-
-def supports_audio_input(pipeline: object) -> bool:
-    return bool(getattr(pipeline, "support_audio_input", False))
-
-
 def get_submodule_by_path(root: nn.Module, path: str) -> nn.Module | None:
     module = root
     for part in path.split("."):
@@ -95,3 +89,38 @@ def discover_components(pipeline: nn.Module) -> dict[str, dict[str, nn.Module]]:
             elif isinstance(pipeline, SupportsComponentDiscovery):
                 raise AttributeError(f"{type(pipeline).__name__} declares {kind} module {path!r} but has none")
     return found
+
+
+# -- what a transformer declares, and what the engine derives from it --------------------------------
+# A transformer names its repeated block classes in `_repeated_blocks` (regional compile). Unless it
+# declares more, the engine derives from those names: the block lists (`_layerwise_offload_blocks_attrs`,
+# for offload and step caching) and the modules HSDP shards (`_hsdp_shard_conditions`).
+
+
+def is_repeated_block(module: nn.Module, names: set[str] | list[str]) -> bool:
+    """Whether `module` is one of the named block classes (wrappers such as FSDP2 subclass the block's
+    class, so the whole class hierarchy is matched)."""
+    return any(cls.__name__ in names for cls in type(module).__mro__)
+
+
+def block_list_attrs(transformer: nn.Module) -> list[str]:
+    """The transformer's block lists, in call order: `_layerwise_offload_blocks_attrs` if declared,
+    else every ModuleList child whose items are all `_repeated_blocks`, in registration order."""
+    declared = getattr(transformer, "_layerwise_offload_blocks_attrs", None)
+    if declared is not None:
+        return list(declared)
+    names = set(getattr(transformer, "_repeated_blocks", ()))
+    return [
+        attr
+        for attr, child in transformer.named_children()
+        if isinstance(child, nn.ModuleList) and len(child) and all(is_repeated_block(b, names) for b in child)
+    ]
+
+
+def hsdp_shard_conditions(transformer: nn.Module) -> list:
+    """`_hsdp_shard_conditions` if declared, else one condition: the module is a repeated block."""
+    declared = getattr(type(transformer), "_hsdp_shard_conditions", None)
+    if declared:
+        return list(declared)
+    names = set(getattr(transformer, "_repeated_blocks", ()))
+    return [lambda name, module: is_repeated_block(module, names)] if names else []

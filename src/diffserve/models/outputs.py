@@ -61,10 +61,6 @@ def image_post_process(output: DiffusionOutput, output_type: str) -> DiffusionOu
     return output
 
 
-def get_image_post_process_func(od_config) -> Callable[[DiffusionOutput, str], DiffusionOutput]:
-    return image_post_process
-
-
 def to_video_output_type(videos: torch.Tensor, output_type: str):
     """Float videos [N, C, F, H, W] in [0, 1] -> per output_type:
 
@@ -92,5 +88,6 @@ def video_post_process(output: DiffusionOutput, output_type: str) -> DiffusionOu
     return output
 
 
-def get_video_post_process_func(od_config) -> Callable[[DiffusionOutput, str], DiffusionOutput]:
-    return video_post_process
+PostProcess = Callable[[DiffusionOutput, str], DiffusionOutput]
+# The post-process a pipeline gets from its modality unless the registry names one of its own.
+POST_PROCESS: dict[str, PostProcess] = {"image": image_post_process, "video": video_post_process}

@@ -35,19 +35,21 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
-def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
+    """pydantic errors -> ("field: what is wrong; ...", the first field)."""
     parts, param = [], None
-    for err in exc.errors():
+    for err in errors:
         loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path")]
         name = ".".join(loc) or "body"
-        param = param or name
         if err.get("type") == "json_invalid":
-            param = None
             parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
-        elif err.get("type") == "extra_forbidden":
+            continue
+        param = param or name
+        if err.get("type") == "extra_forbidden":
             parts.append(f"unknown field {name!r}")
         else:
-            parts.append(f"{name}: {err.get('msg')}")
+            # pydantic prefixes messages from our own validators with "Value error, ".
+            parts.append(f"{name}: {str(err.get('msg', '')).removeprefix('Value error, ')}")
     return "; ".join(parts) or "invalid request", param
 
 
@@ -58,7 +60,7 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        message, param = _describe_validation_error(exc)
+        message, param = describe_validation_errors(exc.errors())
         return error_response(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)

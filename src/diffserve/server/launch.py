@@ -9,17 +9,10 @@ from typing import Any
 from diffserve.config import OmniDiffusionConfig
 from diffserve.engine.async_engine import AsyncDiffusionEngine
 from diffserve.engine.engine import DiffusionEngine
-from diffserve.models.interface import supports_image_input
-from diffserve.registry import get_pipeline_class
 from diffserve.server.app import ServerConfig, ServerState, build_app
 from diffserve.server.jobs import VideoJobStore
 
 logger = logging.getLogger(__name__)
-
-
-def model_modality(pipeline_cls: type) -> str:
-    """What a pipeline generates; pipelines declare `output_modality` ("image" unless stated)."""
-    return getattr(pipeline_cls, "output_modality", "image")
 
 
 def build_server(
@@ -37,18 +30,14 @@ def build_server(
 ):
     od_config = OmniDiffusionConfig.from_kwargs(model, **(engine_kwargs or {}))
     engine = DiffusionEngine(od_config)
-    pipeline_cls = get_pipeline_class(od_config.model_class_name)
-    modality = model_modality(pipeline_cls)
     config = ServerConfig(
         served_model_name=served_model_name or os.path.basename(os.path.normpath(od_config.model)),
-        modality=modality,
-        supports_image_input=supports_image_input(pipeline_cls),
         api_key=api_key,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         request_timeout_s=request_timeout_s,
         max_n=max_n,
     )
-    jobs = VideoJobStore(jobs_dir or os.path.abspath("diffserve_jobs")) if modality == "video" else None
+    jobs = VideoJobStore(jobs_dir or os.path.abspath("diffserve_jobs")) if engine.spec.modality == "video" else None
     state = ServerState(AsyncDiffusionEngine(engine, max_queue=max_queue, batch_wait_ms=batch_wait_ms), config, jobs)
     return build_app(state), state
 

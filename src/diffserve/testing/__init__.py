@@ -35,6 +35,33 @@ _register("wan2.2-ti2v-i2v", "wan", "build_tiny_wan_i2v", ti2v=True)
 _register("demo-dit", "demo_dit", "build_tiny_demo_dit")
 
 
+def load_pipeline(path: str, **config):
+    """A checkpoint's pipeline, loaded on the CPU in float32 as a worker loads it (for tests that call
+    stages directly). `config`: more OmniDiffusionConfig fields."""
+    import torch
+
+    from diffserve.config import OmniDiffusionConfig
+    from diffserve.loader import DiffusersPipelineLoader
+    from diffserve.registry import resolve_model
+
+    od_config = OmniDiffusionConfig(
+        model=path, **{"dtype": "float32", "device": "cpu", "disable_progress_bar": True, **config}
+    )
+    resolve_model(od_config)
+    return DiffusersPipelineLoader(od_config).load_model(torch.device("cpu"))
+
+
+def pipeline_request(pipeline, prompts, params):
+    """A request for calling a loaded pipeline directly: one prompt (str or dict) or a list, admitted
+    against the pipeline's spec as the engine would (defaults filled, inputs checked)."""
+    from diffserve.engine.admission import admit
+    from diffserve.request import OmniDiffusionRequest, PromptInput
+
+    prompts = prompts if isinstance(prompts, list) else [prompts]
+    req = OmniDiffusionRequest(prompts=[PromptInput.from_user(p, params) for p in prompts], sampling_params=params)
+    return admit(pipeline.spec, req)
+
+
 def make_tiny_checkpoint(arch: str, path: str, seed: int = 0) -> str:
     """Write a tiny checkpoint of `arch` to `path` (created if needed) and return the path."""
     if arch not in TINY_ARCHITECTURES:
@@ -48,5 +75,7 @@ __all__ = [
     "ConformanceCase",
     "ConformanceScenario",
     "TINY_ARCHITECTURES",
+    "load_pipeline",
     "make_tiny_checkpoint",
+    "pipeline_request",
 ]

@@ -127,8 +127,8 @@ def _flux_scenarios(guidance: float | None) -> list[ConformanceScenario]:
 
 def run_demo_dit_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
     """The built-in demo model has no diffusers pipeline: its reference is the training script's own
-    plain-PyTorch model and sampler (diffserve.models.demo_dit.reference) on the same weights."""
-    from diffserve.models.demo_dit.reference import load_pipeline
+    plain-PyTorch model and sampler (diffserve.demo.reference) on the same weights."""
+    from diffserve.demo.reference import load_pipeline
 
     pipe = load_pipeline(path)
     sp = scenario.params

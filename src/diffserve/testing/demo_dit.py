@@ -16,7 +16,7 @@ def build_tiny_demo_dit(path: str, seed: int = 0, **config_overrides) -> str:
     replace DiT config fields. `full_size=True` builds the shipped model's shapes with random weights
     (for speed tests)."""
     from diffserve.models.demo_dit.configs import DemoDiTConfig
-    from diffserve.models.demo_dit.reference import (
+    from diffserve.demo.reference import (
         ReferenceDiT,
         ReferenceTextEncoder,
         default_text_encoder_config,

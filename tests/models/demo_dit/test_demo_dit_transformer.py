@@ -4,9 +4,10 @@ modules on the same safetensors."""
 import pytest
 import torch
 
+from diffserve.models.interface import block_list_attrs, hsdp_shard_conditions
 from diffserve.loader.diffusers_loader import materialize_meta_tensors
 from diffserve.loader.weight_utils import weights_iterator
-from diffserve.models.demo_dit import reference
+from diffserve.demo import reference
 from diffserve.models.demo_dit.configs import DemoDiTConfig, DemoTextEncoderConfig
 from diffserve.models.demo_dit.demo_dit_transformer import DemoDiTTransformer2DModel
 from diffserve.models.demo_dit.pipeline_demo_dit import image_ids, patchify, unpatchify
@@ -73,12 +74,13 @@ def test_patchify_round_trip_and_order():
 def test_declares_engine_attributes():
     cls = DemoDiTTransformer2DModel
     assert cls._repeated_blocks == ["DemoDiTBlock"]
-    assert cls._layerwise_offload_blocks_attrs == ["transformer_blocks"]
     assert set(cls._sp_plan[""]) == {"hidden_states", "encoder_hidden_states", "img_ids", "txt_ids"}
     assert "proj_out" in cls._sp_plan
     with torch.device("meta"):
         model = cls(DemoDiTConfig(num_layers=3))
-    sharded = [n for n, m in model.named_modules() if any(c(n, m) for c in cls._hsdp_shard_conditions)]
+    # Derived from _repeated_blocks: the block lists (caching, offload) and what HSDP shards.
+    assert block_list_attrs(model) == ["transformer_blocks"]
+    sharded = [n for n, m in model.named_modules() if any(c(n, m) for c in hsdp_shard_conditions(model))]
     assert sharded == ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"]
     assert [type(m).__name__ for m in model.transformer_blocks] == ["DemoDiTBlock"] * 3
 

@@ -4,8 +4,8 @@ rejects pictures that contradict their caption."""
 import numpy as np
 import pytest
 
-from diffserve.models.demo_dit import detector, scenes
-from diffserve.models.demo_dit.scenes import CaptionSpec, ObjectSpec
+from diffserve.demo import detector, scenes
+from diffserve.demo.scenes import CaptionSpec, ObjectSpec
 
 SWAP = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 

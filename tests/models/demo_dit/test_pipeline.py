@@ -95,11 +95,12 @@ def test_pil_output_and_non_square_size(demo_omni):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"height": 30}, "height=30 is not supported: it must be a multiple of 4 between 16 and 256"),
+        ({"height": 30}, "height=30 is not supported by DiffservePixelDiTPipeline: it must be a multiple of 4 "
+                         "between 16 and 256"),
         ({"width": 8}, "width=8 is not supported"),
         ({"width": 260}, "width=260 is not supported"),
-        ({"max_sequence_length": 32}, "max_sequence_length=32 exceeds the text encoder's 16 tokens"),
-        ({"true_cfg_scale": 4.0}, "true_cfg_scale=4.0 is not used by this model"),
+        ({"max_sequence_length": 32}, "max_sequence_length=32 exceeds the text encoder's limit of 16 tokens"),
+        ({"true_cfg_scale": 4.0}, "true_cfg_scale=4.0 is not used by DiffservePixelDiTPipeline"),
     ],
 )
 def test_bad_input_is_a_value_error(demo_omni, kwargs, message):

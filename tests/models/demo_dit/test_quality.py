@@ -27,7 +27,7 @@ def test_held_out_captions_are_drawn_correctly():
     import numpy as np
 
     from diffserve import Omni
-    from diffserve.models.demo_dit import detector, scenes
+    from diffserve.demo import detector, scenes
 
     captions = scenes.held_out_captions("test")
     prompts = [{"prompt": c, "seed": s} for c in captions for s in SEEDS]

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffserve.models.demo_dit import scenes
-from diffserve.models.demo_dit.scenes import CaptionSpec, ObjectSpec
+from diffserve.demo import scenes
+from diffserve.demo.scenes import CaptionSpec, ObjectSpec
+from diffserve.models.demo_dit import captions
 
 
 def test_every_phrasing_parses_back():
@@ -82,7 +83,7 @@ def test_saved_tokenizer_loads_with_transformers_and_matches_the_grammar(tmp_pat
     tok = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
     assert type(AutoTokenizer.from_pretrained(str(tmp_path))) is type(tok)
     vocab = {w: i for i, w in enumerate(scenes.VOCAB)}
-    ids = scenes.tokenize(tok, ["A red circle, to the LEFT of a blue square!", "", "a pink circle"], 16)
+    ids = captions.tokenize(tok, ["A red circle, to the LEFT of a blue square!", "", "a pink circle"], 16)
     assert ids.shape == (3, 16)
     words = "a red circle to the left of a blue square".split()
     assert ids[0, : len(words) + 1].tolist() == [vocab["[BOS]"]] + [vocab[w] for w in words]

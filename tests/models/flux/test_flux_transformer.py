@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel as ReferenceTransformer
 
+from diffserve.models.interface import block_list_attrs, hsdp_shard_conditions
 from diffserve.loader.diffusers_loader import materialize_meta_tensors
 from diffserve.loader.weight_utils import weights_iterator
 from diffserve.models.flux.flux_transformer import FluxTransformer2DModel, FluxTransformerConfig
@@ -56,12 +57,13 @@ def test_guidance_mismatch_is_an_error(tiny_checkpoint):
 def test_declares_engine_attributes():
     cls = FluxTransformer2DModel
     assert cls._repeated_blocks == ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
-    assert cls._layerwise_offload_blocks_attrs == ["transformer_blocks", "single_transformer_blocks"]
     assert "proj_out" in cls._sp_plan and "hidden_states" in cls._sp_plan[""]
     with torch.device("meta"):
         model = cls(FluxTransformerConfig(num_layers=1, num_single_layers=1, attention_head_dim=16,
                                           num_attention_heads=2, axes_dims_rope=(4, 6, 6)))
-    sharded = [n for n, m in model.named_modules() if any(c(n, m) for c in cls._hsdp_shard_conditions)]
+    # Derived from _repeated_blocks: the block lists (caching, offload) and what HSDP shards.
+    assert block_list_attrs(model) == ["transformer_blocks", "single_transformer_blocks"]
+    sharded = [n for n, m in model.named_modules() if any(c(n, m) for c in hsdp_shard_conditions(model))]
     assert sharded == ["transformer_blocks.0", "single_transformer_blocks.0"]
 
 

@@ -5,19 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffserve.config import OmniDiffusionConfig
-from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.interface import discover_components
 from diffserve.models.outputs import video_post_process
-from diffserve.registry import resolve_model
-from diffserve.request import OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
+from diffserve.request import OmniDiffusionRequest, OmniDiffusionSamplingParams
+from diffserve.testing import load_pipeline, pipeline_request
 from diffserve.testing.conformance import wan_test_image
-
-
-def load_pipeline(path: str):
-    od_config = OmniDiffusionConfig(model=path, dtype="float32", device="cpu", disable_progress_bar=True)
-    resolve_model(od_config)
-    return DiffusersPipelineLoader(od_config).load_model(torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -35,33 +27,30 @@ def wan21_i2v(tiny_checkpoint):
     return load_pipeline(tiny_checkpoint("wan2.1-i2v"))
 
 
-def request(prompts, **params):
+def request(pipeline, prompts, **params) -> OmniDiffusionRequest:
+    """A request admitted against the pipeline's spec (as the engine hands it to the pipeline)."""
     sp = OmniDiffusionSamplingParams(**{"height": 32, "width": 48, "num_frames": 5, "num_inference_steps": 2,
                                         "max_sequence_length": 16, **params})
-    return OmniDiffusionRequest(prompts=[PromptInput.from_user(p, sp) for p in prompts], sampling_params=sp)
+    return pipeline_request(pipeline, prompts, sp)
 
 
 @pytest.mark.parametrize("num_frames", [2, 4, 80])
 def test_num_frames_must_be_4k_plus_1(wan21, num_frames):
-    with pytest.raises(ValueError, match=rf"num_frames={num_frames} is not supported: it must be 4k\+1"):
-        wan21(request(["a cat"], num_frames=num_frames))
+    with pytest.raises(ValueError, match=rf"num_frames={num_frames} is not supported by WanPipeline: it must be 4k\+1"):
+        request(wan21, ["a cat"], num_frames=num_frames)
 
 
 @pytest.mark.parametrize("field, value", [("height", 40), ("width", 8)])
 def test_size_must_be_a_multiple_of_16(wan21, field, value):
-    with pytest.raises(ValueError, match=rf"{field}={value} is not supported: it must be a multiple of 16"):
-        wan21(request(["a cat"], **{field: value}))
+    with pytest.raises(ValueError, match=rf"{field}={value} is not supported by WanPipeline: it must be a multiple of 16"):
+        request(wan21, ["a cat"], **{field: value})
 
 
-def test_other_invalid_inputs_are_clear_errors(wan21, wan21_i2v):
-    with pytest.raises(ValueError, match="guidance_scale_2 is only used by two-expert"):
-        wan21(request(["a cat"], guidance_scale_2=3.0))
-    with pytest.raises(ValueError, match="true_cfg_scale=4.0 is not used by Wan"):
-        wan21(request(["a cat"], true_cfg_scale=4.0))
-    with pytest.raises(ValueError, match="text-to-video and takes no images"):
-        wan21(request([{"prompt": "a cat", "image": wan_test_image(0)}]))
-    with pytest.raises(ValueError, match="exactly one image per prompt.*prompt 1 has 0"):
-        wan21_i2v(request([{"prompt": "a cat", "image": wan_test_image(0)}, "no image"]))
+def test_image_inputs_follow_the_checkpoint(wan21, wan21_i2v):
+    with pytest.raises(ValueError, match="WanPipeline takes no input images"):
+        request(wan21, [{"prompt": "a cat", "image": wan_test_image(0)}])
+    with pytest.raises(ValueError, match="WanImageToVideoPipeline needs an input image with every prompt"):
+        request(wan21_i2v, [{"prompt": "a cat", "image": wan_test_image(0)}, "no image"])
 
 
 def _record_calls(pipeline, names):
@@ -83,7 +72,8 @@ def test_wan22_switches_expert_and_guidance_at_the_boundary(wan22, monkeypatch):
                         lambda self, pos, neg, scale: scales.append(scale) or original(self, pos, neg, scale))
     calls, handles = _record_calls(wan22, ["transformer", "transformer_2"])
     try:
-        wan22(request(["a cat"], num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=2.5, output_type="latent"))
+        wan22(request(wan22, ["a cat"], num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=2.5,
+                      output_type="latent"))
     finally:
         for h in handles:
             h.remove()
@@ -96,7 +86,7 @@ def test_wan22_switches_expert_and_guidance_at_the_boundary(wan22, monkeypatch):
 def test_wan21_runs_one_expert(wan21):
     calls, handles = _record_calls(wan21, ["transformer"])
     try:
-        wan21(request(["a cat"], num_inference_steps=3, guidance_scale=1.0, output_type="latent"))
+        wan21(request(wan21, ["a cat"], num_inference_steps=3, guidance_scale=1.0, output_type="latent"))
     finally:
         for h in handles:
             h.remove()
@@ -112,7 +102,7 @@ def test_declared_components(wan21, wan22, wan21_i2v, tiny_checkpoint):
 
 
 def test_video_output_is_uint8_frames_per_video(wan21):
-    out = wan21(request(["a cat", "a dog"], fps=12, guidance_scale=1.0, num_inference_steps=1))
+    out = wan21(request(wan21, ["a cat", "a dog"], fps=12, guidance_scale=1.0, num_inference_steps=1))
     assert out.metrics["fps"] == 12 and out.metrics["num_frames"] == 5
     frames = video_post_process(out, "pil").frames
     assert len(frames) == 2

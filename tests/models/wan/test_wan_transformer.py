@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel as ReferenceTransformer
 
+from diffserve.models.interface import block_list_attrs, hsdp_shard_conditions
 from diffserve.loader.diffusers_loader import materialize_meta_tensors
 from diffserve.loader.weight_utils import weights_iterator
 from diffserve.models.wan.wan_transformer import (
@@ -82,13 +83,14 @@ def test_unused_norm_added_q_in_checkpoint_is_ignored(tiny_checkpoint):
 def test_declares_engine_attributes():
     cls = WanTransformer3DModel
     assert cls._repeated_blocks == ["WanTransformerBlock"]
-    assert cls._layerwise_offload_blocks_attrs == ["blocks"]
     assert set(cls._sp_plan) == {"rope", "blocks.0", "proj_out"}
     assert "timestep" in WanTI2VTransformer3DModel._sp_plan[""]
     with torch.device("meta"):
         model = cls(WanTransformerConfig(num_layers=2, num_attention_heads=2, attention_head_dim=12, text_dim=8,
                                          ffn_dim=16))
-    sharded = [n for n, m in model.named_modules() if any(c(n, m) for c in cls._hsdp_shard_conditions)]
+    # Derived from _repeated_blocks: the block lists (caching, offload) and what HSDP shards.
+    assert block_list_attrs(model) == ["blocks"]
+    sharded = [n for n, m in model.named_modules() if any(c(n, m) for c in hsdp_shard_conditions(model))]
     assert sharded == ["blocks.0", "blocks.1"]
     # Every plan entry names a real submodule.
     for path in cls._sp_plan:

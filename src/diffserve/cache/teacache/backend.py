@@ -1,12 +1,15 @@
 """TeaCache (Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model",
 CVPR 2025) as a diffserve cache backend.
 
-A transformer supports it by declaring
+Every transformer with block lists of patterns 0-3 (diffserve.cache.blocks) supports it. A
+transformer calibrates it by declaring
 - `_teacache_modulated_input(first_block, *block_args, **block_kwargs) -> Tensor`: the first block's
-  timestep-modulated input, computed from the arguments that block is called with;
-- `_teacache_coefficients`: the rescale polynomial (highest power first) fitted for the model, with
-  a comment naming where it comes from (a user may override it with cache_config["coefficients"]);
-- its block lists (`_cache_blocks`, see diffserve.cache.blocks), of patterns 0-3.
+  timestep-modulated input, computed from the arguments that block is called with (default: the first
+  block's input hidden states);
+- `_teacache_coefficients`: the rescale polynomial (highest power first) fitted for the model with
+  scripts/fit_teacache_coefficients.py or published by the TeaCache authors, with a comment naming
+  where it comes from (default: none, the raw relative L1 distance; a user may override it with
+  cache_config["coefficients"]).
 """
 
 from __future__ import annotations
@@ -26,22 +29,27 @@ logger = logging.getLogger(__name__)
 REPLAYABLE_PATTERNS = ("Pattern_0", "Pattern_1", "Pattern_2", "Pattern_3")
 
 
+# Without fitted coefficients the distance is used as it is (the polynomial x).
+IDENTITY_COEFFICIENTS = (1.0, 0.0)
+
+
+def first_block_input(block: nn.Module, hidden_states, *args, **kwargs):
+    """The default signal: what the first block receives (models declare their modulated input)."""
+    return hidden_states
+
+
 def build_hook(path: str, transformer: nn.Module, config: TeaCacheConfig, counter: StepCounter) -> TeaCacheHook:
-    """The hook for one transformer, or a ValueError saying what the model would need to declare."""
+    """The hook for one transformer, or a ValueError saying why its blocks cannot be skipped."""
     name = type(transformer).__name__
-    modulated_input = getattr(transformer, "_teacache_modulated_input", None)
+    modulated_input = getattr(transformer, "_teacache_modulated_input", first_block_input)
     coefficients = config.coefficients or getattr(transformer, "_teacache_coefficients", None)
-    missing = []
-    if modulated_input is None:
-        missing.append("_teacache_modulated_input(first_block, *block_args, **block_kwargs)")
     if coefficients is None:
-        missing.append("_teacache_coefficients (or pass cache_config['coefficients'])")
-    if missing:
-        raise ValueError(
-            f"cache_backend='tea_cache' is not supported by {name} ({path}): it declares no "
-            f"{' and no '.join(missing)}. TeaCache needs the first block's modulated input and a rescale "
-            f"polynomial fitted for the model; use cache_backend='cache_dit' instead."
+        logger.warning(
+            "TeaCache on %s (%s) is uncalibrated: the model declares no _teacache_coefficients, so the raw "
+            "relative L1 change of its first block's input decides (fit coefficients with "
+            "scripts/fit_teacache_coefficients.py, and tune rel_l1_thresh)", name, path,
         )
+        coefficients = IDENTITY_COEFFICIENTS
     block_lists = cache_block_lists(transformer)
     for lst in block_lists:
         if lst.pattern not in REPLAYABLE_PATTERNS:

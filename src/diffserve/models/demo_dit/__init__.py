@@ -1,7 +1,7 @@
 """The built-in demo model (DiffservePixelDiTPipeline): a small text-to-image DiT trained by us on
 scenes of coloured shapes, shipped in `diffserve/assets/demo_model` and used when no model is given.
 
-Names are exported lazily: the training script imports `scenes`, `reference` and `detector` on a
+Names are exported lazily: the training code (diffserve.demo) reads the configs and captions on a
 machine without diffusers, and must not pull in the pipeline.
 """
 
@@ -11,7 +11,6 @@ import importlib
 
 _EXPORTS = {
     "DiffservePixelDiTPipeline": "pipeline_demo_dit",
-    "get_demo_dit_post_process_func": "pipeline_demo_dit",
     "DemoDiTTransformer2DModel": "demo_dit_transformer",
     "DemoTextEncoder": "text_encoder",
     "DemoDiTConfig": "configs",

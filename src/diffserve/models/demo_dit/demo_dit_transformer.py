@@ -79,6 +79,7 @@ class DemoDiTBlock(nn.Module):
 
 
 class DemoDiTTransformer2DModel(nn.Module):
+    # Regional compile; HSDP sharding, the step caches' and offload's block lists derive from it.
     _repeated_blocks = ["DemoDiTBlock"]
 
     # TeaCache: the signal is the first block's adaLN-modulated input; the rescale polynomial (highest
@@ -89,7 +90,7 @@ class DemoDiTTransformer2DModel(nn.Module):
     @staticmethod
     def _teacache_modulated_input(block, hidden_states, temb, rotary_emb):
         return block.norm1(hidden_states, temb)[0]
-    _layerwise_offload_blocks_attrs = ["transformer_blocks"]
+
     # As FLUX: text and image tokens are both split along the sequence (16 text tokens and 256 image
     # tokens at 64x64 divide by any degree up to 16); the joint attention sees every token through the
     # sequence-parallel attention, and the image output is gathered after the final projection.
@@ -103,11 +104,6 @@ class DemoDiTTransformer2DModel(nn.Module):
         "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
     }
 
-    @staticmethod
-    def _is_transformer_block(name: str, module: nn.Module) -> bool:
-        return isinstance(module, DemoDiTBlock)
-
-    _hsdp_shard_conditions = [_is_transformer_block]
 
     stacked_params_mapping = STACKED_PARAMS_MAPPING
     weight_renames = WEIGHT_RENAMES

@@ -158,8 +158,8 @@ class FluxTimeTextEmbedding(nn.Module):
 
 
 class FluxTransformer2DModel(nn.Module):
+    # Regional compile; HSDP sharding, the step caches' and offload's block lists derive from it.
     _repeated_blocks = ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
-    _layerwise_offload_blocks_attrs = ["transformer_blocks", "single_transformer_blocks"]
     # Text and image tokens are both split along the sequence; joint attention then sees every token
     # through the sequence-parallel attention, and the output is gathered before the final projection.
     _sp_plan = {
@@ -172,11 +172,6 @@ class FluxTransformer2DModel(nn.Module):
         "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
     }
 
-    @staticmethod
-    def _is_transformer_block(name: str, module: nn.Module) -> bool:
-        return isinstance(module, (FluxTransformerBlock, FluxSingleTransformerBlock))
-
-    _hsdp_shard_conditions = [_is_transformer_block]
 
     # Step caching (diffserve.cache): the block lists in call order, with their blocks' I/O as
     # cache-dit ForwardPattern names. Both kinds match Pattern_1 exactly: called positionally as

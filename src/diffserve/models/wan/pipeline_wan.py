@@ -14,27 +14,20 @@ import re
 from typing import Any, ClassVar
 
 import torch
-import torch.nn as nn
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.distributed.cfg_parallel import CFGParallelMixin
-from diffserve.loader import AutoWeightsLoader, DiffusersPipelineLoader
-from diffserve.models.flow_match import set_timesteps
+from diffserve.loader import DiffusersPipelineLoader
+from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
 from diffserve.models.denoise import denoise
-from diffserve.models.interface import SupportsComponentDiscovery
-from diffserve.models.outputs import denormalize_images, seeded_noise, video_post_process
-from diffserve.models.progress_bar import ProgressBarMixin
-from diffserve.models.stage_timer import StageTimer
+from diffserve.models.flow_match import set_timesteps
+from diffserve.models.outputs import denormalize_images, seeded_noise
+from diffserve.models.spec import SamplingSpec
 from diffserve.models.wan.wan_transformer import WanTI2VTransformer3DModel, WanTransformer3DModel, WanTransformerConfig
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)
 
 DIT_NAMES = ("transformer", "transformer_2")
-
-
-def get_wan_post_process_func(od_config: OmniDiffusionConfig):
-    return video_post_process
 
 
 def clean_prompt(text: str) -> str:
@@ -58,8 +51,7 @@ def _load_model_index(od_config: OmniDiffusionConfig) -> dict[str, Any]:
     return read_model_index(od_config.model)
 
 
-class WanPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsComponentDiscovery):
-    output_modality: ClassVar[str] = "video"
+class WanPipeline(DiffusionPipelineBase):
     # Both experts of Wan2.2 are denoisers; a Wan2.1 checkpoint has only the first, and its instance
     # lists only that one (see __init__).
     _dit_modules: ClassVar[list[str]] = list(DIT_NAMES)
@@ -68,20 +60,14 @@ class WanPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompone
     # Both CFG branches can run as one forward of twice the batch (see CFGParallelMixin).
     cfg_batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image")
 
-    # diffusers' defaults for these pipelines (Wan2.1 480p).
-    default_height, default_width, default_num_frames = 480, 832, 81
-    default_steps = 50
-    default_guidance_scale = 5.0
     max_sequence_length = 512
-    max_video_side = 4096
 
     def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
-        super().__init__()
+        super().__init__(od_config=od_config, prefix=prefix)
         import diffusers
         from diffusers import AutoencoderKLWan
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        self.od_config = od_config
         path, dtype = od_config.model, od_config.torch_dtype
         index = _load_model_index(od_config)
         self.boundary_ratio: float | None = index.get("boundary_ratio")
@@ -115,7 +101,6 @@ class WanPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompone
                     model_or_path=path, subfolder=name, prefix=f"{name}.", fall_back_to_pt=True
                 )
             )
-        self.set_progress_bar_config(disable=od_config.disable_progress_bar)
 
     @property
     def is_dual(self) -> bool:
@@ -126,92 +111,36 @@ class WanPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompone
         # TI2V-5B was trained at 24 fps, the A14B and Wan2.1 models at 16.
         return 24 if self.expand_timesteps else 16
 
-    # -- defaults and checks ------------------------------------------------------------------------
-
-    @property
-    def size_multiple(self) -> int:
-        # The VAE downsamples by vae_scale_factor_spatial and the transformer patchifies the rest.
-        return self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
-
-    def resolve_params(self, req: OmniDiffusionRequest) -> dict[str, Any]:
-        sp = req.sampling_params
-        guidance = self.default_guidance_scale if sp.guidance_scale is None else sp.guidance_scale
-        return dict(
-            height=sp.height or self.default_height,
-            width=sp.width or self.default_width,
-            num_frames=sp.num_frames or self.default_num_frames,
-            steps=sp.num_inference_steps or self.default_steps,
-            guidance_scale=guidance,
-            # Wan2.2's low-noise expert uses the same scale unless told otherwise.
-            guidance_scale_2=guidance if sp.guidance_scale_2 is None else sp.guidance_scale_2,
-            max_sequence_length=sp.max_sequence_length or self.max_sequence_length,
-            fps=sp.fps or self.default_fps,
+    def sampling_spec(self) -> SamplingSpec:
+        params = {"height", "width", "num_frames", "fps", "num_inference_steps", "guidance_scale",
+                  "max_sequence_length"}
+        if self.is_dual:
+            params.add("guidance_scale_2")  # unset: the low-noise expert uses guidance_scale too
+        return SamplingSpec(
+            modality="video",
+            params=frozenset(params),
+            # diffusers' defaults for these pipelines (Wan2.1 480p).
+            defaults={"height": 480, "width": 832, "num_frames": 81, "num_inference_steps": 50,
+                      "guidance_scale": 5.0, "max_sequence_length": self.max_sequence_length, "fps": self.default_fps},
+            cfg="guidance",
+            # The VAE downsamples by vae_scale_factor_spatial and the transformer patchifies the rest.
+            size_multiple=self.vae_scale_factor_spatial * self.transformer.config.patch_size[1],
+            frames_multiple=self.vae_scale_factor_temporal,
+            max_sequence_length=self.max_sequence_length,
         )
-
-    def check_inputs(self, req: OmniDiffusionRequest, p: dict[str, Any]) -> None:
-        if not req.prompts:
-            raise ValueError("a request needs at least one prompt")
-        t = self.vae_scale_factor_temporal
-        if (p["num_frames"] - 1) % t:
-            raise ValueError(
-                f"num_frames={p['num_frames']} is not supported: it must be {t}k+1 (e.g. {t + 1}, 33, 81), "
-                f"because the VAE compresses {t} frames into one latent frame after the first"
-            )
-        m = self.size_multiple
-        for name in ("height", "width"):
-            value = p[name]
-            if value % m or not m <= value <= self.max_video_side:
-                raise ValueError(
-                    f"{name}={value} is not supported: it must be a multiple of {m} between {m} and "
-                    f"{self.max_video_side}"
-                )
-        if p["max_sequence_length"] > self.max_sequence_length:
-            raise ValueError(
-                f"max_sequence_length={p['max_sequence_length']} exceeds the UMT5 limit {self.max_sequence_length}"
-            )
-        sp = req.sampling_params
-        if sp.guidance_scale_2 is not None and not self.is_dual:
-            raise ValueError(
-                "guidance_scale_2 is only used by two-expert (Wan2.2 A14B) checkpoints; this one has a single "
-                "transformer"
-            )
-        if sp.true_cfg_scale != 1.0:
-            raise ValueError(
-                f"true_cfg_scale={sp.true_cfg_scale} is not used by Wan; classifier-free guidance is set by "
-                "guidance_scale (> 1 turns it on, with the negative prompt or '')"
-            )
-        self.check_images(req)
-
-    def check_images(self, req: OmniDiffusionRequest) -> None:
-        if any(p.images for p in req.prompts):
-            raise ValueError(
-                f"{type(self).__name__} is text-to-video and takes no images; use an image-to-video checkpoint "
-                "(WanImageToVideoPipeline)"
-            )
 
     # -- stages -------------------------------------------------------------------------------------
 
     def encode_prompt(self, prompts: list[str], outputs_per_prompt: int, max_sequence_length: int) -> torch.Tensor:
         """UMT5 embeddings [B*k, L, D]; positions past each prompt's end are zero."""
         prompts = [clean_prompt(p) for p in prompts]
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=max_sequence_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        lengths = [len(x) for x in self.tokenizer(prompts, truncation=False).input_ids]
-        if max(lengths) > max_sequence_length:
-            logger.warning("prompt truncated to %d tokens (it had %d)", max_sequence_length, max(lengths))
+        tokens = self.tokenize(self.tokenizer, prompts, max_sequence_length, return_attention_mask=True)
         device = self.text_encoder.device
         ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
         embeds = self.text_encoder(ids, mask).last_hidden_state.to(device=self.device, dtype=self.dtype)
         # The model was trained with zeros after the prompt, not the encoder's padding outputs.
         embeds = embeds * mask.to(device=self.device, dtype=embeds.dtype)[..., None]
-        return embeds.repeat_interleave(outputs_per_prompt, dim=0)
+        return repeat_per_output(embeds, outputs_per_prompt)
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(channels, latent frames, latent height, latent width) of the noise."""
@@ -275,32 +204,31 @@ class WanPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompone
         latents = latents.to(self.vae.dtype) / inv_std.to(self.vae.dtype) + mean.to(self.vae.dtype)
         return denormalize_images(self.vae.decode(latents, return_dict=False)[0])
 
-    def prepare_conditioning(self, req: OmniDiffusionRequest, p: dict[str, Any], shape: tuple[int, ...]):
+    def prepare_conditioning(self, req: OmniDiffusionRequest, shape: tuple[int, ...]):
         """(extra transformer kwargs shared by both CFG branches, state for transformer_inputs)."""
         return {}, {}
 
     # -- the whole call -----------------------------------------------------------------------------
 
     def forward(self, req: OmniDiffusionRequest) -> DiffusionOutput:
-        p = self.resolve_params(req)
-        self.check_inputs(req, p)
-        k = req.sampling_params.num_outputs_per_prompt
-        timer = StageTimer(self.device)
+        sp = req.sampling_params
+        k = sp.num_outputs_per_prompt
+        guidance_scale_2 = sp.guidance_scale if sp.guidance_scale_2 is None else sp.guidance_scale_2
+        timer = self.stage_timer()
         # Classifier-free guidance follows the first expert's scale, as in the reference.
-        do_cfg = p["guidance_scale"] > 1.0
+        do_cfg = self.cfg_enabled(req)
 
         with timer.stage("encode"):
-            embeds = self.encode_prompt(req.prompt_texts, k, p["max_sequence_length"])
+            embeds = self.encode_prompt(req.prompt_texts, k, sp.max_sequence_length)
             if do_cfg:
-                negatives = [n or "" for n in req.negative_prompt_texts]
-                neg_embeds = self.encode_prompt(negatives, k, p["max_sequence_length"])
-            shape = self.latent_shape(p["num_frames"], p["height"], p["width"])
-            shared_kwargs, cond = self.prepare_conditioning(req, p, shape)
+                neg_embeds = self.encode_prompt(self.negative_prompts(req), k, sp.max_sequence_length)
+            shape = self.latent_shape(sp.num_frames, sp.height, sp.width)
+            shared_kwargs, cond = self.prepare_conditioning(req, shape)
 
         with timer.stage("denoise"):
             latents = self.prepare_latents(req.seeds, k, shape)
-            timesteps = self.prepare_timesteps(p["steps"])
-            experts = self.expert_schedule(timesteps, p["guidance_scale"], p["guidance_scale_2"])
+            timesteps = self.prepare_timesteps(sp.num_inference_steps)
+            experts = self.expert_schedule(timesteps, sp.guidance_scale, guidance_scale_2)
             positive = {**shared_kwargs, "encoder_hidden_states": embeds}
             negative = {**shared_kwargs, "encoder_hidden_states": neg_embeds} if do_cfg else None
             latents = denoise(
@@ -309,12 +237,9 @@ class WanPipeline(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsCompone
             )
             latents = self.finalize_latents(latents, cond)
 
-        metrics = {"num_inference_steps": p["steps"], "num_frames": p["num_frames"], "fps": p["fps"]}
-        if req.sampling_params.output_type == "latent":
+        metrics = {"num_inference_steps": sp.num_inference_steps, "num_frames": sp.num_frames, "fps": sp.fps}
+        if sp.output_type == "latent":
             return DiffusionOutput(output=latents, metrics={**timer.timings, **metrics})
         with timer.stage("decode"):
             videos = self.decode_latents(latents)
         return DiffusionOutput(output=videos, metrics={**timer.timings, **metrics})
-
-    def load_weights(self, weights) -> set[str]:
-        return AutoWeightsLoader(self).load_weights(weights)

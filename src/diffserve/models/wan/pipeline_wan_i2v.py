@@ -15,17 +15,13 @@ from typing import Any, ClassVar
 import torch
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.models.interface import SupportImageInput
-from diffserve.models.outputs import video_post_process
+from diffserve.models.base import repeat_per_output
+from diffserve.models.spec import ImageInputSpec, SamplingSpec
 from diffserve.models.wan.pipeline_wan import WanPipeline, _component_present, _load_model_index
-from diffserve.request import OmniDiffusionRequest
+from diffserve.request import OmniDiffusionRequest, OmniDiffusionSamplingParams
 
 
-def get_wan_i2v_post_process_func(od_config: OmniDiffusionConfig):
-    return video_post_process
-
-
-class WanImageToVideoPipeline(WanPipeline, SupportImageInput):
+class WanImageToVideoPipeline(WanPipeline):
     _encoder_modules: ClassVar[list[str]] = ["text_encoder", "image_encoder"]
 
     def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
@@ -51,18 +47,10 @@ class WanImageToVideoPipeline(WanPipeline, SupportImageInput):
             )
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
-    def check_images(self, req: OmniDiffusionRequest) -> None:
-        from PIL import Image
-
-        for i, prompt in enumerate(req.prompts):
-            images = prompt.images or []
-            if len(images) != 1:
-                raise ValueError(
-                    f"image-to-video needs exactly one image per prompt (the first frame); prompt {i} has "
-                    f"{len(images)}. Pass {{'prompt': ..., 'image': PIL.Image}}"
-                )
-            if not isinstance(images[0], Image.Image):
-                raise ValueError(f"prompt {i}: the image must be a PIL.Image, got {type(images[0]).__name__}")
+    def sampling_spec(self) -> SamplingSpec:
+        # Each prompt's image, resized to the video's size, becomes the first frame.
+        images = ImageInputSpec(max_per_prompt=1, required=True, resized_to_output=True)
+        return super().sampling_spec().replace(images=images)
 
     # -- conditioning -------------------------------------------------------------------------------
 
@@ -73,39 +61,40 @@ class WanImageToVideoPipeline(WanPipeline, SupportImageInput):
         pixels = pixels.to(device=encoder.device, dtype=encoder.dtype)
         return encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
 
-    def encode_first_frames(self, images: list, p: dict[str, Any], as_video: bool) -> torch.Tensor:
+    def encode_first_frames(self, images: list, sp: OmniDiffusionSamplingParams, as_video: bool) -> torch.Tensor:
         """Normalized VAE latents of each image as the first frame: [P, C, F_lat, h, w] for a video
         whose other frames are black (`as_video`), else [P, C, 1, h, w]."""
-        pixels = self.video_processor.preprocess(images, height=p["height"], width=p["width"])
+        pixels = self.video_processor.preprocess(images, height=sp.height, width=sp.width)
         pixels = pixels.to(self.device, dtype=torch.float32)[:, :, None]
         if as_video:
-            rest = pixels.new_zeros(pixels.shape[0], pixels.shape[1], p["num_frames"] - 1, *pixels.shape[3:])
+            rest = pixels.new_zeros(pixels.shape[0], pixels.shape[1], sp.num_frames - 1, *pixels.shape[3:])
             pixels = torch.cat([pixels, rest], dim=2)
         latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode().to(torch.float32)
         mean, inv_std = self.latent_statistics()
         return (latents - mean) * inv_std
 
-    def prepare_conditioning(self, req: OmniDiffusionRequest, p: dict[str, Any], shape: tuple[int, ...]):
-        k = req.sampling_params.num_outputs_per_prompt
+    def prepare_conditioning(self, req: OmniDiffusionRequest, shape: tuple[int, ...]):
+        sp = req.sampling_params
+        k = sp.num_outputs_per_prompt
         images = [prompt.images[0].convert("RGB") for prompt in req.prompts]
         shared: dict[str, Any] = {}
         if self.image_encoder is not None:
-            tokens = self.encode_image(images).repeat_interleave(k, dim=0)
+            tokens = repeat_per_output(self.encode_image(images), k)
             shared["encoder_hidden_states_image"] = tokens.to(self.device, self.dtype)
 
         _, frames, height, width = shape
         if self.expand_timesteps:
             # The first latent frame is the image, kept clean (mask 0, timestep 0); the rest is denoised.
-            image_latents = self.encode_first_frames(images, p, as_video=False).repeat_interleave(k, dim=0)
+            image_latents = repeat_per_output(self.encode_first_frames(images, sp, as_video=False), k)
             mask = torch.ones(1, 1, frames, height, width, device=self.device)
             mask[:, :, 0] = 0
             return shared, {"image_latents": image_latents, "mask": mask}
 
         # A mask channel per VAE temporal frame; only the first latent frame (the image) is known.
-        video_latents = self.encode_first_frames(images, p, as_video=True)
+        video_latents = self.encode_first_frames(images, sp, as_video=True)
         mask = torch.zeros(len(images), self.vae_scale_factor_temporal, frames, height, width, device=self.device)
         mask[:, :, 0] = 1
-        condition = torch.cat([mask, video_latents], dim=1).repeat_interleave(k, dim=0)
+        condition = repeat_per_output(torch.cat([mask, video_latents], dim=1), k)
         return shared, {"condition": condition}
 
     def _blend_first_frame(self, latents: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:

@@ -229,8 +229,8 @@ class WanConditionEmbedding(nn.Module):
 
 
 class WanTransformer3DModel(nn.Module):
+    # Regional compile; HSDP sharding, the step caches' and offload's block lists derive from it.
     _repeated_blocks = ["WanTransformerBlock"]
-    _layerwise_offload_blocks_attrs = ["blocks"]
     # Video tokens are split along the sequence before the first block and gathered after the output
     # norm; the RoPE tables are split the same way. Text and image tokens (cross-attention keys) stay
     # whole on every rank. Per-token timesteps (Wan2.2 TI2V) are declared by WanTI2VTransformer3DModel.
@@ -243,11 +243,6 @@ class WanTransformer3DModel(nn.Module):
         "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
     }
 
-    @staticmethod
-    def _is_transformer_block(name: str, module: nn.Module) -> bool:
-        return isinstance(module, WanTransformerBlock)
-
-    _hsdp_shard_conditions = [_is_transformer_block]
 
     # (our fused parameter, diffusers parameter, shard id)
     stacked_params_mapping = [

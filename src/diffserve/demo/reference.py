@@ -29,7 +29,7 @@ from diffserve.models.demo_dit.configs import (
     DemoDiTConfig,
     DemoTextEncoderConfig,
 )
-from diffserve.models.demo_dit.scenes import MAX_TEXT_LENGTH, VOCAB, save_tokenizer
+from diffserve.demo.scenes import MAX_TEXT_LENGTH, VOCAB, save_tokenizer
 
 PIPELINE_CLASS_NAME = "DiffservePixelDiTPipeline"
 TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -293,7 +293,7 @@ class ReferencePipeline:
         return self.transformer.x_embedder.weight.device
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        from diffserve.models.demo_dit.scenes import tokenize
+        from diffserve.models.demo_dit.captions import tokenize
 
         ids = tokenize(self.tokenizer, prompts, self.text_encoder.config.max_length).to(self.device)
         return self.text_encoder(ids)

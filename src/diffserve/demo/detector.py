@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffserve.models.demo_dit.scenes import BACKGROUND, COLORS, CaptionSpec, parse_caption
+from diffserve.demo.scenes import BACKGROUND, COLORS, CaptionSpec, parse_caption
 
 _PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)  # index 0 = white
 _COLOR_INDEX = {name: i + 1 for i, name in enumerate(COLORS)}

@@ -399,36 +399,3 @@ def save_tokenizer(folder: str, max_length: int = MAX_TEXT_LENGTH) -> None:
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
         f.write("\n")
-
-
-_OBJECT = r"(a (?:\w+) (?:\w+))"
-_INVERSE_RELATION = re.compile(
-    rf"^{_OBJECT} (below|to the right of|right of) {_OBJECT}( on a white background)?$"
-)
-_CANONICAL = {"below": "above", "to the right of": "to the left of", "right of": "left of"}
-
-
-def normalize_caption(caption: str) -> str:
-    """Say a two-object scene one way: "X below Y" -> "Y above X", "X right of Y" -> "Y left of X".
-
-    The two sentences describe the same picture, but the small text encoder trained with the model
-    does not learn to swap which object comes first (a training run with both phrasings placed the
-    objects at random along the right axis). With one phrasing, "the first object is the upper or
-    left one" is a fixed position lookup. Anything else passes through unchanged.
-    """
-    text = " ".join(caption.lower().split())
-    match = _INVERSE_RELATION.match(text)
-    if match is None:
-        return caption
-    first, relation, second, background = match.groups()
-    return f"{second} {_CANONICAL[relation]} {first}{background or ''}"
-
-
-def tokenize(tokenizer, prompts: list[str], max_length: int, return_lengths: bool = False):
-    """Token ids [B, max_length] (torch.long) of the normalized captions, as training and the pipeline
-    both feed the text encoder. With return_lengths, also each caption's untruncated token count."""
-    prompts = [normalize_caption(p) for p in prompts]
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    if not return_lengths:
-        return ids.input_ids
-    return ids.input_ids, [len(x) for x in tokenizer(prompts, truncation=False).input_ids]

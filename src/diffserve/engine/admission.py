@@ -1,0 +1,194 @@
+"""Admission: check a request against the model's SamplingSpec and resolve its parameters.
+
+One path for `Omni`, the CLI and the server: a request the model cannot run is refused here, before
+it is queued, with an `InvalidRequestError` naming the parameter; an admitted request carries fully
+resolved sampling parameters (defaults filled), so the batch key and the pipeline see the same
+values. The CFG rule lives here too (`cfg_enabled`), used by the scheduler and the pipelines alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from diffserve.models.spec import UNIVERSAL_PARAMS, SamplingSpec
+from diffserve.request import OmniDiffusionRequest, OmniDiffusionSamplingParams
+
+# Never part of a batch key: per prompt (seed, negative prompt) or not about numerics.
+_PER_PROMPT_FIELDS = ("seed", "negative_prompt")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(OmniDiffusionSamplingParams)}
+
+
+class InvalidRequestError(ValueError):
+    """A request the model cannot run. `param` names the field at fault (the HTTP error's param)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def params_set_by_user(sp: OmniDiffusionSamplingParams) -> dict[str, Any]:
+    """The sampling parameters that differ from their unset default."""
+    return {name: getattr(sp, name) for name, default in _DEFAULTS.items() if getattr(sp, name) != default}
+
+
+def _allowed_list(spec: SamplingSpec) -> str:
+    return ", ".join(sorted(spec.accepted_params - UNIVERSAL_PARAMS)) or "none"
+
+
+def check_used_params(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
+    for name, value in params_set_by_user(req.sampling_params).items():
+        if name not in spec.accepted_params:
+            raise InvalidRequestError(
+                f"{name}={value!r} is not used by {spec.model}; its sampling parameters are: {_allowed_list(spec)}",
+                name,
+            )
+    if spec.cfg is None and any(p.negative_prompt is not None for p in req.prompts):
+        raise InvalidRequestError(f"{spec.model} runs no classifier-free guidance, so it takes no negative_prompt",
+                                  "negative_prompt")
+
+
+def check_images(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
+    from PIL import Image
+
+    counts = [len(p.images or ()) for p in req.prompts]
+    images = spec.images
+    if images is None:
+        if any(counts):
+            raise InvalidRequestError(f"{spec.model} takes no input images", "image")
+        return
+    if images.required and not all(counts):
+        raise InvalidRequestError(
+            f"{spec.model} needs an input image with every prompt ({{'prompt': ..., 'image': PIL.Image}})", "image"
+        )
+    if any(counts) and not all(counts):
+        raise InvalidRequestError("the prompts of one request must all bring input images or none", "image")
+    if max(counts) > images.max_per_prompt:
+        raise InvalidRequestError(
+            f"{spec.model} takes at most {images.max_per_prompt} input image(s) per prompt, got {max(counts)}", "image"
+        )
+    for prompt in req.prompts:
+        for image in prompt.images or ():
+            if not isinstance(image, Image.Image):
+                raise InvalidRequestError(f"input images must be PIL images, got {type(image).__name__}", "image")
+    if not any(counts):
+        for name in sorted(images.params):
+            if getattr(req.sampling_params, name) is not None:
+                raise InvalidRequestError(f"{name} is used only with an input image; this request has none", name)
+
+
+def _size_from_image(spec: SamplingSpec, req: OmniDiffusionRequest) -> dict[str, int]:
+    """The first input image's size, rounded down to the size multiple and clamped to the limits."""
+    width, height = req.prompts[0].images[0].size
+    m = spec.size_multiple
+
+    def clamp(side: int) -> int:
+        return max(spec.smallest_side, min(spec.max_side // m * m, side // m * m))
+
+    return {"height": clamp(height), "width": clamp(width)}
+
+
+def resolve_params(spec: SamplingSpec, req: OmniDiffusionRequest) -> OmniDiffusionSamplingParams:
+    """The request's sampling parameters with every unset one the model takes given its default."""
+    sp = req.sampling_params
+    has_images = any(p.images for p in req.prompts)
+    filled: dict[str, Any] = {}
+    if has_images and spec.images.size_from_image and sp.height is None and sp.width is None:
+        filled.update(_size_from_image(spec, req))
+    for name, default in spec.defaults.items():
+        if name in filled or getattr(sp, name) is not None:
+            continue
+        if spec.images is not None and name in spec.images.params and not has_images:
+            continue
+        filled[name] = default
+    return dataclasses.replace(sp, **filled) if filled else sp
+
+
+def check_resolved(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
+    sp = req.sampling_params
+    m = spec.size_multiple
+    for name in ("height", "width"):
+        value = getattr(sp, name)
+        if name in spec.params and value is not None and (value % m or not spec.smallest_side <= value <= spec.max_side):
+            raise InvalidRequestError(
+                f"{name}={value} is not supported by {spec.model}: it must be a multiple of {m} between "
+                f"{spec.smallest_side} and {spec.max_side}",
+                name,
+            )
+    t = spec.frames_multiple
+    if t is not None and sp.num_frames is not None and (sp.num_frames - 1) % t:
+        raise InvalidRequestError(
+            f"num_frames={sp.num_frames} is not supported by {spec.model}: it must be {t}k+1 (e.g. {t + 1}, "
+            f"{4 * t + 1}), because the VAE compresses {t} frames into one latent frame after the first",
+            "num_frames",
+        )
+    limit = spec.max_sequence_length
+    if limit is not None and sp.max_sequence_length is not None and sp.max_sequence_length > limit:
+        raise InvalidRequestError(
+            f"max_sequence_length={sp.max_sequence_length} exceeds the text encoder's limit of {limit} tokens",
+            "max_sequence_length",
+        )
+    if sp.strength is not None and sp.num_inference_steps is not None and int(sp.num_inference_steps * sp.strength) < 1:
+        raise InvalidRequestError(
+            f"strength={sp.strength} with num_inference_steps={sp.num_inference_steps} leaves no denoising step; "
+            "raise either",
+            "strength",
+        )
+    check_cfg(spec, req)
+
+
+def check_cfg(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
+    """A negative prompt or a CFG scale that would be silently ignored is an error."""
+    sp = req.sampling_params
+    has_negative = [p.negative_prompt is not None for p in req.prompts]
+    if spec.cfg == "guidance" and any(has_negative) and not sp.guidance_scale > 1:
+        raise InvalidRequestError(
+            f"negative_prompt is not used when guidance_scale={sp.guidance_scale} (classifier-free guidance "
+            "needs guidance_scale > 1)",
+            "negative_prompt",
+        )
+    if spec.cfg == "true_cfg":
+        if any(has_negative) and not sp.true_cfg_scale > 1:
+            raise InvalidRequestError(
+                "negative_prompt is used only with true_cfg_scale > 1 (true classifier-free guidance)",
+                "negative_prompt",
+            )
+        if sp.true_cfg_scale > 1 and not all(has_negative):
+            raise InvalidRequestError(
+                f"true_cfg_scale={sp.true_cfg_scale} needs a negative_prompt (use ' ' for an empty one)",
+                "true_cfg_scale",
+            )
+
+
+def cfg_enabled(spec: SamplingSpec, sp: OmniDiffusionSamplingParams) -> bool:
+    """Whether an admitted request runs classifier-free guidance (two branches per step)."""
+    if spec.cfg == "guidance":
+        return sp.guidance_scale is not None and sp.guidance_scale > 1
+    if spec.cfg == "true_cfg":
+        return sp.true_cfg_scale > 1  # admission made sure every prompt has a negative prompt
+    return False
+
+
+def admit(spec: SamplingSpec, req: OmniDiffusionRequest) -> OmniDiffusionRequest:
+    """The request with resolved sampling parameters, or InvalidRequestError."""
+    if not req.prompts:
+        raise InvalidRequestError("a request needs at least one prompt", "prompt")
+    check_used_params(spec, req)
+    check_images(spec, req)
+    resolved = dataclasses.replace(req, sampling_params=resolve_params(spec, req))
+    check_resolved(spec, resolved)
+    return resolved
+
+
+def batch_key(spec: SamplingSpec, req: OmniDiffusionRequest) -> tuple:
+    """Admitted requests with equal keys give each prompt the same output alone and batched: the key
+    holds every resolved parameter but the per-prompt ones, whether CFG runs, how many input images
+    each prompt brings and, unless the model resizes them to the output size, their sizes (editing
+    models derive shapes from them)."""
+    sp = req.sampling_params
+    params = tuple(
+        (f.name, getattr(sp, f.name)) for f in dataclasses.fields(sp) if f.name not in _PER_PROMPT_FIELDS
+    )
+    resized = spec.images is not None and spec.images.resized_to_output
+    images = {tuple(len(image.size) if resized else image.size for image in p.images or ()) for p in req.prompts}
+    return params, cfg_enabled(spec, sp), tuple(sorted(images))

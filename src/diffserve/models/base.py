@@ -1,0 +1,92 @@
+"""The base every native pipeline derives from: what is shared lives here once.
+
+A pipeline subclasses `DiffusionPipelineBase`, builds its components in `__init__`, declares what it
+takes in `sampling_spec()`, and writes `forward(req)` as named stages. The engine has already
+admitted the request against that spec (diffserve.engine.admission): every sampling parameter the
+model takes is resolved (defaults filled, sizes checked), so `forward` reads them as they are.
+
+Provided here: CFG (CFGParallelMixin, and the one rule for whether it is on), the progress bar and
+step callback, component discovery (device/dtype from the first denoiser), prompt tokenization
+with a truncation warning, negative prompts, and per-stage timing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from diffserve.config import OmniDiffusionConfig
+from diffserve.distributed.cfg_parallel import CFGParallelMixin
+from diffserve.loader import AutoWeightsLoader
+from diffserve.models.interface import SupportsComponentDiscovery
+from diffserve.models.progress_bar import ProgressBarMixin
+from diffserve.models.spec import SamplingSpec
+from diffserve.models.stage_timer import StageTimer
+from diffserve.request import OmniDiffusionRequest
+
+logger = logging.getLogger(__name__)
+
+
+class DiffusionPipelineBase(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsComponentDiscovery):
+    _dit_modules: ClassVar[list[str]] = ["transformer"]
+
+    def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
+        super().__init__()
+        self.od_config = od_config
+        self.set_progress_bar_config(disable=od_config.disable_progress_bar)
+
+    # -- the declaration ----------------------------------------------------------------------------
+
+    def sampling_spec(self) -> SamplingSpec:
+        """What this loaded model takes and makes; see diffserve.models.spec."""
+        raise NotImplementedError(f"{type(self).__name__} must implement sampling_spec()")
+
+    @functools.cached_property
+    def spec(self) -> SamplingSpec:
+        spec = self.sampling_spec()
+        if getattr(self, "support_image_input", False) and not spec.takes_images:
+            raise TypeError(f"{type(self).__name__} is marked SupportImageInput but its SamplingSpec takes no images")
+        return spec if spec.model else spec.replace(model=type(self).__name__)
+
+    # -- shared input handling ----------------------------------------------------------------------
+
+    def cfg_enabled(self, req: OmniDiffusionRequest) -> bool:
+        from diffserve.engine.admission import cfg_enabled
+
+        return cfg_enabled(self.spec, req.sampling_params)
+
+    @staticmethod
+    def negative_prompts(req: OmniDiffusionRequest) -> list[str]:
+        """Each prompt's negative prompt; "" (the unconditional caption) where it has none."""
+        return [n or "" for n in req.negative_prompt_texts]
+
+    def tokenize(self, tokenizer, prompts: list[str], max_length: int, **kwargs: Any):
+        """Pad/truncate to `max_length` tokens (a BatchEncoding of tensors on the CPU), warning when a
+        prompt loses tokens."""
+        encoded = tokenizer(
+            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt", **kwargs
+        )
+        lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, **kwargs).input_ids]
+        if max(lengths) > max_length:
+            logger.warning(
+                "prompt truncated to %d tokens by %s (it had %d): raise max_sequence_length (at most %s) or "
+                "shorten it", max_length, type(tokenizer).__name__, max(lengths), self.spec.max_sequence_length,
+            )
+        return encoded
+
+    def stage_timer(self) -> StageTimer:
+        return StageTimer(self.device)
+
+    # -- weights ------------------------------------------------------------------------------------
+
+    def load_weights(self, weights) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights)
+
+
+def repeat_per_output(tensor: torch.Tensor, outputs_per_prompt: int) -> torch.Tensor:
+    """[P, ...] per prompt -> [P * k, ...], prompt-major, as the pipelines' batches are laid out."""
+    return tensor.repeat_interleave(outputs_per_prompt, dim=0)

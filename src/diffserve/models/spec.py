@@ -1,0 +1,98 @@
+"""What a model takes and makes: the one declaration the engine validates requests against.
+
+Every pipeline returns a `SamplingSpec` from `sampling_spec()`, built from its loaded configuration
+(FLUX.1-schnell has no guidance embedding, so it takes no `guidance_scale`; a Wan2.1 checkpoint has
+one expert, so no `guidance_scale_2`). The engine fetches it once from rank 0 and, before admitting
+a request, rejects every parameter the model does not use, fills the defaults, checks sizes, and
+derives the batch key from the resolved parameters (diffserve.engine.admission). Pipelines then
+read fully resolved sampling parameters and keep only what is their own.
+
+No torch here: the spec crosses process boundaries and the server reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+MODALITIES = ("image", "video", "audio")
+# How classifier-free guidance is switched on, the one rule every pipeline follows:
+# - "guidance": guidance_scale > 1 turns it on; the negative branch is each prompt's negative
+#   prompt or "" (SD3, Wan, Stable Audio, the demo model);
+# - "true_cfg": true_cfg_scale > 1 together with a negative prompt turns it on; guidance_scale, if
+#   the model takes it, is a distilled embedding (FLUX, Qwen-Image).
+CFG_MODES = (None, "guidance", "true_cfg")
+
+# Parameters every model takes: they do not change what the model computes per sample.
+UNIVERSAL_PARAMS = frozenset({"seed", "num_outputs_per_prompt", "output_type"})
+
+
+@dataclass(frozen=True)
+class ImageInputSpec:
+    """Input images, per prompt.
+
+    `required`: text-to-X is not possible (image-to-video); otherwise a request may bring images or
+    not, but all its prompts alike. `params` are sampling parameters used only with input images
+    (image-to-image `strength`). `size_from_image`: with no height/width given, the output takes the
+    first input image's size, rounded down to the size multiple. `resized_to_output`: every input is
+    resized to the output size before use, so inputs of different sizes can share a batch (otherwise,
+    e.g. for editing models that keep an input's own resolution, only equal sizes do).
+    """
+
+    max_per_prompt: int = 1
+    required: bool = False
+    params: frozenset[str] = frozenset()
+    size_from_image: bool = False
+    resized_to_output: bool = False
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    modality: str  # "image" | "video" | "audio"
+    # Optional sampling parameters the model uses (besides UNIVERSAL_PARAMS); any other a user sets
+    # is an error naming it.
+    params: frozenset[str]
+    # The value each parameter takes when the user gives none. A parameter in `params` without a
+    # default is left None for the pipeline to derive (e.g. Wan2.2's guidance_scale_2 follows
+    # guidance_scale).
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    cfg: str | None = None
+    images: ImageInputSpec | None = None
+    # Output sides must be multiples of size_multiple within [min_side, max_side].
+    size_multiple: int = 1
+    min_side: int | None = None  # None: size_multiple
+    max_side: int = 4096
+    # num_frames must be frames_multiple * k + 1 (video VAEs compress frames after the first).
+    frames_multiple: int | None = None
+    # The text encoder's token limit (max_sequence_length may not exceed it).
+    max_sequence_length: int | None = None
+    # The pipeline class, for messages (filled by DiffusionPipelineBase.spec).
+    model: str = ""
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.cfg not in CFG_MODES:
+            raise ValueError(f"cfg must be one of {CFG_MODES}, got {self.cfg!r}")
+        object.__setattr__(self, "params", frozenset(self.params))
+        extra = set(self.defaults) - self.accepted_params
+        if extra:
+            raise ValueError(f"{self.model}: defaults for parameters it does not take: {sorted(extra)}")
+
+    @property
+    def accepted_params(self) -> frozenset[str]:
+        image_params = self.images.params if self.images is not None else frozenset()
+        cfg_params = {"negative_prompt"} if self.cfg is not None else set()
+        return UNIVERSAL_PARAMS | self.params | image_params | cfg_params
+
+    @property
+    def takes_images(self) -> bool:
+        return self.images is not None
+
+    @property
+    def smallest_side(self) -> int:
+        return self.min_side or self.size_multiple
+
+    def replace(self, **changes: Any) -> "SamplingSpec":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,145 @@
+"""Helpers the endpoint families share: running a request, model and modality checks, form parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from diffserve.engine.admission import InvalidRequestError
+from diffserve.engine.scheduler import QueueFullError
+from diffserve.request import DiffusionOutput, OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
+from diffserve.server.encoding import decode_image
+from diffserve.server.errors import APIError, describe_validation_errors
+from diffserve.server.state import ServerState
+
+ENDPOINTS_BY_MODALITY = {
+    "image": "/v1/images/generations",
+    "video": "/v1/videos",
+    "audio": "/v1/audio/generations",
+}
+
+
+def build_request(prompt: Any, **params: Any) -> OmniDiffusionRequest:
+    """One user request from its prompt (a string or a prompt dict) and sampling parameters; invalid
+    values are a 400."""
+    try:
+        sampling_params = OmniDiffusionSamplingParams(**params)
+        return OmniDiffusionRequest(prompts=[PromptInput.from_user(prompt, sampling_params)],
+                                    sampling_params=sampling_params)
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+def admit(state: ServerState, req: OmniDiffusionRequest) -> OmniDiffusionRequest:
+    """`req` resolved against the served model's spec, or a 400 naming the parameter at fault."""
+    try:
+        return state.engine.scheduler.admit(req)
+    except InvalidRequestError as exc:
+        raise APIError(400, str(exc), exc.param) from None
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    served = state.config.served_model_name
+    if model is not None and model != served:
+        raise APIError(404, f"model {model!r} is not served here; available: {served}", "model", "model_not_found")
+
+
+def require_modality(state: ServerState, modality: str, endpoint: str) -> None:
+    served = state.spec.modality
+    if served != modality:
+        right = ENDPOINTS_BY_MODALITY.get(served, "another endpoint")
+        raise APIError(
+            400,
+            f"{endpoint} needs a {modality} model, but {state.config.served_model_name!r} generates {served}; "
+            f"use {right}",
+            "model",
+            "wrong_endpoint_for_model",
+        )
+
+
+def _raise_for_output(out: DiffusionOutput) -> None:
+    if out.error is None:
+        return
+    status = {"invalid_request": 400, "aborted": 499}.get(out.error_type or "", 500)
+    raise APIError(status, out.error)
+
+
+async def run_request(state: ServerState, request: Request | None, req: OmniDiffusionRequest, progress=None):
+    """Admit and queue `req`, then wait, watching for the client leaving and the per-request timeout."""
+    task = asyncio.ensure_future(state.engine.generate(req, progress))
+    loop = asyncio.get_running_loop()
+    timeout = state.config.request_timeout_s
+    deadline = None if timeout is None else loop.time() + timeout
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if task in done:
+                try:
+                    out = task.result()
+                except InvalidRequestError as exc:
+                    raise APIError(400, str(exc), exc.param) from None
+                except QueueFullError as exc:
+                    raise APIError(429, str(exc), code="queue_full") from None
+                _raise_for_output(out)
+                return out
+            if request is not None and await request.is_disconnected():
+                raise APIError(499, "the client disconnected; the request was aborted")
+            if deadline is not None and loop.time() > deadline:
+                raise APIError(504, f"the request did not finish within {timeout:.0f} s and was aborted",
+                               code="timeout")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+async def read_form(request: Request, state: ServerState):
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise APIError(400, f"this endpoint takes multipart/form-data, got {content_type or 'no content type'!r}")
+    try:
+        return await request.form(max_files=state.config.max_images_per_edit + 2, max_fields=64)
+    except Exception as exc:  # malformed multipart bodies
+        raise APIError(400, f"cannot parse the multipart body: {exc}") from None
+
+
+def form_fields(form, skip: tuple[str, ...]) -> dict[str, Any]:
+    """Text fields of a form as a dict, numbers converted (multipart carries only strings)."""
+    fields: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if key in skip or isinstance(value, UploadFile):
+            continue
+        if key in fields:
+            raise APIError(400, f"field {key!r} was given more than once", key)
+        fields[key] = _coerce_form_value(value)
+    return fields
+
+
+def _coerce_form_value(value: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def validate_body(model: type[BaseModel], fields: dict[str, Any]):
+    """A pydantic body from form or JSON fields, its errors as one 400 line naming the first field."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        message, param = describe_validation_errors(exc.errors())
+        raise APIError(400, message, param) from None
+
+
+async def read_upload(upload: UploadFile, param: str):
+    return decode_image(await upload.read(), param)
