@@ -32,6 +32,14 @@ def test_bad_input_is_one_line_and_exit_2(tiny_flux, capsys):
     assert code == 2 and "error: height=30 is not supported" in err and "Traceback" not in err
 
 
+def test_a_parameter_the_model_does_not_use_is_one_line_and_exit_2(capsys):
+    # The built-in demo model draws images: it takes no frame count.
+    code = main(["generate", "x", "--num-frames", "5", "--disable-progress-bar"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: num_frames=5 is not used by DiffservePixelDiTPipeline" in err
+    assert "Traceback" not in err
+
+
 def test_help_documents_commands_and_flags():
     result = run_cli("--help")
     assert result.returncode == 0 and "generate" in result.stdout and "make-tiny" in result.stdout

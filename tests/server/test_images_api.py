@@ -79,9 +79,9 @@ def test_api_key(start_server, tiny_flux):
 
 
 def test_openai_client_edit_equals_offline_image_to_image(flux_server, tiny_flux):
-    from diffserve.testing.conformance import test_image
+    from diffserve.testing.conformance import sample_image
 
-    source = test_image(48, 32, 0)
+    source = sample_image(48, 32, 0)
     png = io.BytesIO()
     source.save(png, format="PNG")
     client = OpenAI(base_url=f"{flux_server.url}/v1", api_key="unused")
@@ -93,3 +93,41 @@ def test_openai_client_edit_equals_offline_image_to_image(flux_server, tiny_flux
         offline = omni.generate({"prompt": "a red fox", "image": Image.open(io.BytesIO(png.getvalue()))},
                                 OmniDiffusionSamplingParams(num_inference_steps=4, seed=2, strength=0.5))
     np.testing.assert_array_equal(served, np.asarray(offline[0].images[0]))
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_concurrent_edits_of_two_sizes_equal_each_alone(flux_server, tiny_flux):
+    """Two edits arriving together with different input sizes and no size: each gets its own size
+    and the image it gets alone (the scheduler's key keeps them apart)."""
+    import concurrent.futures
+
+    from diffserve.testing.conformance import sample_image
+
+    sources = [sample_image(48, 32, 0), sample_image(32, 64, 1)]
+    client = OpenAI(base_url=f"{flux_server.url}/v1", api_key="unused")
+
+    def edit(i):
+        return client.images.edit(image=("in.png", _png(sources[i]), "image/png"), prompt="a red fox",
+                                  extra_body={"num_inference_steps": 3, "seed": i, "strength": 0.6})
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        served = [np.asarray(decode(r.data[0].b64_json)) for r in pool.map(edit, range(2))]
+    with Omni(tiny_flux, dtype="float32", device="cpu") as omni:
+        for i, source in enumerate(sources):
+            alone = omni.generate({"prompt": "a red fox", "image": Image.open(io.BytesIO(_png(source)))},
+                                  OmniDiffusionSamplingParams(num_inference_steps=3, seed=i, strength=0.6))
+            np.testing.assert_array_equal(served[i], np.asarray(alone[0].images[0]))
+    assert [s.shape for s in served] == [(32, 48, 3), (64, 32, 3)]
+
+
+def test_a_parameter_the_model_does_not_use_is_a_400_naming_it(flux_server):
+    r = httpx.post(f"{flux_server.url}/v1/images/generations", timeout=60,
+                   json={"prompt": "a fox", "strength": 0.5, "size": "16x16"})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "strength" and "strength is used only with an input image" in error["message"]

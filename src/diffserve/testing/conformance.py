@@ -47,7 +47,7 @@ def _generators(scenario: ConformanceScenario):
     return gens[0] if len(gens) == 1 else gens
 
 
-def test_image(width: int, height: int, seed: int):
+def sample_image(width: int, height: int, seed: int):
     """A deterministic, structured RGB test picture (smooth gradients plus a few blocks)."""
     import numpy as np
     from PIL import Image
@@ -116,8 +116,8 @@ def _flux_scenarios(guidance: float | None) -> list[ConformanceScenario]:
         ConformanceScenario(
             "image_to_image_batch2_nonsquare",
             [
-                {"prompt": "a red fox in snow", "image": test_image(40, 28, 0)},
-                {"prompt": "a blue car", "image": test_image(48, 32, 1)},
+                {"prompt": "a red fox in snow", "image": sample_image(40, 28, 0)},
+                {"prompt": "a blue car", "image": sample_image(48, 32, 1)},
             ],
             params(height=32, width=48, strength=0.7, num_inference_steps=4),
             seeds=[5, 6],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from diffserve.testing.flux import perturb_
+from diffserve.testing.components import perturb_
 
 
 def build_tiny_demo_dit(path: str, seed: int = 0, **config_overrides) -> str:

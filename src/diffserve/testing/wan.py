@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from diffserve.testing.flux import perturb_
+from diffserve.testing.components import perturb_
 from diffserve.testing.tokenizers import build_t5_tokenizer
 
 HEADS, HEAD_DIM = 2, 12  # head_dim 12 -> RoPE widths (frame, row, col) = (4, 4, 4)

@@ -3,7 +3,6 @@ defaults, input checks, and the CPU speed budget of the shipped shapes."""
 
 import json
 import os
-import time
 
 import pytest
 import torch
@@ -136,21 +135,3 @@ def test_missing_text_encoder_weights_are_named(tiny_demo_dit, tmp_path):
     save_file(state, str(weights))
     with pytest.raises(WeightLoadingError, match="text_encoder.final_norm.weight"):
         Omni(str(broken), dtype="float32", device="cpu")
-
-
-def test_default_generation_takes_under_2s_on_cpu(tmp_path):
-    """The acceptance bound: one 64x64 image with default settings (20 steps, CFG) after loading, on
-    the 2-core CPU machine, with the shipped shapes (random weights: speed does not depend on them).
-    Best of three; measured 0.90-0.95 s when the machine is otherwise idle (2026-11-26)."""
-    from diffserve.testing.demo_dit import build_tiny_demo_dit
-
-    path = build_tiny_demo_dit(str(tmp_path / "full"), full_size=True)
-    with Omni(path, dtype="float32", device="cpu", disable_progress_bar=True) as omni:
-        omni.generate({"prompt": "a red circle above a blue square", "seed": 0})  # warm-up
-        times = []
-        for seed in range(3):
-            start = time.perf_counter()
-            out = omni.generate({"prompt": "a red circle above a blue square", "seed": seed})[0]
-            times.append(time.perf_counter() - start)
-    assert out.images[0].size == (64, 64) and out.metrics["num_inference_steps"] == 20
-    assert min(times) < 2.0, times
