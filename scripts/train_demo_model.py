@@ -54,6 +54,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from diffserve.demo import detector, scenes  # noqa: E402
 from diffserve.models.demo_dit import captions  # noqa: E402
+from diffserve.models.spec import DEFAULTS_KEY  # noqa: E402
 from diffserve.models.demo_dit.configs import DEFAULT_NUM_INFERENCE_STEPS, DemoDiTConfig  # noqa: E402
 from diffserve.demo.reference import (  # noqa: E402
     ReferenceDiT,
@@ -364,7 +365,7 @@ def set_checkpoint_defaults(out: str, guidance: float, shift: float) -> None:
     index_path = os.path.join(out, "model_index.json")
     with open(index_path) as f:
         index = json.load(f)
-    index["default_guidance_scale"] = guidance
+    index[DEFAULTS_KEY]["guidance_scale"] = guidance
     with open(index_path, "w") as f:
         json.dump(index, f, indent=2)
         f.write("\n")

@@ -6,6 +6,14 @@ import torch
 os.environ.setdefault("DIFFSERVE_DISABLE_PROGRESS_BAR", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Under pytest-xdist each worker gets its share of the cores (and so do the servers and CLIs it
+# starts, through OMP_NUM_THREADS): oversubscribed threads spin and slow every process many times over.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(_THREADS)
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

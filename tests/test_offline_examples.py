@@ -1,5 +1,6 @@
-"""The offline-inference examples run as users run them: a fresh interpreter, no arguments (a tiny
-checkpoint on the CPU), and the text-to-video one with its multi-GPU flags (CPU worker processes)."""
+"""The offline-inference examples run as users run them: a fresh interpreter, no arguments (the demo
+model or a tiny checkpoint on the CPU), and the text-to-video one with its multi-GPU flags (CPU worker
+processes)."""
 
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "offline_inference"
 CASES = [
     ("text_to_image/text_to_image.py", [], "text_to_image.png"),
+    ("text_to_image/cache_acceleration.py", ["--steps", "8"], "cache_acceleration_tea_cache.png"),
     ("text_to_video/text_to_video.py", [], "text_to_video.mp4"),
     ("image_to_video/image_to_video.py", [], "image_to_video.mp4"),
     # 64x80 pixels, 9 frames: 60 video tokens, which split over 2 ring ranks.
@@ -18,7 +20,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("script, flags, output", CASES, ids=["t2i", "t2v", "i2v", "t2v-ring2-vae2"])
+@pytest.mark.parametrize("script, flags, output", CASES, ids=["t2i", "cache", "t2v", "i2v", "t2v-ring2-vae2"])
 def test_example_runs_and_writes_its_output(tmp_path, script, flags, output):
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *flags], cwd=tmp_path, capture_output=True, text=True, timeout=300

@@ -12,7 +12,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a dtype or device is needed, so the CLI starts without it
+    import torch
 
 # Environment variables, read once at import. Each has a config field that takes precedence.
 ENV_ATTENTION_BACKEND = os.environ.get("DIFFSERVE_ATTENTION_BACKEND") or None
@@ -21,14 +24,15 @@ ENV_DISABLE_PROGRESS_BAR = os.environ.get("DIFFSERVE_DISABLE_PROGRESS_BAR", "0")
 # Set by torchrun (multi-node runs): this process is one rank of an SPMD launch.
 ENV_TORCHRUN = {k: int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
 
+# dtype names users may give -> torch dtype attribute
 DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
 }
 CACHE_BACKENDS = (None, "cache_dit", "tea_cache")
 
@@ -203,6 +207,14 @@ class OmniDiffusionConfig:
             raise ValueError(f"dtype {self.dtype!r} is not supported. Allowed: auto, {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(
+                    f"device {self.device!r} was asked for but CUDA is not available (torch {torch.__version__} "
+                    "sees no GPU); use device 'cpu' or 'auto'"
+                )
         if isinstance(self.parallel_config, dict):
             self.parallel_config = DiffusionParallelConfig.from_dict(self.parallel_config)
         if self.attention_backend is None:
@@ -231,13 +243,17 @@ class OmniDiffusionConfig:
         return cls(model=model, **kwargs)
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if self.resolved_device.type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return getattr(torch, DTYPES[self.dtype])
 
     @property
-    def resolved_device(self) -> torch.device:
+    def resolved_device(self) -> "torch.device":
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)

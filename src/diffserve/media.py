@@ -1,4 +1,5 @@
-"""Encoding generated media into files (MP4 video) and decoding them back, through PyAV.
+"""Encoding generated media into files (MP4 video through PyAV; animated GIF/WebP through Pillow) and
+decoding them back.
 
 Shared by the CLI and the HTTP server: a video is a uint8 array [F, H, W, 3] (what video pipelines
 put in `DiffusionOutput.frames` by default), encoded as H.264 in an MP4 container at the requested
@@ -8,6 +9,7 @@ frame rate.
 from __future__ import annotations
 
 import io
+import os
 from fractions import Fraction
 from typing import Any
 
@@ -78,3 +80,38 @@ def decode_video(data: bytes | str) -> tuple[np.ndarray, float]:
     if not frames:
         raise ValueError("the video has no frames")
     return np.stack(frames), fps
+
+
+def write_animation(path: str, frames: Any, fps: int | float) -> None:
+    """An animated GIF or WebP (by the path's extension) through Pillow, looping forever."""
+    from PIL import Image
+
+    images = [Image.fromarray(frame) for frame in as_uint8_frames(frames)]
+    duration_ms = max(1, round(1000 / fps))
+    images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+
+
+# What each output modality can be written as, by file extension.
+OUTPUT_EXTENSIONS = {
+    "image": (".png", ".jpg", ".jpeg", ".webp"),
+    "video": (".mp4", ".gif", ".webp"),
+}
+
+
+def check_output_path(path: str, modality: str) -> None:
+    """A ValueError naming the supported extensions if `path` cannot hold a `modality` output."""
+    ext = os.path.splitext(path)[1].lower()
+    allowed = OUTPUT_EXTENSIONS[modality]
+    if ext not in allowed:
+        raise ValueError(
+            f"cannot write {modality} output to {path!r}: the file name must end in {', '.join(allowed)}"
+        )
+
+
+def write_video(path: str, frames: Any, fps: int | float) -> None:
+    """MP4 (H.264) or an animated GIF/WebP, by the path's extension."""
+    check_output_path(path, "video")
+    if path.lower().endswith(".mp4"):
+        write_mp4(path, frames, fps)
+    else:
+        write_animation(path, frames, fps)

@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import re
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -70,12 +71,27 @@ def pipeline_import_path(class_name: str) -> str:
     )
 
 
+# The name that stands for the built-in demo model (a local folder of that name wins).
+DEMO_MODEL = "demo"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
 def resolve_model_path(model: str, revision: str | None = None) -> str:
-    """A local folder as is; anything else is a hub id fetched with snapshot_download."""
+    """A local folder as is; "demo" the built-in demo model; anything else a hub id fetched with
+    snapshot_download."""
     if os.path.isdir(model):
         return os.path.abspath(model)
     if os.path.exists(model):
         raise ModelResolutionError(f"model path {model!r} is a file; expected a folder with {MODEL_INDEX}")
+    if model == DEMO_MODEL:
+        from diffserve.assets import default_model_path
+
+        return default_model_path()
+    if model.startswith((".", "/", "~")) or not _HUB_ID.match(model):
+        raise ModelResolutionError(
+            f"model folder {model!r} does not exist (and it is not a Hugging Face hub id such as "
+            "'black-forest-labs/FLUX.1-dev')"
+        )
     try:
         from huggingface_hub import snapshot_download
 

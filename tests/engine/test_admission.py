@@ -100,7 +100,7 @@ def test_defaults_are_filled_before_the_pipeline_runs(engines):
     omni = engines("flux")
     req = OmniDiffusionRequest(prompts=[PromptInput(prompt="a", seed=0)], sampling_params=OmniDiffusionSamplingParams())
     sp = omni.engine.admit(req).sampling_params
-    defaults = omni.engine.spec.defaults
+    # The tiny checkpoint's own defaults (model_index.json) over FLUX's (guidance 3.5, T5 limit 512).
     assert (sp.height, sp.width, sp.num_inference_steps, sp.guidance_scale, sp.max_sequence_length) == (
-        defaults["height"], defaults["width"], 28, 3.5, 512)
+        32, 32, 4, 3.5, 512)
     assert sp.strength is None  # an image-to-image default, not used without an image

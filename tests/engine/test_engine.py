@@ -4,12 +4,16 @@ import pytest
 
 from diffserve.config import OmniDiffusionConfig
 from diffserve.engine.engine import DiffusionEngine
+from diffserve.engine.cost import CostProfile
 from diffserve.engine.executor import Executor
 from diffserve.engine.scheduler import Scheduler
 from diffserve.models.spec import SamplingSpec
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
 
-SPEC = SamplingSpec(modality="image", params=frozenset({"height", "width"}), defaults={"height": 16, "width": 16},
+COST = CostProfile(params=1000, self_attention_width=64, cross_attention_width=0, flops_per_s=1e10, ranks=1,
+                   device="cpu")
+SPEC = SamplingSpec(modality="image", params=frozenset({"height", "width", "num_inference_steps", "guidance_scale"}),
+                    defaults={"height": 16, "width": 16, "num_inference_steps": 1, "guidance_scale": 1.0},
                     cfg="guidance", model="EchoPipeline")
 
 
@@ -34,8 +38,7 @@ class EchoExecutor(Executor):
         return DiffusionOutput(images=[p.prompt for p in req.prompts], metrics={"pipeline_s": 0.1})
 
     def collective_rpc(self, method, *args):
-        assert method == "sampling_spec"
-        return [SPEC]
+        return [{"sampling_spec": SPEC, "cost_profile": COST}[method]]
 
     def start_profile(self, trace_dir): ...
     def stop_profile(self): return []
@@ -80,3 +83,20 @@ def test_failing_request_does_not_fail_its_batch(engine):
 def test_invalid_request_is_marked_as_such(engine):
     out = engine.generate([request("bad")])[0]
     assert out.error_type == "invalid_request" and "multiple of 16" in out.error
+
+
+def test_a_large_request_is_announced_before_it_runs(engine, caplog):
+    engine.generate([request("small")])
+    assert "is large for this" not in caplog.text
+    engine.generate([request("big", height=2048, width=2048)])
+    assert "this request (2048x2048, 1 steps) is large for this cpu" in caplog.text
+    assert "lower height, width, num_inference_steps to make it faster" in caplog.text
+
+
+def test_the_work_estimate_grows_with_size_steps_and_cfg(engine):
+    def seconds(**kw):
+        return engine.estimate_seconds(engine.admit(request("x", **kw)))
+
+    base = seconds(height=64, width=64, guidance_scale=1.0)
+    assert seconds(height=128, width=128, guidance_scale=1.0) > 4 * base  # attention is quadratic in tokens
+    assert seconds(height=64, width=64, guidance_scale=3.0) == 2 * base  # CFG doubles the forwards

@@ -40,6 +40,50 @@ def test_a_parameter_the_model_does_not_use_is_one_line_and_exit_2(capsys):
     assert "Traceback" not in err
 
 
+def test_user_errors_are_one_line_without_a_traceback(tiny_checkpoint, tmp_path):
+    cases = [
+        (["generate", "x", "--device", "cuda"], "error: device 'cuda' was asked for but CUDA is not available"),
+        (["generate", "x", "--model", str(tmp_path / "missing")], "does not exist (and it is not a Hugging Face hub id"),
+        (["generate", "x", "-o", str(tmp_path / "x.gif"), "--steps", "1"],
+         "cannot write image output to", ),
+    ]
+    for args, message in cases:
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+
+
+def test_a_video_can_be_written_as_mp4_gif_or_webp(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("wan2.1-t2v")
+    for ext in ("mp4", "gif", "webp"):
+        out = tmp_path / f"v.{ext}"
+        assert main(["generate", "--model", path, "x", "-o", str(out), "--steps", "1",
+                     "--disable-progress-bar"]) == 0
+        frames = Image.open(out).n_frames if ext != "mp4" else None
+        assert out.stat().st_size > 0 and frames in (None, 5)
+
+
+def test_help_does_not_import_torch_and_shows_real_defaults_only():
+    code = ("import sys\nfrom diffserve.entrypoints.cli import main\n"
+            "for args in (['--help'], ['generate', '--help'], ['serve', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            "print('TORCH', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "TORCH False" in result.stdout, result.stdout[-500:] + result.stderr
+    assert "(default: None)" not in result.stdout and "(default 4) (default" not in result.stdout
+    assert "(default: 8000)" in result.stdout  # a real default is shown once
+
+
+def test_tiny_checkpoints_run_small_by_default(tiny_checkpoint, tmp_path):
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--model", tiny_checkpoint("wan2.1-t2v"), "x", "-o", str(out),
+                 "--disable-progress-bar"]) == 0
+    from diffserve.media import decode_video
+
+    frames, _ = decode_video(str(out))
+    assert frames.shape == (5, 32, 32, 3)  # make-tiny's defaults, not Wan's 81 frames at 832x480
+
+
 def test_help_documents_commands_and_flags():
     result = run_cli("--help")
     assert result.returncode == 0 and "generate" in result.stdout and "make-tiny" in result.stdout

@@ -49,8 +49,9 @@ class Server:
                 self.proc.kill()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_server():
+    """Start servers for one test module; all of them stop when the module's tests are done."""
     servers = []
 
     def start(model: str, *args: str) -> Server:

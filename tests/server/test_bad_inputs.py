@@ -102,3 +102,29 @@ def test_oversized_chunked_body_is_413(flux_server):
                    timeout=60)
     assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
     assert httpx.get(f"{flux_server.url}/health").status_code == 200
+
+
+MESSAGES = [
+    # (id, request kwargs, expected param, text the message must contain)
+    ("size_out_of_range", {"json": {"prompt": "x", "size": "100000x100000"}}, "size", "size 100000x100000 is out of range"),
+    ("size_format", {"json": {"prompt": "x", "size": "big"}}, "size", "size must look like '1024x768'"),
+    ("size_not_multiple", {"json": {"prompt": "x", "size": "30x30", "num_inference_steps": 1}}, "height",
+     "height=30 is not supported by FluxPipeline: it must be a multiple of 4"),
+    ("compression_out_of_range", {"json": {"prompt": "x", "output_compression": 101}}, "output_compression",
+     "output_compression: Input should be less than or equal to 100"),
+    ("json_without_content_type", {"content": b'{"prompt": "x"}'}, None,
+     "this endpoint takes a JSON body with 'Content-Type: application/json' (got 'no content type')"),
+    ("audio_on_image_model", {"json": {"prompt": "rain"}, "path": "/v1/audio/generations"}, "model",
+     "/v1/audio/generations needs an audio model"),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, param, text", MESSAGES, ids=[m[0] for m in MESSAGES])
+def test_errors_say_what_was_wrong_and_name_the_field(flux_server, name, kwargs, param, text):
+    kwargs = dict(kwargs)
+    path = kwargs.pop("path", GEN)
+    r = httpx.post(f"{flux_server.url}{path}", timeout=60, **kwargs)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert text in error["message"] and "Value error" not in error["message"], error
+    assert error["param"] == param

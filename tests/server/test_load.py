@@ -27,23 +27,14 @@ def _batch_histogram(url: str) -> tuple[float, float]:
     return count, single
 
 
-def test_batching_raises_throughput(start_server, tiny_flux):
-    batched = start_server(tiny_flux, "--max-batch-size", "8", "--batch-wait-ms", "20", "--max-queue", "128")
-    serial = start_server(tiny_flux, "--max-batch-size", "1", "--max-queue", "128")
-    for server in (batched, serial):  # warm up
-        asyncio.run(_burst(server.url, 4))
-    times = {batched.url: [], serial.url: []}
-    for _ in range(2):  # alternate, and keep each server's best: other load on the machine is noise
-        for server in (batched, serial):
-            elapsed, codes = asyncio.run(_burst(server.url, 64))
-            assert codes == [200] * 64
-            times[server.url].append(elapsed)
-    t_batched, t_serial = min(times[batched.url]), min(times[serial.url])
-    batches, single = _batch_histogram(batched.url)
+def test_concurrent_requests_are_batched(start_server, tiny_flux):
+    """64 concurrent requests all succeed, and some pipeline calls carry several prompts (the speed
+    this buys is measured by benchmarks/bench_server_batching.py, not asserted here)."""
+    server = start_server(tiny_flux, "--max-batch-size", "8", "--batch-wait-ms", "20", "--max-queue", "128")
+    _, codes = asyncio.run(_burst(server.url, 64))
+    assert codes == [200] * 64
+    batches, single = _batch_histogram(server.url)
     assert single < batches  # some pipeline calls carried more than one prompt
-    speedup = t_serial / t_batched
-    print(f"64 requests: batched {t_batched:.2f} s, max-batch-size 1 {t_serial:.2f} s, {speedup:.2f}x")
-    assert speedup >= 1.5
 
 
 def test_full_queue_answers_429(start_server, tiny_flux):

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffserve.models.spec import DEFAULTS_KEY
 from diffserve.models.demo_dit.configs import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NUM_INFERENCE_STEPS,
@@ -383,7 +384,8 @@ def save_pipeline(
     default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
 ) -> str:
     """Write the diffusers-style folder: model_index.json, transformer/, text_encoder/, tokenizer/,
-    scheduler/. The sampling defaults go into model_index.json, where the pipeline reads them."""
+    scheduler/. The sampling defaults go into model_index.json's `_diffserve_defaults`, which the engine
+    uses when a request gives none."""
     from diffserve import __version__
 
     _write_json(
@@ -395,8 +397,7 @@ def save_pipeline(
             "text_encoder": ["diffserve", text_encoder.config._class_name],
             "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "default_num_inference_steps": int(default_steps),
-            "default_guidance_scale": float(default_guidance_scale),
+            DEFAULTS_KEY: {"num_inference_steps": int(default_steps), "guidance_scale": float(default_guidance_scale)},
         },
     )
     for name, module, weights_file in (
@@ -437,8 +438,8 @@ def load_pipeline(
         text_encoder=text_encoder.to(device, dtype).eval(),
         tokenizer=PreTrainedTokenizerFast.from_pretrained(os.path.join(folder, "tokenizer")),
         shift=shift,
-        default_steps=index.get("default_num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS),
-        default_guidance_scale=index.get("default_guidance_scale", DEFAULT_GUIDANCE_SCALE),
+        default_steps=index.get(DEFAULTS_KEY, {}).get("num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS),
+        default_guidance_scale=index.get(DEFAULTS_KEY, {}).get("guidance_scale", DEFAULT_GUIDANCE_SCALE),
     )
 
 

@@ -9,6 +9,7 @@ from typing import Callable
 
 from diffserve.config import OmniDiffusionConfig
 from diffserve.engine.admission import admit
+from diffserve.engine.cost import CostProfile, describe_request, estimate_seconds, smaller_request_hint
 from diffserve.engine.executor import Executor, make_executor
 from diffserve.engine.scheduler import Scheduler, merge_requests, split_output
 from diffserve.models.spec import SamplingSpec
@@ -16,6 +17,17 @@ from diffserve.registry import resolve_model
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)
+
+# Offline requests estimated above this many seconds of denoising get a warning before they run.
+LARGE_REQUEST_S = 60.0
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class RequestAborted(Exception):
@@ -41,6 +53,20 @@ class DiffusionEngine:
         self.executor = executor or make_executor(od_config)
         # What the loaded model takes: every request is admitted against it before it is queued.
         self.spec: SamplingSpec = self.executor.collective_rpc("sampling_spec")[0]
+        self.cost: CostProfile = self.executor.collective_rpc("cost_profile")[0]
+
+    def estimate_seconds(self, req: OmniDiffusionRequest) -> float:
+        """Rough denoising time of an admitted request on this engine's devices."""
+        return estimate_seconds(self.spec, self.cost, req)
+
+    def warn_if_large(self, req: OmniDiffusionRequest) -> None:
+        seconds = self.estimate_seconds(req)
+        if seconds > LARGE_REQUEST_S:
+            logger.warning(
+                "this request (%s) is large for this %s: about %s of denoising; %s to make it faster",
+                describe_request(self.spec, req), self.cost.device, format_duration(seconds),
+                smaller_request_hint(self.spec),
+            )
 
     def admit(self, req: OmniDiffusionRequest) -> OmniDiffusionRequest:
         """`req` resolved against the model's spec (what run_batch takes), or InvalidRequestError."""
@@ -54,6 +80,7 @@ class DiffusionEngine:
         compatible ones; one output per request, in order."""
         scheduler = self.make_scheduler()
         for req in [scheduler.admit(req) for req in requests]:
+            self.warn_if_large(req)
             scheduler.add(req)
         results: dict[str, DiffusionOutput] = {}
         while (batch := scheduler.start_batch()) is not None:

@@ -17,6 +17,7 @@ from diffserve.distributed import parallel_state as ps
 from diffserve.distributed.hsdp import apply_hsdp
 from diffserve.distributed.sequence_parallel import apply_sequence_parallel
 from diffserve.distributed.vae_patch import apply_vae_tiling
+from diffserve.engine.cost import CostProfile, profile_denoisers
 from diffserve.layers.attention import select_attention_backend, set_attention_backend
 from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.interface import discover_components
@@ -128,6 +129,13 @@ class DiffusionWorker:
         if self.cache_backend is not None:
             output.metrics.update(self.cache_backend.request_metrics())
         return output
+
+    def cost_profile(self) -> CostProfile:
+        """What the engine needs to estimate a request's work (see diffserve.engine.cost)."""
+        pc = self.od_config.parallel_config
+        ranks = pc.tensor_parallel_size * pc.sequence_parallel_size * pc.cfg_parallel_size
+        denoisers = list(discover_components(self.pipeline)["dit"].values())
+        return profile_denoisers(denoisers, self.device, self.od_config.torch_dtype, pc.tensor_parallel_size, ranks)
 
     def dit_param_bytes(self) -> dict[str, int]:
         """Per denoiser module, the parameter bytes this rank holds."""

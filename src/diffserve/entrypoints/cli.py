@@ -1,4 +1,7 @@
-"""The `diffserve` command line: generate, make-tiny, models."""
+"""The `diffserve` command line: generate, serve, make-tiny, models.
+
+`--help` imports nothing heavy (no torch): each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -20,21 +23,28 @@ ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--ulysses-degree", "ulysses_degree", int, "Ulysses sequence parallel degree"),
     ("--ring-degree", "ring_degree", int, "ring sequence parallel degree"),
     ("--cfg-parallel-size", "cfg_parallel_size", int, "1, or 2 to run the CFG branches on two ranks"),
-    ("--data-parallel-size", "data_parallel_size", int, "data parallel degree"),
     ("--vae-patch-parallel-size", "vae_patch_parallel_size", int, "ranks that share the tiled VAE decode"),
     ("--hsdp-shard-size", "hsdp_shard_size", int, "HSDP shard group size (-1: all ranks)"),
     ("--hsdp-replicate-size", "hsdp_replicate_size", int, "HSDP replica count"),
-    ("--cache-backend", "cache_backend", str, "cache_dit or tea_cache"),
+    ("--cache-backend", "cache_backend", str, "step cache: cache_dit or tea_cache (default none)"),
     ("--profile-dir", "profile_dir", str, "where profiler traces go"),
 ]
 ENGINE_SWITCHES: list[tuple[str, str, str]] = [
     ("--enforce-eager", "enforce_eager", "do not torch.compile the transformer blocks"),
     ("--use-hsdp", "use_hsdp", "shard the transformer weights with FSDP2 (HSDP)"),
-    ("--enable-cpu-offload", "enable_cpu_offload", "keep only the active component on the GPU"),
-    ("--enable-layerwise-offload", "enable_layerwise_offload", "stream transformer blocks to the GPU"),
     ("--vae-use-tiling", "vae_use_tiling", "decode large latents in overlapping tiles (less memory)"),
     ("--disable-progress-bar", "disable_progress_bar", "no progress bar"),
 ]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it is a real value (engine flags default to None: the config's
+    default applies, which their help text states)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -68,24 +78,22 @@ def load_image_arg(path: str):
         raise ValueError(f"cannot read --image {path!r}: {exc}") from exc
 
 
-def save_outputs(output, path: str | None, fps_flag: int | None) -> list[str]:
-    """Write images as given (PNG by default) or videos as MP4 at --fps (else the model's rate)."""
-    if output.frames is None:
-        paths = output_paths(path or "output.png", len(output.images))
-        for image, p in zip(output.images, paths):
-            os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
-            image.save(p)
-        return paths
-    from diffserve.media import write_mp4
+DEFAULT_OUTPUT = {"image": "output.png", "video": "output.mp4"}
 
-    path = path or "output.mp4"
-    if not path.lower().endswith(".mp4"):
-        path = os.path.splitext(path)[0] + ".mp4"  # the output is a video whatever the name said
-    fps = fps_flag or output.metrics.get("fps") or 16
-    paths = output_paths(path, len(output.frames))
-    for frames, p in zip(output.frames, paths):
+
+def save_outputs(output, path: str, modality: str) -> list[str]:
+    """Write images (PNG/JPEG/WebP by extension) or videos (MP4, animated GIF/WebP) at the rate the
+    model ran with."""
+    from diffserve.media import write_video
+
+    items = output.frames if modality == "video" else output.images
+    paths = output_paths(path, len(items))
+    for item, p in zip(items, paths):
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
-        write_mp4(p, frames, fps)
+        if modality == "video":
+            write_video(p, item, output.metrics["fps"])
+        else:
+            item.save(p)
     return paths
 
 
@@ -110,16 +118,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         guidance_scale_2=args.guidance_scale_2,
         strength=args.strength,
     )
-    model = args.model
-    if model is None:
-        from diffserve.assets import default_model_path
+    from diffserve.media import check_output_path
 
-        model = default_model_path()
-    with Omni(model, **engine_kwargs(args)) as omni:
+    with Omni(args.model, **engine_kwargs(args)) as omni:
+        modality = omni.engine.spec.modality
+        path = args.output or DEFAULT_OUTPUT[modality]
+        check_output_path(path, modality)  # before the work, not after
         start = time.perf_counter()
         output = omni.generate(prompt, params)[0]
         elapsed = time.perf_counter() - start
-    paths = save_outputs(output, args.output, args.fps)
+    paths = save_outputs(output, path, modality)
     print(f"wrote {', '.join(paths)} (seed {output.seed}, {elapsed:.2f} s)")
     return 0
 
@@ -129,13 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from diffserve.server.launch import build_server, run_server
 
     configure_logging()
-    model = args.model
-    if model is None:
-        from diffserve.assets import default_model_path
-
-        model = default_model_path()
     app, state = build_server(
-        model,
+        args.model,
         engine_kwargs(args),
         served_model_name=args.served_model_name,
         api_key=args.api_key or os.environ.get("DIFFSERVE_API_KEY"),
@@ -181,17 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate an image or a video from a prompt",
         description="Generate an image (PNG) or, with a video model, a video (MP4) from a prompt and save it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     gen.add_argument("prompt", help="the text prompt")
     gen.add_argument(
         "--model",
-        default=None,
-        help="checkpoint folder (diffusers layout) or hub id; unset: the built-in demo model (64x64 coloured shapes)",
+        default="demo",
+        help="checkpoint folder (diffusers layout), hub id, or demo: the built-in demo model (64x64 coloured shapes)",
     )
     gen.add_argument(
         "-o", "--output", default=None,
-        help="output file (default output.png, or output.mp4 for video models); several outputs get _1, _2, ...",
+        help="output file: .png/.jpg/.webp for images, .mp4/.gif/.webp for videos (default output.png or "
+             "output.mp4); several outputs get _1, _2, ...",
     )
     gen.add_argument("--negative-prompt", default=None, help="negative prompt (true CFG with --true-cfg-scale > 1)")
     gen.add_argument("--height", type=int, default=None, help="image height (model default if unset)")
@@ -229,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over an OpenAI-compatible HTTP API (images, image edits, video jobs, audio).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    serve.add_argument("model", nargs="?", default=None,
-                       help="checkpoint folder or hub id; unset: the built-in demo model")
+    serve.add_argument("model", nargs="?", default="demo",
+                       help="checkpoint folder, hub id, or demo: the built-in demo model")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", default=None,

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 from diffserve.config import OmniDiffusionConfig
 from diffserve.engine.engine import DiffusionEngine
+from diffserve.registry import DEMO_MODEL
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
 
 PromptLike = str | dict[str, Any]
@@ -19,11 +20,12 @@ class Omni:
     >>> out = omni.generate("a fox", OmniDiffusionSamplingParams(height=512, width=512, seed=0))
     >>> out[0].images[0].save("fox.png")
 
-    Keywords are the fields of OmniDiffusionConfig and DiffusionParallelConfig; an unknown keyword is
-    an error that names it.
+    `model` is a folder in the diffusers layout, a Hugging Face hub id, or "demo" (the default): the
+    built-in demo model, which draws coloured shapes on a CPU. Keywords are the fields of
+    OmniDiffusionConfig and DiffusionParallelConfig; an unknown keyword is an error that names it.
     """
 
-    def __init__(self, model: str, **kwargs: Any):
+    def __init__(self, model: str = DEMO_MODEL, **kwargs: Any):
         self.od_config = OmniDiffusionConfig.from_kwargs(model, **kwargs)
         self.engine: DiffusionEngine | None = DiffusionEngine(self.od_config)
 

@@ -24,7 +24,7 @@ from diffserve.distributed.cfg_parallel import CFGParallelMixin
 from diffserve.loader import AutoWeightsLoader
 from diffserve.models.interface import SupportsComponentDiscovery
 from diffserve.models.progress_bar import ProgressBarMixin
-from diffserve.models.spec import SamplingSpec
+from diffserve.models.spec import DEFAULTS_KEY, SamplingSpec
 from diffserve.models.stage_timer import StageTimer
 from diffserve.request import OmniDiffusionRequest
 
@@ -47,10 +47,19 @@ class DiffusionPipelineBase(nn.Module, CFGParallelMixin, ProgressBarMixin, Suppo
 
     @functools.cached_property
     def spec(self) -> SamplingSpec:
+        """`sampling_spec()`, with the checkpoint's own defaults (model_index.json DEFAULTS_KEY) applied."""
+        name = type(self).__name__
         spec = self.sampling_spec()
         if getattr(self, "support_image_input", False) and not spec.takes_images:
-            raise TypeError(f"{type(self).__name__} is marked SupportImageInput but its SamplingSpec takes no images")
-        return spec if spec.model else spec.replace(model=type(self).__name__)
+            raise TypeError(f"{name} is marked SupportImageInput but its SamplingSpec takes no images")
+        overrides = self.od_config.model_config.get(DEFAULTS_KEY, {})
+        unknown = sorted(set(overrides) - spec.accepted_params)
+        if unknown:
+            raise ValueError(
+                f"{self.od_config.model}: model_index.json {DEFAULTS_KEY} sets {unknown}, which {name} does not "
+                f"take; it takes: {', '.join(sorted(spec.accepted_params))}"
+            )
+        return spec.replace(model=spec.model or name, defaults={**spec.defaults, **overrides})
 
     # -- shared input handling ----------------------------------------------------------------------
 

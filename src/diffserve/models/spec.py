@@ -24,6 +24,10 @@ MODALITIES = ("image", "video", "audio")
 #   the model takes it, is a distilled embedding (FLUX, Qwen-Image).
 CFG_MODES = (None, "guidance", "true_cfg")
 
+# model_index.json key whose {parameter: value} replace the pipeline's defaults for that checkpoint
+# (tiny test checkpoints run small by default; the demo model stores the settings it was tuned for).
+DEFAULTS_KEY = "_diffserve_defaults"
+
 # Parameters every model takes: they do not change what the model computes per sample.
 UNIVERSAL_PARAMS = frozenset({"seed", "num_outputs_per_prompt", "output_type"})
 
@@ -67,6 +71,8 @@ class SamplingSpec:
     frames_multiple: int | None = None
     # The text encoder's token limit (max_sequence_length may not exceed it).
     max_sequence_length: int | None = None
+    # Latent tokens per sample when they do not follow the output size (audio); for the work estimate.
+    fixed_tokens: int | None = None
     # The pipeline class, for messages (filled by DiffusionPipelineBase.spec).
     model: str = ""
 

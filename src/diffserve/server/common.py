@@ -55,7 +55,7 @@ def require_modality(state: ServerState, modality: str, endpoint: str) -> None:
         right = ENDPOINTS_BY_MODALITY.get(served, "another endpoint")
         raise APIError(
             400,
-            f"{endpoint} needs a {modality} model, but {state.config.served_model_name!r} generates {served}; "
+            f"{endpoint} needs {'an' if modality[0] in 'aeiou' else 'a'} {modality} model, but {state.config.served_model_name!r} generates {served}; "
             f"use {right}",
             "model",
             "wrong_endpoint_for_model",

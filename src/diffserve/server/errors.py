@@ -60,6 +60,12 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
+        content_type = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in content_type:
+            return error_response(
+                400, f"this endpoint takes a JSON body with 'Content-Type: application/json' "
+                     f"(got {content_type or 'no content type'!r})",
+            )
         message, param = describe_validation_errors(exc.errors())
         return error_response(400, message, param)
 

@@ -9,6 +9,7 @@ from typing import Any
 from diffserve.config import OmniDiffusionConfig
 from diffserve.engine.async_engine import AsyncDiffusionEngine
 from diffserve.engine.engine import DiffusionEngine
+from diffserve.registry import DEMO_MODEL
 from diffserve.server.app import ServerConfig, ServerState, build_app
 from diffserve.server.jobs import VideoJobStore
 
@@ -16,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_server(
-    model: str,
+    model: str = DEMO_MODEL,
     engine_kwargs: dict[str, Any] | None = None,
     *,
     served_model_name: str | None = None,
@@ -31,7 +32,8 @@ def build_server(
     od_config = OmniDiffusionConfig.from_kwargs(model, **(engine_kwargs or {}))
     engine = DiffusionEngine(od_config)
     config = ServerConfig(
-        served_model_name=served_model_name or os.path.basename(os.path.normpath(od_config.model)),
+        served_model_name=served_model_name or (DEMO_MODEL if model == DEMO_MODEL
+                                                else os.path.basename(os.path.normpath(od_config.model))),
         api_key=api_key,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         request_timeout_s=request_timeout_s,

@@ -16,7 +16,7 @@ from diffserve.request import MAX_SEED
 MAX_PROMPT_CHARS = 20000
 MAX_STEPS = 1000
 MAX_SIDE = 4096
-SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
 
 
 def _number(value: Any) -> Any:

@@ -135,3 +135,9 @@ def test_missing_text_encoder_weights_are_named(tiny_demo_dit, tmp_path):
     save_file(state, str(weights))
     with pytest.raises(WeightLoadingError, match="text_encoder.final_norm.weight"):
         Omni(str(broken), dtype="float32", device="cpu")
+
+
+def test_unknown_words_are_named_with_the_vocabulary(demo_omni, caplog):
+    demo_omni.generate("a pink elephant circle", params(num_inference_steps=1))
+    assert "does not know the word(s) 'pink', 'elephant'" in caplog.text
+    assert "it knows: a above background below blue circle" in caplog.text

@@ -57,7 +57,7 @@ def test_smoke_run_writes_a_loadable_checkpoint_and_report(smoke_run):
     assert info["steps"] == 6 and info["parameters"]["total"] > 0 and "--steps 6" in info["reproduce_command"]
     assert Image.open(os.path.join(report, "loss_curve.png")).size == (900, 500)
     index = json.load(open(os.path.join(out, "model_index.json")))
-    assert index["_class_name"] == "DiffservePixelDiTPipeline" and index["default_guidance_scale"] == 4.0
+    assert index["_class_name"] == "DiffservePixelDiTPipeline" and index["_diffserve_defaults"]["guidance_scale"] == 4.0
     with Omni(str(out), dtype="float32", device="cpu", disable_progress_bar=True) as omni:
         image = omni.generate(
             {"prompt": "a red circle above a blue square", "seed": 0},

@@ -100,9 +100,6 @@ class DiffservePixelDiTPipeline(DiffusionPipelineBase):
                 model_or_path=path, subfolder="text_encoder", prefix="text_encoder.", fall_back_to_pt=False
             ),
         ]
-        index = od_config.model_config
-        self.default_num_inference_steps = int(index.get("default_num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS))
-        self.default_guidance_scale = float(index.get("default_guidance_scale", DEFAULT_GUIDANCE_SCALE))
 
     @property
     def patch_size(self) -> int:
@@ -114,8 +111,9 @@ class DiffservePixelDiTPipeline(DiffusionPipelineBase):
         return SamplingSpec(
             modality="image",
             params=frozenset({"height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length"}),
-            defaults={"height": size, "width": size, "num_inference_steps": self.default_num_inference_steps,
-                      "guidance_scale": self.default_guidance_scale, "max_sequence_length": max_length},
+            # The checkpoint states the settings it was tuned for (model_index.json _diffserve_defaults).
+            defaults={"height": size, "width": size, "num_inference_steps": DEFAULT_NUM_INFERENCE_STEPS,
+                      "guidance_scale": DEFAULT_GUIDANCE_SCALE, "max_sequence_length": max_length},
             cfg="guidance",
             # Trained at sample_size; RoPE lets it run smaller or larger, within reason.
             size_multiple=self.patch_size,
