@@ -41,7 +41,14 @@ def as_uint8_frames(frames: Any) -> np.ndarray:
 
 
 def encode_mp4(frames: Any, fps: int | float, crf: int = 18) -> bytes:
-    """Encode a video (uint8 [F, H, W, 3], or float in [0, 1]) as H.264 MP4 bytes at `fps`.
+    """Encode a video (uint8 [F, H, W, 3], or float in [0, 1]) as H.264 MP4 bytes at `fps`."""
+    buffer = io.BytesIO()
+    _encode_mp4(buffer, frames, fps, crf)
+    return buffer.getvalue()
+
+
+def _encode_mp4(target, frames: Any, fps: int | float, crf: int) -> None:
+    """H.264 into `target` (a path or a file object), frame by frame.
 
     Even frame sizes use yuv420p, which every player decodes; odd sizes cannot be chroma-subsampled
     and use yuv444p instead. `crf` is x264's quality (0 lossless, 18 visually lossless, 23 default).
@@ -51,8 +58,7 @@ def encode_mp4(frames: Any, fps: int | float, crf: int = 18) -> bytes:
     av = _import_av()
     video = as_uint8_frames(frames)
     _, height, width, _ = video.shape
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
+    with av.open(target, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
@@ -60,13 +66,11 @@ def encode_mp4(frames: Any, fps: int | float, crf: int = 18) -> bytes:
         for image in video:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(stream.encode())  # flush the frames the encoder still holds
-    return buffer.getvalue()
 
 
 def write_mp4(path: str, frames: Any, fps: int | float, crf: int = 18) -> None:
-    data = encode_mp4(frames, fps, crf)
-    with open(path, "wb") as f:
-        f.write(data)
+    """Encode straight into the file (no whole video in memory)."""
+    _encode_mp4(path, frames, fps, crf)
 
 
 def decode_video(data: bytes | str) -> tuple[np.ndarray, float]:

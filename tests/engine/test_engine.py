@@ -40,6 +40,7 @@ class EchoExecutor(Executor):
     def collective_rpc(self, method, *args):
         return [{"sampling_spec": SPEC, "cost_profile": COST}[method]]
 
+    def request_abort(self): ...
     def start_profile(self, trace_dir): ...
     def stop_profile(self): return []
     def is_healthy(self): return True

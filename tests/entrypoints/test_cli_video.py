@@ -30,7 +30,7 @@ def test_text_to_video_mp4_has_the_requested_frames_size_and_fps(tiny_checkpoint
 def test_image_to_video_with_image_flag_and_model_fps(tiny_checkpoint, tmp_path):
     image = tmp_path / "first.png"
     wan_test_image(0).save(image)
-    out = tmp_path / "clip.png"  # a video model writes MP4 whatever the extension asked for
+    out = tmp_path / "clip.mp4"
     assert main(["generate", "--model", tiny_checkpoint("wan2.2-i2v"), "the cat walks", "--image", str(image),
                  "-o", str(out), "--num-frames", "5", "--height", "48", "--width", "32", "--steps", "2",
                  "--guidance-scale", "3", "--guidance-scale-2", "2", "--max-sequence-length", "16",

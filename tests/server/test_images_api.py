@@ -51,11 +51,16 @@ def test_models_health_and_metrics(flux_server):
     assert models["data"][0]["id"] == "tiny-flux" and models["data"][0]["modality"] == "image"
     assert httpx.get(f"{flux_server.url}/v1/models/tiny-flux").status_code == 200
     assert httpx.get(f"{flux_server.url}/v1/models/other").status_code == 404
-    assert httpx.get(f"{flux_server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{flux_server.url}/health").json()["status"] in ("ready", "busy")
     text = httpx.get(f"{flux_server.url}/metrics").text
     for name in ("diffserve_requests_total", "diffserve_queue_depth", "diffserve_batch_size",
-                 "diffserve_denoise_step_seconds", "diffserve_request_seconds", "diffserve_outputs_total"):
+                 "diffserve_denoise_step_seconds", "diffserve_request_seconds", "diffserve_outputs_total",
+                 "diffserve_running_requests", "diffserve_queue_wait_seconds", "diffserve_denoise_steps_completed",
+                 'diffserve_engine_state{state="ready"}', "diffserve_process_resident_bytes"):
         assert name in text
+    # Labels are route templates, whatever paths clients send.
+    httpx.get(f"{flux_server.url}/v1/videos/made-up-id-123")
+    assert "made-up-id-123" not in httpx.get(f"{flux_server.url}/metrics").text
 
 
 def test_wrong_endpoints_for_an_image_model(flux_server):
@@ -64,7 +69,7 @@ def test_wrong_endpoints_for_an_image_model(flux_server):
         client.videos.create(prompt="a cat surfing")
     assert getattr(err.value, "status_code", None) == 400
     r = httpx.post(f"{flux_server.url}/v1/audio/generations", json={"prompt": "rain"})
-    assert r.status_code == 400 and "needs a audio model" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "needs an audio model" in r.json()["error"]["message"]
 
 
 def test_api_key(start_server, tiny_flux):

@@ -67,7 +67,7 @@ def _single(name: str) -> GroupCoordinator:
 
 
 _GROUPS: dict[str, GroupCoordinator] = {
-    name: _single(name) for name in ("tp", "sp", "ulysses", "ring", "cfg", "dp", "vae", "world")
+    name: _single(name) for name in ("tp", "sp", "ulysses", "ring", "cfg", "dp", "vae", "world", "control")
 }
 _HSDP_MESH = None
 
@@ -103,6 +103,22 @@ def get_vae_group() -> GroupCoordinator:
 
 def get_world_group() -> GroupCoordinator:
     return _GROUPS["world"]
+
+
+def get_control_group() -> GroupCoordinator:
+    """Every rank, over gloo on the host: decisions all ranks must take together (stop a request at
+    this step) cost a few microseconds there and never synchronize a GPU stream."""
+    return _GROUPS["control"]
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank (every rank must call this at the same point)."""
+    control = get_control_group()
+    if control.world_size == 1:
+        return flag
+    votes = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=control.group)
+    return bool(votes.item())  # a host tensor: no device synchronization
 
 
 def get_hsdp_mesh():
@@ -185,6 +201,9 @@ def initialize_model_parallel(parallel_config, device_type: str) -> None:
             group = dist.new_group(ranks) if name != "world" else dist.group.WORLD
             if rank in ranks:
                 _GROUPS[name] = GroupCoordinator(name=name, ranks=ranks, rank_in_group=ranks.index(rank), group=group)
+    world_ranks = list(range(world_size))
+    control = dist.new_group(world_ranks, backend="gloo") if world_size > 1 else None
+    _GROUPS["control"] = GroupCoordinator("control", ranks=world_ranks, rank_in_group=rank, group=control)
     # VAE patch parallel is not a dimension of the layout: consecutive blocks of ranks each decode
     # the (identical) latents together.
     vae_size = parallel_config.vae_patch_parallel_size

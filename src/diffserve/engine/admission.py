@@ -78,8 +78,11 @@ def check_images(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
 
 
 def _size_from_image(spec: SamplingSpec, req: OmniDiffusionRequest) -> dict[str, int]:
-    """The first input image's size, rounded down to the size multiple and clamped to the limits."""
+    """The first input image's size, scaled down to the pixel budget, rounded down to the size
+    multiple and clamped to the limits."""
     width, height = req.prompts[0].images[0].size
+    scale = min(1.0, (spec.images.default_max_pixels / (width * height)) ** 0.5)
+    width, height = int(width * scale), int(height * scale)
     m = spec.size_multiple
 
     def clamp(side: int) -> int:

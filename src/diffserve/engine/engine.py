@@ -10,6 +10,7 @@ from typing import Callable
 from diffserve.config import OmniDiffusionConfig
 from diffserve.engine.admission import admit
 from diffserve.engine.cost import CostProfile, describe_request, estimate_seconds, smaller_request_hint
+from diffserve.engine.errors import RequestAborted
 from diffserve.engine.executor import Executor, make_executor
 from diffserve.engine.scheduler import Scheduler, merge_requests, split_output
 from diffserve.models.spec import SamplingSpec
@@ -28,10 +29,6 @@ def format_duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-class RequestAborted(Exception):
-    """Raised (from a progress callback) to stop a request whose callers are gone."""
 
 
 def check_features_available(od_config: OmniDiffusionConfig) -> None:
@@ -136,6 +133,22 @@ class DiffusionEngine:
 
     def is_healthy(self) -> bool:
         return self.executor.is_healthy()
+
+    def describe(self, req: OmniDiffusionRequest) -> str:
+        return describe_request(self.spec, req)
+
+    def kill_workers(self) -> bool:
+        """Kill the worker processes of a wedged group (the running call then fails); False when the
+        workers live in this process and cannot be killed."""
+        return self.executor.kill()
+
+    def restart(self) -> None:
+        """Tear the worker group down and start it again with the same config (weights reloaded)."""
+        try:
+            self.executor.shutdown()
+        except Exception:
+            logger.exception("shutting the failed workers down")
+        self.executor = make_executor(self.od_config)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -25,6 +25,10 @@ class Executor(ABC):
         """Run `req` on every rank; rank 0's output. `progress(done, total)` follows the denoise steps."""
 
     @abstractmethod
+    def request_abort(self) -> None:
+        """Stop the running request at its next step (thread-safe; a no-op when nothing runs)."""
+
+    @abstractmethod
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         """Call `DiffusionWorker.<method>(*args)` on every rank; the results, by rank."""
 
@@ -36,6 +40,11 @@ class Executor(ABC):
 
     @abstractmethod
     def is_healthy(self) -> bool: ...
+
+    def kill(self) -> bool:
+        """Kill wedged worker processes so a blocked call fails; False if there are none to kill
+        (the worker runs in this process)."""
+        return False
 
     @abstractmethod
     def shutdown(self) -> None: ...
@@ -51,7 +60,13 @@ class InProcessExecutor(Executor):
         return self.worker
 
     def execute(self, req, progress=None) -> DiffusionOutput:
-        return self._live_worker().execute(req, progress)
+        worker = self._live_worker()
+        worker.abort_flag.value = 0
+        return worker.execute(req, progress)
+
+    def request_abort(self) -> None:
+        if self.worker is not None:
+            self.worker.abort_flag.value = 1
 
     def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         return [getattr(self._live_worker(), method)(*args)]
@@ -85,7 +100,9 @@ class TorchrunExecutor(InProcessExecutor):
         # Report what ran: the prompts here are shared with the caller's requests.
         for mine, theirs in zip(req.prompts, synced.prompts):
             mine.seed = theirs.seed
-        return self._live_worker().execute(synced, progress)
+        worker = self._live_worker()
+        worker.abort_flag.value = 0
+        return worker.execute(synced, progress)
 
     def shutdown(self) -> None:
         if self.worker is not None:

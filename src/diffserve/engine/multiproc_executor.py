@@ -31,6 +31,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
 from diffserve.config import OmniDiffusionConfig
+from diffserve.engine.errors import RequestAborted
 from diffserve.engine.executor import Executor
 from diffserve.request import DiffusionOutput
 
@@ -91,7 +92,9 @@ def _error_reply(exc: BaseException) -> tuple:
     return ("error", type(exc).__name__, str(exc), traceback.format_exc())
 
 
-def worker_main(od_config: OmniDiffusionConfig, rank: int, world_size: int, port: int, conn: Connection) -> None:
+def worker_main(
+    od_config: OmniDiffusionConfig, rank: int, world_size: int, port: int, conn: Connection, abort_flag
+) -> None:
     """Entry point of a spawned worker process."""
     _die_with_parent()
     from diffserve.logger import configure_logging
@@ -111,7 +114,7 @@ def worker_main(od_config: OmniDiffusionConfig, rank: int, world_size: int, port
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
         init_parallel_state(od_config, rank, world_size, local_rank=rank)
-        worker = DiffusionWorker(od_config, rank=rank, local_rank=rank)
+        worker = DiffusionWorker(od_config, rank=rank, local_rank=rank, abort_flag=abort_flag)
     except BaseException as exc:  # report, then exit: the parent raises it
         conn.send(_error_reply(exc))
         return
@@ -157,11 +160,14 @@ class MultiprocExecutor(Executor):
         self.procs: list[mp.Process] = []
         self.conns: list[Connection] = []
         self._healthy = True
+        # Shared with every worker: set to stop the running request at its next step (see
+        # DiffusionWorker._on_step, where the ranks agree on it).
+        self._abort = ctx.Value("b", 0, lock=False)
         for rank in range(self.world_size):
             parent_conn, child_conn = ctx.Pipe()
             proc = ctx.Process(
                 target=worker_main,
-                args=(od_config, rank, self.world_size, port, child_conn),
+                args=(od_config, rank, self.world_size, port, child_conn, self._abort),
                 name=f"diffserve-worker-{rank}",
                 daemon=True,
             )
@@ -267,8 +273,11 @@ class MultiprocExecutor(Executor):
         raise WorkerDiedError(reason)
 
     def execute(self, req, progress=None) -> DiffusionOutput:
-        # A running request cannot be aborted here: all ranks would have to stop at the same step.
+        self._abort.value = 0
         return self.collective_rpc("execute", req, progress=progress)[0]
+
+    def request_abort(self) -> None:
+        self._abort.value = 1
 
     def start_profile(self, trace_dir: str) -> None:
         self.collective_rpc("start_profile", trace_dir)
@@ -278,6 +287,13 @@ class MultiprocExecutor(Executor):
 
     def is_healthy(self) -> bool:
         return self._healthy and all(p.is_alive() for p in self.procs)
+
+    def kill(self) -> bool:
+        # Only the processes: the thread blocked in _gather sees them die and fails the call cleanly.
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+        return True
 
     def shutdown(self) -> None:
         self._healthy = False
@@ -315,6 +331,8 @@ def _shutdown_ref(ref: "weakref.ref[MultiprocExecutor]") -> None:
 
 def _as_local_error(exc: RemoteError, what: str) -> Exception:
     """Re-raise a worker's error in the engine process, keeping invalid input a ValueError."""
+    if exc.exc_type == "RequestAborted":
+        return RequestAborted(exc.message)
     if exc.exc_type in ("ValueError", "ModelResolutionError", "WeightLoadingError"):
         return ValueError(f"{exc.message} (rank {exc.rank})")
     if exc.exc_type == "TypeError":

@@ -104,6 +104,17 @@ class Scheduler:
                 batch.entries.append(entry)
                 size += entry.num_prompts
 
+    def remove(self, entry: ScheduledRequest) -> bool:
+        """Take `entry` out of the queue (its caller left); False if it is not waiting."""
+        try:
+            self._waiting.remove(entry)
+        except ValueError:
+            return False
+        return True
+
+    def waiting(self) -> list[ScheduledRequest]:
+        return list(self._waiting)
+
     def drain(self) -> list[ScheduledRequest]:
         """Remove and return everything still waiting (on shutdown)."""
         waiting = list(self._waiting)

@@ -18,9 +18,10 @@ from diffserve.distributed.hsdp import apply_hsdp
 from diffserve.distributed.sequence_parallel import apply_sequence_parallel
 from diffserve.distributed.vae_patch import apply_vae_tiling
 from diffserve.engine.cost import CostProfile, profile_denoisers
+from diffserve.engine.errors import RequestAborted
 from diffserve.layers.attention import select_attention_backend, set_attention_backend
 from diffserve.loader import DiffusersPipelineLoader
-from diffserve.models.interface import discover_components
+from diffserve.models.interface import discover_components, is_repeated_block
 from diffserve.models.outputs import POST_PROCESS
 from diffserve.models.spec import SamplingSpec
 from diffserve.registry import get_post_process_func, get_pre_process_func
@@ -56,10 +57,18 @@ def local_param_bytes(module: nn.Module) -> int:
     return total
 
 
+class AbortFlag:
+    """Set (value 1) from another thread to stop the running request; a worker process gets a
+    multiprocessing.Value with the same `value` attribute, shared with the engine."""
+
+    value: int = 0
+
+
 class DiffusionWorker:
-    def __init__(self, od_config: OmniDiffusionConfig, rank: int = 0, local_rank: int = 0):
+    def __init__(self, od_config: OmniDiffusionConfig, rank: int = 0, local_rank: int = 0, abort_flag=None):
         self.od_config = od_config
         self.rank = rank
+        self.abort_flag = abort_flag if abort_flag is not None else AbortFlag()
         self.device = init_device(od_config, local_rank)
         use_hsdp = od_config.parallel_config.use_hsdp
         # HSDP: load the full weights on the CPU, then shard them onto the device.
@@ -91,6 +100,38 @@ class DiffusionWorker:
         self.cache_backend = make_cache_backend(self.od_config)
         if self.cache_backend is not None:
             self.cache_backend.enable(self.pipeline)
+        if self.od_config.parallel_config.world_size == 1 and not self._blocks_compiled():
+            self._stop_between_blocks()
+
+    def _blocks_compiled(self) -> bool:
+        return not self.od_config.enforce_eager and self.device.type == "cuda"
+
+    def _stop_between_blocks(self) -> None:
+        """A very long step (a huge image on a CPU) stops at the next block, not only at the next step.
+        One process only: ranks could not agree at a block without a collective per block, and not on
+        compiled blocks, where the check would be traced."""
+
+        def check(module, args):
+            if self.abort_flag.value:
+                raise RequestAborted("the request was stopped")
+
+        for transformer in discover_components(self.pipeline)["dit"].values():
+            names = set(getattr(transformer, "_repeated_blocks", ()))
+            for module in transformer.modules():
+                if is_repeated_block(module, names):
+                    module.register_forward_pre_hook(check)
+
+    def _on_step(self, progress: Callable[[int, int], None] | None):
+        """The per-step callback: report progress (rank 0), then stop if any rank was told to; every
+        rank decides at the same step, so no rank is left waiting in a collective."""
+
+        def on_step(done: int, total: int) -> None:
+            if progress is not None:
+                progress(done, total)
+            if ps.any_rank(bool(self.abort_flag.value)):
+                raise RequestAborted("the request was stopped")
+
+        return on_step
 
     def sampling_spec(self) -> SamplingSpec:
         """What the loaded model takes and makes (the engine validates requests against it)."""
@@ -105,12 +146,12 @@ class DiffusionWorker:
     def execute(
         self, req: OmniDiffusionRequest, progress: Callable[[int, int], None] | None = None
     ) -> DiffusionOutput:
-        """Run one (batched) request. `progress(steps_done, total_steps)` is called after each step;
-        it may raise to abort the request."""
+        """Run one (batched) request. `progress(steps_done, total_steps)` is called after each step.
+        The request stops with RequestAborted at the next step (or block) once `abort_flag` is set."""
         start = time.perf_counter()
         reports_progress = hasattr(self.pipeline, "set_step_callback")
         if reports_progress:
-            self.pipeline.set_step_callback(progress)
+            self.pipeline.set_step_callback(self._on_step(progress))
         # FSDP2's parameter all-gathers cannot run under inference mode; no_grad is enough there.
         grad_off = torch.no_grad() if self.od_config.parallel_config.use_hsdp else torch.inference_mode()
         with grad_off:

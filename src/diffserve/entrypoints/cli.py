@@ -132,26 +132,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit(seconds: float) -> float | None:
+    """A time limit flag: 0 (or less) means none."""
+    return seconds if seconds > 0 else None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from diffserve.config import ENV_API_KEY
     from diffserve.logger import configure_logging
     from diffserve.server.launch import build_server, run_server
+    from diffserve.server.state import ServerConfig
 
     configure_logging()
-    app, state = build_server(
-        args.model,
-        engine_kwargs(args),
-        served_model_name=args.served_model_name,
-        api_key=args.api_key or os.environ.get("DIFFSERVE_API_KEY"),
+    config = ServerConfig(
+        served_model_names=args.served_model_name or [],
+        api_key=args.api_key or ENV_API_KEY,
         max_queue=args.max_queue,
         batch_wait_ms=args.batch_wait_ms,
-        request_timeout_s=args.request_timeout if args.request_timeout > 0 else None,
-        max_upload_mb=args.max_upload_mb,
         jobs_dir=args.jobs_dir,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        body_timeout_s=args.body_timeout,
+        request_timeout_s=_limit(args.request_timeout),
+        max_work_s=_limit(args.request_timeout if args.max_work_seconds is None else args.max_work_seconds),
         max_n=args.max_n,
+        job_queue_timeout_s=_limit(args.job_queue_timeout),
+        job_timeout_s=_limit(args.job_timeout),
+        job_ttl_s=_limit(args.job_ttl),
+        max_job_storage_bytes=int(args.max_job_storage_gb * 1024**3) if args.max_job_storage_gb > 0 else None,
+        step_timeout_s=_limit(args.step_timeout),
+        shutdown_grace_s=args.shutdown_grace,
     )
-    print(f"serving {state.config.served_model_name!r} ({state.spec.modality}) on http://{args.host}:{args.port}",
-          flush=True)
-    run_server(app, args.host, args.port, log_level=args.uvicorn_log_level)
+    app, state = build_server(args.model, engine_kwargs(args), config)
+    print(f"serving {state.config.served_model_name!r} on http://{args.host}:{args.port} (loading the model; "
+          "/health says ready when it is)", flush=True)
+    run_server(app, state, args.host, args.port, log_level=args.uvicorn_log_level)
+    if state.load_error:
+        print(f"diffserve: error: the model failed to load: {state.load_error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -240,16 +257,37 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on /v1 endpoints (or set DIFFSERVE_API_KEY)")
-    serve.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
+                       help="require 'Authorization: Bearer KEY' on every endpoint but /health and /metrics "
+                            "(or set DIFFSERVE_API_KEY)")
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="model ids clients may use (default: the folder name); the MODEL argument as given "
+                            "is always accepted too")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0,
                        help="how long the scheduler waits for compatible requests to fill a batch")
     serve.add_argument("--max-queue", type=int, default=256, help="queued requests before answering 429")
     serve.add_argument("--request-timeout", type=float, default=600.0,
-                       help="seconds before a request is aborted with 504 (0: no limit)")
+                       help="seconds an image or audio request may take from arrival (504 after; 0: no limit)")
+    serve.add_argument("--max-work-seconds", type=float, default=None,
+                       help="image or audio requests whose estimated denoising time exceeds this are refused "
+                            "up front with 400 (default: the request timeout; 0: no limit)")
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (413 above)")
+    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds a client may take to send its request body (408 after)")
     serve.add_argument("--max-n", type=int, default=8, help="most images one request may ask for (n)")
     serve.add_argument("--jobs-dir", default=None, help="where video jobs are kept (default ./diffserve_jobs)")
+    serve.add_argument("--job-queue-timeout", type=float, default=3600.0,
+                       help="seconds a video job may wait in the queue (0: no limit)")
+    serve.add_argument("--job-timeout", type=float, default=7200.0,
+                       help="seconds a video job may run, from its start; longer estimates are refused (0: no limit)")
+    serve.add_argument("--job-ttl", type=float, default=7 * 24 * 3600.0,
+                       help="seconds a finished video job and its file are kept (0: forever)")
+    serve.add_argument("--max-job-storage-gb", type=float, default=10.0,
+                       help="new video jobs are refused (507) while stored videos exceed this (0: no limit)")
+    serve.add_argument("--step-timeout", type=float, default=600.0,
+                       help="seconds without a finished denoise step before the workers count as wedged and are "
+                            "restarted (0: no watchdog)")
+    serve.add_argument("--shutdown-grace", type=float, default=30.0,
+                       help="on SIGTERM, seconds the running batch gets to finish before it is stopped")
     serve.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 
 from diffserve.request import DiffusionOutput
@@ -35,17 +34,19 @@ def denormalize_images(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats -> uint8 on the CPU, converted on the device first: 4x less to copy."""
+    return (images.detach().float() * 255).round().to(torch.uint8).cpu()
+
+
 def to_output_type(images: torch.Tensor, output_type: str):
     """Float images [N, C, H, W] in [0, 1] -> PIL list, numpy [N, H, W, C] or the tensor itself."""
-    images = images.detach().cpu()
-    if output_type == "pt":
-        return images
-    array = images.permute(0, 2, 3, 1).float().numpy()
-    if output_type == "np":
-        return array
+    if output_type in ("pt", "np"):
+        images = images.detach().cpu()
+        return images if output_type == "pt" else images.permute(0, 2, 3, 1).float().numpy()
     from PIL import Image
 
-    uint8 = (array * 255).round().astype(np.uint8)
+    uint8 = to_uint8(images).permute(0, 2, 3, 1).numpy()
     if uint8.shape[-1] == 1:
         return [Image.fromarray(a[..., 0], mode="L") for a in uint8]
     return [Image.fromarray(a) for a in uint8]
@@ -68,13 +69,10 @@ def to_video_output_type(videos: torch.Tensor, output_type: str):
     - "np": float array [N, F, H, W, C];
     - "pt": float tensor [N, F, C, H, W] (diffusers' video layout for output_type="pt").
     """
-    videos = videos.detach().cpu()
-    if output_type == "pt":
-        return videos.permute(0, 2, 1, 3, 4)
-    array = videos.permute(0, 2, 3, 4, 1).float().numpy()
-    if output_type == "np":
-        return array
-    return list((array * 255).round().astype(np.uint8))
+    if output_type in ("pt", "np"):
+        videos = videos.detach().cpu()
+        return videos.permute(0, 2, 1, 3, 4) if output_type == "pt" else videos.permute(0, 2, 3, 4, 1).float().numpy()
+    return list(to_uint8(videos).permute(0, 2, 3, 4, 1).numpy())
 
 
 def video_post_process(output: DiffusionOutput, output_type: str) -> DiffusionOutput:

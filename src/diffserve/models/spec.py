@@ -49,6 +49,9 @@ class ImageInputSpec:
     params: frozenset[str] = frozenset()
     size_from_image: bool = False
     resized_to_output: bool = False
+    # size_from_image keeps the image's aspect ratio but at most this many output pixels, so a huge
+    # upload does not make a huge (and very slow) default output.
+    default_max_pixels: int = 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from diffserve.engine.admission import InvalidRequestError
+from diffserve.engine.async_engine import WorkBudgetError
+from diffserve.engine.errors import EngineUnavailable
 from diffserve.engine.scheduler import QueueFullError
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
 from diffserve.server.encoding import decode_image
@@ -35,18 +37,34 @@ def build_request(prompt: Any, **params: Any) -> OmniDiffusionRequest:
         raise APIError(400, str(exc)) from None
 
 
-def admit(state: ServerState, req: OmniDiffusionRequest) -> OmniDiffusionRequest:
-    """`req` resolved against the served model's spec, or a 400 naming the parameter at fault."""
+# How each kind of failed output is answered.
+STATUS_BY_ERROR_TYPE = {"invalid_request": 400, "aborted": 499, "timeout": 504, "unavailable": 503}
+
+
+def as_api_error(exc: Exception) -> APIError:
+    """The HTTP answer to an engine refusal (anything else is a bug: re-raised as it is)."""
+    if isinstance(exc, (InvalidRequestError, WorkBudgetError)):
+        return APIError(400, str(exc), exc.param)
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), code="queue_full")
+    if isinstance(exc, EngineUnavailable):
+        return APIError(503, str(exc), code="unavailable", retry_after_s=exc.retry_after_s)
+    raise exc
+
+
+def admit(state: ServerState, req: OmniDiffusionRequest, max_seconds: float | None) -> OmniDiffusionRequest:
+    """`req` resolved against the served model's spec and within the work budget, or a 4xx/503."""
     try:
-        return state.engine.scheduler.admit(req)
-    except InvalidRequestError as exc:
-        raise APIError(400, str(exc), exc.param) from None
+        return state.engine.admit(req, max_seconds)
+    except (InvalidRequestError, WorkBudgetError, EngineUnavailable) as exc:
+        raise as_api_error(exc) from None
 
 
 def check_model(state: ServerState, model: str | None) -> None:
-    served = state.config.served_model_name
-    if model is not None and model != served:
-        raise APIError(404, f"model {model!r} is not served here; available: {served}", "model", "model_not_found")
+    names = state.config.served_model_names
+    if model is not None and model not in names:
+        raise APIError(404, f"model {model!r} is not served here; available: {', '.join(names)}", "model",
+                       "model_not_found")
 
 
 def require_modality(state: ServerState, modality: str, endpoint: str) -> None:
@@ -65,15 +83,16 @@ def require_modality(state: ServerState, modality: str, endpoint: str) -> None:
 def _raise_for_output(out: DiffusionOutput) -> None:
     if out.error is None:
         return
-    status = {"invalid_request": 400, "aborted": 499}.get(out.error_type or "", 500)
-    raise APIError(status, out.error)
+    status = STATUS_BY_ERROR_TYPE.get(out.error_type or "", 500)
+    raise APIError(status, out.error, code=out.error_type if status != 500 else None)
 
 
 async def run_request(state: ServerState, request: Request | None, req: OmniDiffusionRequest, progress=None):
-    """Admit and queue `req`, then wait, watching for the client leaving and the per-request timeout."""
-    task = asyncio.ensure_future(state.engine.generate(req, progress))
-    loop = asyncio.get_running_loop()
+    """Admit and queue a synchronous request (within the work budget), then wait, watching for the
+    client leaving and the timeout."""
     timeout = state.config.request_timeout_s
+    task = asyncio.ensure_future(state.engine.generate(req, progress, max_seconds=state.config.max_work_s))
+    loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     try:
         while True:
@@ -81,10 +100,8 @@ async def run_request(state: ServerState, request: Request | None, req: OmniDiff
             if task in done:
                 try:
                     out = task.result()
-                except InvalidRequestError as exc:
-                    raise APIError(400, str(exc), exc.param) from None
-                except QueueFullError as exc:
-                    raise APIError(429, str(exc), code="queue_full") from None
+                except (InvalidRequestError, WorkBudgetError, QueueFullError, EngineUnavailable) as exc:
+                    raise as_api_error(exc) from None
                 _raise_for_output(out)
                 return out
             if request is not None and await request.is_disconnected():
@@ -111,31 +128,24 @@ async def read_form(request: Request, state: ServerState):
         raise APIError(400, f"cannot parse the multipart body: {exc}") from None
 
 
-def form_fields(form, skip: tuple[str, ...]) -> dict[str, Any]:
-    """Text fields of a form as a dict, numbers converted (multipart carries only strings)."""
-    fields: dict[str, Any] = {}
+def form_fields(form, skip: tuple[str, ...]) -> dict[str, str]:
+    """Text fields of a form as a dict of strings (validate_body(..., form=True) parses numbers by each
+    field's type, so a prompt of digits stays a prompt)."""
+    fields: dict[str, str] = {}
     for key, value in form.multi_items():
         if key in skip or isinstance(value, UploadFile):
             continue
         if key in fields:
             raise APIError(400, f"field {key!r} was given more than once", key)
-        fields[key] = _coerce_form_value(value)
+        fields[key] = value
     return fields
 
 
-def _coerce_form_value(value: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
-
-
-def validate_body(model: type[BaseModel], fields: dict[str, Any]):
-    """A pydantic body from form or JSON fields, its errors as one 400 line naming the first field."""
+def validate_body(model: type[BaseModel], fields: dict[str, Any], form: bool = False):
+    """A pydantic body from JSON or (form=True) multipart fields, its errors as one 400 line naming
+    the first field."""
     try:
-        return model.model_validate(fields)
+        return model.model_validate(fields, context={"form": form})
     except ValidationError as exc:
         message, param = describe_validation_errors(exc.errors())
         raise APIError(400, message, param) from None

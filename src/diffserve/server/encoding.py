@@ -27,12 +27,18 @@ def encode_image(image: Image.Image, output_format: str = "png", compression: in
     return buffer.getvalue()
 
 
+# The upload formats accepted (Pillow's names), as the error messages say.
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
 def decode_image(data: bytes, param: str = "image") -> Image.Image:
-    """An uploaded image; anything that is not a readable image of sane size is a 400."""
+    """An uploaded image; anything that is not a readable PNG, JPEG or WebP of sane size is a 400."""
     if not data:
         raise APIError(400, f"{param} is empty", param)
     try:
         image = Image.open(io.BytesIO(data))
+        if image.format not in INPUT_FORMATS:
+            raise APIError(400, f"{param} is a {image.format} image; send png, jpeg or webp", param)
         if image.width * image.height > MAX_INPUT_PIXELS:
             raise APIError(400, f"{param} is {image.width}x{image.height}; at most {MAX_INPUT_PIXELS} pixels", param)
         image.load()

@@ -50,18 +50,55 @@ class VideoJob:
 
 
 class VideoJobStore:
-    def __init__(self, root: str):
+    """Jobs in memory and on disk. The folder is made when the first job is written; an MP4 is
+    written to a `.part` file and renamed when complete, so a deleted or failed job leaves nothing."""
+
+    def __init__(self, root: str, ttl_s: float | None = None):
         self.root = root
-        os.makedirs(root, exist_ok=True)
+        self.ttl_s = ttl_s
         self._jobs: dict[str, VideoJob] = {}
         self._lock = threading.Lock()
-        self._load()
+        if os.path.isdir(root):
+            self._load()
 
     def _json_path(self, job_id: str) -> str:
         return os.path.join(self.root, f"{job_id}.json")
 
     def content_path(self, job_id: str) -> str:
         return os.path.join(self.root, f"{job_id}.mp4")
+
+    def partial_path(self, job_id: str) -> str:
+        return self.content_path(job_id) + ".part"
+
+    def publish(self, job_id: str) -> bool:
+        """Move a finished MP4 into place; False (and the partial file removed) if the job was deleted."""
+        with self._lock:
+            if job_id in self._jobs:
+                os.replace(self.partial_path(job_id), self.content_path(job_id))
+                return True
+        self.discard_partial(job_id)
+        return False
+
+    def discard_partial(self, job_id: str) -> None:
+        try:
+            os.remove(self.partial_path(job_id))
+        except FileNotFoundError:
+            pass
+
+    def stored_bytes(self) -> int:
+        """Bytes of finished videos kept."""
+        return sum(os.path.getsize(p) for p in map(self.content_path, list(self._jobs)) if os.path.exists(p))
+
+    def expire(self) -> int:
+        """Delete finished jobs older than the TTL (record and video); how many went."""
+        if self.ttl_s is None:
+            return 0
+        cutoff = time.time() - self.ttl_s
+        old = [j.id for j in list(self._jobs.values())
+               if j.status in ("completed", "failed") and (j.completed_at or j.created_at) < cutoff]
+        for job_id in old:
+            self.delete(job_id)
+        return len(old)
 
     def _load(self) -> None:
         for name in sorted(os.listdir(self.root)):
@@ -73,12 +110,14 @@ class VideoJobStore:
             except (OSError, ValueError, TypeError):
                 continue  # a damaged record is skipped, not fatal
             if job.status in ("queued", "in_progress"):
+                self.discard_partial(job.id)
                 job.status = "failed"
                 job.error = {"code": "server_restarted", "message": "the server restarted before the job finished"}
                 self._persist(job)
             self._jobs[job.id] = job
 
     def _persist(self, job: VideoJob) -> None:
+        os.makedirs(self.root, exist_ok=True)
         tmp = self._json_path(job.id) + ".tmp"
         with open(tmp, "w") as f:
             json.dump(asdict(job), f)
@@ -114,7 +153,7 @@ class VideoJobStore:
     def delete(self, job_id: str) -> bool:
         with self._lock:
             job = self._jobs.pop(job_id, None)
-            for path in (self._json_path(job_id), self.content_path(job_id)):
+            for path in (self._json_path(job_id), self.content_path(job_id), self.partial_path(job_id)):
                 if os.path.exists(path):
                     os.remove(path)
         return job is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -9,42 +10,68 @@ from typing import Any
 from diffserve.config import OmniDiffusionConfig
 from diffserve.engine.async_engine import AsyncDiffusionEngine
 from diffserve.engine.engine import DiffusionEngine
-from diffserve.registry import DEMO_MODEL
+from diffserve.registry import DEMO_MODEL, resolve_model
 from diffserve.server.app import ServerConfig, ServerState, build_app
 from diffserve.server.jobs import VideoJobStore
 
 logger = logging.getLogger(__name__)
 
 
-def build_server(
-    model: str = DEMO_MODEL,
-    engine_kwargs: dict[str, Any] | None = None,
-    *,
-    served_model_name: str | None = None,
-    api_key: str | None = None,
-    max_queue: int = 256,
-    batch_wait_ms: float = 5.0,
-    request_timeout_s: float | None = 600.0,
-    max_upload_mb: float = 20.0,
-    jobs_dir: str | None = None,
-    max_n: int = 8,
-):
-    od_config = OmniDiffusionConfig.from_kwargs(model, **(engine_kwargs or {}))
-    engine = DiffusionEngine(od_config)
-    config = ServerConfig(
-        served_model_name=served_model_name or (DEMO_MODEL if model == DEMO_MODEL
-                                                else os.path.basename(os.path.normpath(od_config.model))),
-        api_key=api_key,
-        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-        request_timeout_s=request_timeout_s,
-        max_n=max_n,
-    )
-    jobs = VideoJobStore(jobs_dir or os.path.abspath("diffserve_jobs")) if engine.spec.modality == "video" else None
-    state = ServerState(AsyncDiffusionEngine(engine, max_queue=max_queue, batch_wait_ms=batch_wait_ms), config, jobs)
-    return build_app(state), state
+def served_names(model: str, resolved_path: str, given: list[str]) -> list[str]:
+    """The names a client may use: the given ones (default: the checkpoint folder's name, "demo" for
+    the demo model), then the model argument exactly as passed to `serve` (a path or hub id)."""
+    names = list(given) or [DEMO_MODEL if model == DEMO_MODEL else os.path.basename(os.path.normpath(resolved_path))]
+    return list(dict.fromkeys([*names, model]))
 
 
-def run_server(app, host: str, port: int, log_level: str = "info") -> None:
+def build_server(model: str = DEMO_MODEL, engine_kwargs: dict[str, Any] | None = None,
+                 config: ServerConfig | None = None):
+    """The app and its state. The config and the model are checked here (a bad flag or a missing model
+    fails before the server listens); the weights load in the background once it listens, while
+    /health says "starting" and the API answers 503 with Retry-After."""
+    config = dataclasses.replace(config or ServerConfig())
+    engine_kwargs = dict(engine_kwargs or {})
+    # Per-request progress bars would fill the server log; progress is in /metrics and video jobs.
+    engine_kwargs.setdefault("disable_progress_bar", True)
+    od_config = OmniDiffusionConfig.from_kwargs(model, **engine_kwargs)
+    resolve_model(od_config)
+    config.served_model_names = served_names(model, od_config.model, config.served_model_names)
+    jobs = VideoJobStore(config.jobs_dir or os.path.abspath("diffserve_jobs"), ttl_s=config.job_ttl_s)
+    state = ServerState(config, jobs)
+    return build_app(state, load_engine=lambda: load_engine(state, od_config)), state
+
+
+def load_engine(state: ServerState, od_config: OmniDiffusionConfig) -> None:
+    """Load the model and start the scheduler (in a background thread at server start)."""
+    config = state.config
+    try:
+        engine = DiffusionEngine(od_config)
+        state.set_engine(AsyncDiffusionEngine(engine, max_queue=config.max_queue, batch_wait_ms=config.batch_wait_ms,
+                                              step_timeout_s=config.step_timeout_s))
+    except Exception as exc:
+        logger.exception("the model failed to load")
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        if state.on_load_failure is not None:
+            state.on_load_failure()
+        return
+    logger.info("ready: serving %r (%s)", config.served_model_name, engine.spec.modality)
+
+
+def run_server(app, state: ServerState, host: str, port: int, log_level: str = "info") -> None:
+    """uvicorn, with SIGTERM/SIGINT draining the engine first: admission stops, queued requests get
+    503, the running batch gets `shutdown_grace_s`, then the workers stop."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    grace = state.config.shutdown_grace_s
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if state.loaded:
+                state.engine.drain(grace)
+            super().handle_exit(sig, frame)
+
+    # uvicorn waits a little longer than the grace so the handlers answer (503) before it closes them.
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                   timeout_graceful_shutdown=grace + 5))
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)
+    server.run()

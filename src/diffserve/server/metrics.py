@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 # The *_created timestamps double every series for no use here.
 disable_created_metrics()
 
+STATES = ("starting", "ready", "busy", "recovering", "draining", "failed")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -32,9 +35,34 @@ class ServerMetrics:
         self.outputs = Counter(
             "diffserve_outputs", "images, videos and audio clips generated", ["kind"], registry=self.registry
         )
+        self.running = Gauge("diffserve_running_requests", "requests in the running batch", registry=self.registry)
+        self.queue_wait = Histogram(
+            "diffserve_queue_wait_seconds", "time requests waited before their batch started", buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.steps = Gauge("diffserve_denoise_steps_completed", "denoise steps completed since start",
+                           registry=self.registry)
+        self.health = Gauge("diffserve_engine_state", "1 for the engine's current state", ["state"],
+                            registry=self.registry)
+        self.memory = Gauge("diffserve_process_resident_bytes", "resident memory of the server process",
+                            registry=self.registry)
+
+    def observe_state(self, state) -> None:
+        """Gauges read at scrape time."""
+        for name in STATES:
+            self.health.labels(state=name).set(1 if state.status == name else 0)
+        self.memory.set(resident_bytes())
+        if state.loaded:
+            engine = state.engine
+            self.queue_depth.set(engine.queue_depth)
+            self.running.set(engine.running_requests)
+            self.steps.set(engine.completed_steps)
 
     def observe_batch(self, requests, outputs, elapsed_s: float) -> None:
         self.batch_size.observe(sum(len(r.prompts) for r in requests))
+        for out in outputs:
+            if "queue_s" in out.metrics:
+                self.queue_wait.observe(out.metrics["queue_s"])
         for out in outputs:
             steps = out.metrics.get("num_inference_steps")
             if out.error is None and steps and "denoise_s" in out.metrics:
@@ -43,3 +71,12 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 where it is not available)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -9,23 +9,39 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from diffserve.request import MAX_SEED
 
 MAX_PROMPT_CHARS = 20000
 MAX_STEPS = 1000
 MAX_SIDE = 4096
-SIZE_PATTERN = re.compile(r"^(\d+)x(\d+)$")
+SIZE_PATTERN = re.compile(r"([0-9]+)x([0-9]+)")  # ASCII digits only, matched whole
 
 
-def _number(value: Any) -> Any:
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+_NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _form_text(value: Any, info: ValidationInfo, pattern: re.Pattern, parse) -> Any:
+    """Multipart forms carry text: a number field parses its ASCII digits there (and only there;
+    JSON numbers must be numbers)."""
+    if isinstance(value, str) and info.context and info.context.get("form"):
+        if not pattern.fullmatch(value):
+            raise ValueError(f"must be a number, got {value!r}")
+        return parse(value)
+    return value
+
+
+def _number(value: Any, info: ValidationInfo) -> Any:
+    value = _form_text(value, info, _NUMBER_TEXT, float)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"must be a number, got {type(value).__name__}")
     return value
 
 
-def _integer(value: Any) -> Any:
+def _integer(value: Any, info: ValidationInfo) -> Any:
+    value = _form_text(value, info, _INTEGER_TEXT, int)
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             return int(value)
@@ -41,7 +57,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """"WxH" -> (height, width); None or "auto" -> the model's default."""
     if size is None or size == "auto":
         return None, None
-    match = SIZE_PATTERN.match(size)
+    match = SIZE_PATTERN.fullmatch(size)
     if not match:
         raise ValueError(f"size must look like '1024x768' (width x height) or 'auto', got {size!r}")
     width, height = int(match.group(1)), int(match.group(2))

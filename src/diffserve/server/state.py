@@ -3,33 +3,91 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from diffserve.engine.async_engine import AsyncDiffusionEngine
+from diffserve.engine.errors import EngineUnavailable
 from diffserve.models.spec import SamplingSpec
 from diffserve.server.jobs import VideoJobStore
 from diffserve.server.metrics import ServerMetrics
 
+RETRY_AFTER_LOADING_S = 5.0
+
 
 @dataclass
 class ServerConfig:
-    served_model_name: str
+    """Everything `diffserve serve` takes besides the engine's own settings."""
+
+    # The names clients may send as `model`, first the one /v1/models lists first; empty: the
+    # checkpoint folder's name and the model argument as given.
+    served_model_names: list[str] = field(default_factory=list)
     api_key: str | None = None
+    max_queue: int = 256
+    batch_wait_ms: float = 5.0
     max_upload_bytes: int = 20 * 1024 * 1024
+    # A client that announced a body but stops sending it gets a 408 after this long.
+    body_timeout_s: float = 30.0
+    # Synchronous requests (images, audio): answered 504 after this long from arrival.
     request_timeout_s: float | None = 600.0
+    # ... and refused up front (400) when their estimated denoising time exceeds this; None: no limit.
+    max_work_s: float | None = 600.0
     max_n: int = 8
     max_images_per_edit: int = 8
+    # Video jobs: kept here; limited in time waiting and running (each from its own start); refused up
+    # front when their estimated work exceeds the run limit; deleted with their files after the TTL;
+    # new jobs refused while the stored videos exceed max_job_storage_bytes.
+    jobs_dir: str | None = None
+    job_queue_timeout_s: float | None = 3600.0
+    job_timeout_s: float | None = 7200.0
+    job_ttl_s: float | None = 7 * 24 * 3600.0
+    max_job_storage_bytes: int | None = 10 * 1024**3
+    # No denoise step for this long: the workers are declared wedged (killed and restarted).
+    step_timeout_s: float | None = 600.0
+    # SIGTERM: running work gets this long to finish before it is stopped with 503s.
+    shutdown_grace_s: float = 30.0
+
+    @property
+    def served_model_name(self) -> str:
+        return self.served_model_names[0]
 
 
 class ServerState:
-    def __init__(self, engine: AsyncDiffusionEngine, config: ServerConfig, jobs: VideoJobStore | None):
-        self.engine = engine
+    """The config, the engine once it has loaded (the server answers while it loads), the job store,
+    metrics and background tasks."""
+
+    def __init__(self, config: ServerConfig, jobs: VideoJobStore):
         self.config = config
         self.jobs = jobs
         self.metrics = ServerMetrics()
         self.background: set[asyncio.Task] = set()
         self.job_tasks: dict[str, asyncio.Task] = {}
+        self._engine: AsyncDiffusionEngine | None = None
+        self.load_error: str | None = None
+        self.on_load_failure = None  # set by run_server: stop serving when the model cannot load
+
+    def set_engine(self, engine: AsyncDiffusionEngine) -> None:
         engine.on_batch = self.metrics.observe_batch
+        self._engine = engine
+
+    @property
+    def status(self) -> str:
+        """starting | ready | busy | recovering | draining | failed."""
+        if self._engine is None:
+            return "failed" if self.load_error else "starting"
+        return self._engine.status
+
+    @property
+    def engine(self) -> AsyncDiffusionEngine:
+        """The engine, or EngineUnavailable (503) while the model is still loading."""
+        if self._engine is None:
+            if self.load_error:
+                raise EngineUnavailable(f"the model failed to load: {self.load_error}")
+            raise EngineUnavailable("the model is still loading", retry_after_s=RETRY_AFTER_LOADING_S)
+        return self._engine
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
 
     @property
     def spec(self) -> SamplingSpec:

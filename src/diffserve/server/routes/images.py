@@ -69,7 +69,7 @@ def router(state: ServerState) -> APIRouter:
         uploads = [v for k, v in form.multi_items() if k in ("image", "image[]") and isinstance(v, UploadFile)]
         if form.get("mask") is not None:
             raise APIError(400, "mask is not supported: the edit applies to the whole image", "mask")
-        body = validate_body(ImageGenerationRequest, form_fields(form, skip=("image", "image[]")))
+        body = validate_body(ImageGenerationRequest, form_fields(form, skip=("image", "image[]")), form=True)
         check_model(state, body.model)
         if not state.spec.takes_images:
             raise APIError(400, f"{config.served_model_name!r} does not take input images, so it cannot edit; "

@@ -3,38 +3,45 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from diffserve.server.common import check_model
-from diffserve.server.errors import error_response
 from diffserve.server.state import ServerState
 
 
 def router(state: ServerState) -> APIRouter:
     api = APIRouter()
 
-    def model_card() -> dict:
-        return {"id": state.config.served_model_name, "object": "model", "created": 0, "owned_by": "diffserve",
-                "modality": state.spec.modality}
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "diffserve", "modality": state.spec.modality}
 
     @api.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(name) for name in state.config.served_model_names]}
 
-    @api.get("/v1/models/{model_id}")
+    @api.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         check_model(state, model_id)
-        return model_card()
+        return model_card(model_id)
 
     @api.get("/health")
     async def health():
-        if not state.engine.is_healthy():
-            return error_response(503, "the engine is not running (a worker died or it was shut down)")
-        return {"status": "ok"}
+        """200 while the engine takes work (ready, busy); 503 while starting, recovering or draining,
+        and when it failed. The body says which, and why where it can."""
+        status = state.status
+        if status in ("ready", "busy"):
+            return {"status": status}
+        messages = {
+            "starting": "the model is loading",
+            "recovering": "the workers are restarting after a failure",
+            "draining": "the server is shutting down",
+            "failed": f"the engine failed{': ' + state.load_error if state.load_error else ''}",
+        }
+        return JSONResponse(status_code=503, content={"status": status, "message": messages[status]})
 
     @api.get("/metrics")
     async def metrics():
-        state.metrics.queue_depth.set(state.engine.queue_depth)
+        state.metrics.observe_state(state)
         return Response(content=state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return api
