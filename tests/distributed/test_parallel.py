@@ -33,8 +33,8 @@ FOUR_PROCESS_MODES = ("tp2xcfg2", "ulysses2xcfg2", "ulysses2xring2")
 def _one_case_per_pipeline():
     seen, cases = set(), []
     for case in CONFORMANCE_CASES:
-        if case.arch.split("-")[0] not in seen:  # flux and flux-schnell share FluxPipeline
-            seen.add(case.arch.split("-")[0])
+        if case.pipeline_family not in seen:  # flux and flux-schnell share FluxPipeline
+            seen.add(case.pipeline_family)
             cases.append(case)
     return cases
 
