@@ -50,9 +50,9 @@ def main() -> None:
     if args.image:
         images = [Image.open(path).convert("RGB") for path in args.image]
     else:
-        from diffserve.testing.conformance import test_image
+        from diffserve.testing.conformance import sample_image
 
-        images = [test_image(64, 48, seed=0)]
+        images = [sample_image(64, 48, seed=0)]
     if len(images) == 1:
         images = images * len(prompts)
     if len(images) != len(prompts):

@@ -181,8 +181,8 @@ def _flux_kontext_scenarios() -> list[ConformanceScenario]:
         ConformanceScenario(
             "edit_batch2_size_from_image",
             [
-                {"prompt": "make the fox red", "image": test_image(48, 32, 0)},
-                {"prompt": "paint the car blue", "image": test_image(48, 32, 1)},
+                {"prompt": "make the fox red", "image": sample_image(48, 32, 0)},
+                {"prompt": "paint the car blue", "image": sample_image(48, 32, 1)},
             ],
             params(max_area=1200),
             seeds=[0, 1],
@@ -192,8 +192,8 @@ def _flux_kontext_scenarios() -> list[ConformanceScenario]:
         ConformanceScenario(
             "true_cfg_batch2_image_sizes_differ",
             [
-                {"prompt": "make the fox red", "negative_prompt": "blurry", "image": test_image(48, 32, 2)},
-                {"prompt": "paint the car blue", "negative_prompt": "low quality", "image": test_image(50, 35, 3)},
+                {"prompt": "make the fox red", "negative_prompt": "blurry", "image": sample_image(48, 32, 2)},
+                {"prompt": "paint the car blue", "negative_prompt": "low quality", "image": sample_image(50, 35, 3)},
             ],
             params(height=32, width=48, true_cfg_scale=4.0, guidance_scale=3.5),
             seeds=[3, 4],
@@ -201,7 +201,7 @@ def _flux_kontext_scenarios() -> list[ConformanceScenario]:
         # A portrait image for a portrait output of another size, two outputs.
         ConformanceScenario(
             "two_outputs_per_prompt_nonsquare",
-            [{"prompt": "add a hat", "image": test_image(36, 52, 5)}],
+            [{"prompt": "add a hat", "image": sample_image(36, 52, 5)}],
             params(height=48, width=32, guidance_scale=2.0, num_outputs_per_prompt=2),
             seeds=[7],
         ),

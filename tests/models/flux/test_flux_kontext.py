@@ -9,7 +9,7 @@ from diffserve import Omni, OmniDiffusionSamplingParams
 from diffserve.engine.admission import batch_key
 from diffserve.models.flux.pipeline_flux_kontext import KONTEXT_SIZES
 from diffserve.testing import load_pipeline, pipeline_request
-from diffserve.testing.conformance import test_image as make_image
+from diffserve.testing.conformance import sample_image
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def request(pipeline, prompts, **params):
 
 
 def edit(size, prompt="make it red"):
-    return {"prompt": prompt, "image": make_image(*size, seed=0)}
+    return {"prompt": prompt, "image": sample_image(*size, seed=0)}
 
 
 def test_kontext_sizes_are_the_reference_ones():
@@ -91,7 +91,7 @@ def test_output_keeps_the_image_aspect_ratio_at_max_area(kontext):
         ("a fox", {"max_area": 1024}, "max_area is used only with an input image"),
         ("a fox", {"auto_resize": False}, "auto_resize is used only with an input image"),
         (edit((48, 32)), {"strength": 0.5}, "strength=0.5 is not used by FluxKontextPipeline"),
-        ({"prompt": "a", "images": [make_image(48, 32, 0)] * 2}, {}, "takes at most 1 input image"),
+        ({"prompt": "a", "images": [sample_image(48, 32, 0)] * 2}, {}, "takes at most 1 input image"),
         ([edit((48, 32)), edit((32, 48))], {"height": 32, "width": 32, "auto_resize": False},
          r"uses the input images of this request at different sizes \[\(\(32, 48\),\), \(\(48, 32\),\)\]"),
         (edit((3, 40)), {"height": 32, "width": 32, "auto_resize": False}, "would be used at 0x40"),
@@ -122,3 +122,13 @@ def test_images_used_at_different_sizes_run_apart_as_they_run_alone(tiny_checkpo
     assert [out.metrics["batch_size"] for out in together] == [1, 1]
     for a, b in zip(together, alone):
         assert torch.equal(a.images, b.images)
+
+
+def test_rgba_and_greyscale_images_are_edited_as_rgb(kontext):
+    rgb = sample_image(48, 32, 0)
+    sp = request(kontext, edit((48, 32)), height=32, width=32, auto_resize=False).sampling_params
+    expected, _ = kontext.prepare_reference_latents([rgb], 1, sp)
+    rgba, _ = kontext.prepare_reference_latents([rgb.convert("RGBA")], 1, sp)
+    assert torch.equal(rgba, expected)
+    grey, _ = kontext.prepare_reference_latents([rgb.convert("L")], 1, sp)
+    assert grey.shape == expected.shape

@@ -60,6 +60,8 @@ class FluxKontextPipeline(FluxPipeline):
         of the request resolve to the same size.
         """
         width, height = self.spec.input_image_size(images[0].size, sp)
+        # The VAE takes RGB; edited images are often RGBA or greyscale PNGs.
+        images = [image.convert("RGB") for image in images]
         pixels = self.image_processor.preprocess(images, height=height, width=width)
         pixels = pixels.to(device=self.device, dtype=self.vae.dtype)
         config = self.vae.config
