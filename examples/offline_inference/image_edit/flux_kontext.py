@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--output", default="flux_kontext.png")
     args = parser.parse_args()
 
-    model, tiny = args.model, args.model is None
-    if tiny:
+    model = args.model
+    if model is None:
         from diffserve.testing import make_tiny_checkpoint
 
         model = make_tiny_checkpoint("flux-kontext", tempfile.mkdtemp(prefix="tiny-flux-kontext-"))
@@ -58,15 +58,13 @@ def main() -> None:
     if len(images) != len(prompts):
         parser.error(f"got {len(images)} --image for {len(prompts)} --prompt; give one image, or one per prompt")
 
-    # The Kontext sizes are about a megapixel: the tiny checkpoint keeps each image's own size.
-    auto_resize = False if args.no_auto_resize or tiny else None
-    sized = args.height is not None or args.width is not None
+    # A tiny checkpoint's own defaults keep each image's size and a 32x32-pixel output area.
     params = OmniDiffusionSamplingParams(
         height=args.height,
         width=args.width,
-        max_area=args.max_area or (64 * 48 if tiny and not sized else None),
-        auto_resize=auto_resize,
-        num_inference_steps=args.steps or (4 if tiny else None),
+        max_area=args.max_area,
+        auto_resize=False if args.no_auto_resize else None,
+        num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         negative_prompt=args.negative_prompt,
         true_cfg_scale=args.true_cfg_scale,

@@ -46,6 +46,8 @@ class ImageInputSpec:
     model was trained at; each input is resized to the one nearest its aspect ratio, or, when a request
     sets `auto_resize=False`, keeps its own size rounded down to the size multiple (FLUX.1 Kontext).
     Inputs that end up the same size share a batch; with neither rule declared, only equal sizes do.
+    `tokens_in_sequence`: the inputs' latent tokens join the denoiser's sequence (an editing model's
+    reference tokens), so the work estimate counts them.
     """
 
     max_per_prompt: int = 1
@@ -55,6 +57,7 @@ class ImageInputSpec:
     size_from_aspect_ratio: bool = False
     resized_to_output: bool = False
     preferred_sizes: tuple[tuple[int, int], ...] = ()
+    tokens_in_sequence: bool = False
 
     def __post_init__(self) -> None:
         if self.size_from_aspect_ratio and not self.size_from_image:

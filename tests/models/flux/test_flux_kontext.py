@@ -7,6 +7,7 @@ import torch
 
 from diffserve import Omni, OmniDiffusionSamplingParams
 from diffserve.engine.admission import batch_key
+from diffserve.engine.cost import latent_tokens
 from diffserve.models.flux.pipeline_flux_kontext import KONTEXT_SIZES
 from diffserve.testing import load_pipeline, pipeline_request
 from diffserve.testing.conformance import sample_image
@@ -33,11 +34,14 @@ def test_kontext_sizes_are_the_reference_ones():
 
 
 def test_defaults_are_kontext_ones(kontext):
-    spec = kontext.spec
+    declared = kontext.sampling_spec()
     # Tiny VAE (factor 2): default side 256, so max_area 256**2 (1024**2 with the real factor 8).
-    assert spec.defaults == {"height": 256, "width": 256, "num_inference_steps": 28, "guidance_scale": 2.5,
-                             "max_sequence_length": 512, "max_area": 256 * 256, "auto_resize": True}
-    assert spec.cfg == "true_cfg" and spec.images.max_per_prompt == 1
+    assert declared.defaults == {"height": 256, "width": 256, "num_inference_steps": 28, "guidance_scale": 2.5,
+                                 "max_sequence_length": 512, "max_area": 256 * 256, "auto_resize": True}
+    assert declared.cfg == "true_cfg" and declared.images.max_per_prompt == 1
+    # The tiny checkpoint runs small by default: its images keep their own size.
+    defaults = kontext.spec.defaults
+    assert (defaults["max_area"], defaults["auto_resize"], defaults["num_inference_steps"]) == (32 * 32, False, 4)
 
 
 @pytest.mark.parametrize(
@@ -66,7 +70,7 @@ def test_reference_image_is_encoded_at_the_kontext_size(kontext, monkeypatch):
         return preprocess(images, height=32, width=48)
 
     monkeypatch.setattr(kontext.image_processor, "preprocess", record_size)
-    req = request(kontext, edit((1000, 700)), height=32, width=32)
+    req = request(kontext, edit((1000, 700)), height=32, width=32, auto_resize=True)
     latents, ids = kontext.prepare_reference_latents([req.prompts[0].images[0]], 2, req.sampling_params)
     assert sizes == [(1248, 832)]
     tokens = (48 // 4) * (32 // 4)  # VAE factor 2, then 2x2 packing
@@ -75,9 +79,11 @@ def test_reference_image_is_encoded_at_the_kontext_size(kontext, monkeypatch):
 
 
 def test_output_keeps_the_image_aspect_ratio_at_max_area(kontext):
-    sp = request(kontext, edit((1000, 700))).sampling_params
+    sp = request(kontext, edit((1000, 700)), max_area=256 * 256).sampling_params
     # sqrt(65536 * 1000/700) = 306.0 -> 304, sqrt(65536 * 700/1000) = 214.2 -> 212 (multiples of 4).
     assert (sp.width, sp.height) == (304, 212)
+    sp = request(kontext, edit((1000, 700))).sampling_params  # the tiny checkpoint's max_area, 32 * 32
+    assert (sp.width, sp.height) == (36, 24)
     sp = request(kontext, edit((1000, 700)), max_area=1200).sampling_params
     assert (sp.width, sp.height) == (40, 28)
     sp = request(kontext, edit((1000, 700)), height=64, width=32).sampling_params
@@ -103,8 +109,8 @@ def test_invalid_requests_are_refused(kontext, prompts, params, message):
 
 
 def test_images_used_at_one_size_share_a_batch_key(kontext):
-    def key(size, **params):
-        return batch_key(kontext.spec, request(kontext, edit(size), height=32, width=32, **params))
+    def key(size, auto_resize=True):
+        return batch_key(kontext.spec, request(kontext, edit(size), height=32, width=32, auto_resize=auto_resize))
 
     assert key((1000, 700)) == key((1200, 800))  # both 1248x832
     assert key((1000, 700)) != key((800, 800))
@@ -132,3 +138,10 @@ def test_rgba_and_greyscale_images_are_edited_as_rgb(kontext):
     assert torch.equal(rgba, expected)
     grey, _ = kontext.prepare_reference_latents([rgb.convert("L")], 1, sp)
     assert grey.shape == expected.shape
+
+
+def test_the_work_estimate_counts_the_reference_tokens(kontext):
+    req = request(kontext, edit((1000, 700)), height=512, width=512, auto_resize=True)
+    # Output 512x512 and reference 1248x832, one token per 4x4 pixels (VAE factor 2, 2x2 packing).
+    assert latent_tokens(kontext.spec, req) == 128 * 128 + 312 * 208
+    assert latent_tokens(kontext.spec, request(kontext, "a fox", height=512, width=512)) == 128 * 128

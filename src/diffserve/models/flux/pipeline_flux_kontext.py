@@ -46,6 +46,7 @@ class FluxKontextPipeline(FluxPipeline):
             size_from_image=True,
             size_from_aspect_ratio=True,
             preferred_sizes=KONTEXT_SIZES,
+            tokens_in_sequence=True,
         )
         return flux.replace(defaults=defaults, images=images)
 
