@@ -15,5 +15,5 @@ def test_image_sizing_rules_must_be_consistent():
     images = ImageInputSpec(size_from_image=True, size_from_aspect_ratio=True)
     with pytest.raises(ValueError, match="size_from_aspect_ratio needs the parameter max_area with a default"):
         SamplingSpec(modality="image", params=frozenset({"height", "width"}), images=images)
-    SamplingSpec(modality="image", params=frozenset(), defaults={"max_area": 4096},
-                 images=ImageInputSpec(size_from_image=True, size_from_aspect_ratio=True, params=frozenset({"max_area"})))
+    images = ImageInputSpec(size_from_image=True, size_from_aspect_ratio=True, params=frozenset({"max_area"}))
+    SamplingSpec(modality="image", params=frozenset(), defaults={"max_area": 4096}, images=images)

@@ -65,7 +65,9 @@ class ImageInputSpec:
         if self.resized_to_output and self.preferred_sizes:
             raise ValueError("inputs are resized either to the output size or to preferred_sizes, not both")
         if any(len(s) != 2 or min(s) <= 0 for s in self.preferred_sizes):
-            raise ValueError(f"preferred_sizes must be (width, height) pairs of positive sides, got {self.preferred_sizes}")
+            raise ValueError(
+                f"preferred_sizes must be (width, height) pairs of positive sides, got {self.preferred_sizes}"
+            )
 
 
 @dataclass(frozen=True)
