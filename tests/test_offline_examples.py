@@ -14,13 +14,15 @@ CASES = [
     ("text_to_image/cache_acceleration.py", ["--steps", "8"], "cache_acceleration_tea_cache.png"),
     ("text_to_video/text_to_video.py", [], "text_to_video.mp4"),
     ("image_to_video/image_to_video.py", [], "image_to_video.mp4"),
+    ("image_edit/flux_kontext.py", [], "flux_kontext.png"),
     # 64x80 pixels, 9 frames: 60 video tokens, which split over 2 ring ranks.
     ("text_to_video/text_to_video.py", ["--ring-degree", "2", "--vae-patch-parallel-size", "2", "--height", "64"],
      "text_to_video.mp4"),
 ]
 
 
-@pytest.mark.parametrize("script, flags, output", CASES, ids=["t2i", "cache", "t2v", "i2v", "t2v-ring2-vae2"])
+@pytest.mark.parametrize("script, flags, output", CASES,
+                         ids=["t2i", "cache", "t2v", "i2v", "flux-kontext", "t2v-ring2-vae2"])
 def test_example_runs_and_writes_its_output(tmp_path, script, flags, output):
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *flags], cwd=tmp_path, capture_output=True, text=True, timeout=300

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 # _class_name -> (folder under diffserve/models, module file, class name)
 _DIFFUSION_MODELS: dict[str, tuple[str, str, str]] = {
     "FluxPipeline": ("flux", "pipeline_flux", "FluxPipeline"),
+    "FluxKontextPipeline": ("flux", "pipeline_flux_kontext", "FluxKontextPipeline"),
     "WanPipeline": ("wan", "pipeline_wan", "WanPipeline"),
     "WanImageToVideoPipeline": ("wan", "pipeline_wan_i2v", "WanImageToVideoPipeline"),
     "DiffservePixelDiTPipeline": ("demo_dit", "pipeline_demo_dit", "DiffservePixelDiTPipeline"),

@@ -51,9 +51,16 @@ class OmniDiffusionSamplingParams:
     guidance_scale_2: float | None = None
     # Image-to-image: how much of the input image is re-noised (1.0: all of it). None: model default.
     strength: float | None = None
+    # Image editing (FLUX.1 Kontext) without height/width: the output keeps the input image's aspect
+    # ratio at about this many pixels. None: model default (1024 * 1024).
+    max_area: int | None = None
+    # Image editing (FLUX.1 Kontext): True resizes each input image to the model's preferred size
+    # nearest its aspect ratio; False keeps its own size, rounded down to the size multiple. None:
+    # model default (True).
+    auto_resize: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("height", "width", "num_inference_steps", "max_sequence_length", "num_frames", "fps"):
+        for name in ("height", "width", "num_inference_steps", "max_sequence_length", "num_frames", "fps", "max_area"):
             _check_optional_positive(name, getattr(self, name))
         for name in ("guidance_scale", "guidance_scale_2", "audio_end_in_s"):
             value = getattr(self, name)
@@ -65,6 +72,8 @@ class OmniDiffusionSamplingParams:
             isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or not 0 < self.strength <= 1
         ):
             raise ValueError(f"strength must be a number in (0, 1], got {self.strength!r}")
+        if self.auto_resize is not None and not isinstance(self.auto_resize, bool):
+            raise ValueError(f"auto_resize must be True or False, got {self.auto_resize!r}")
         if isinstance(self.true_cfg_scale, bool) or not isinstance(self.true_cfg_scale, (int, float)):
             raise ValueError(f"true_cfg_scale must be a number, got {self.true_cfg_scale!r}")
         if self.true_cfg_scale < 0:

@@ -13,7 +13,8 @@ Measured (2026-11-26), relative L2 distance / cached steps of the 4 / block forw
 cache_dit: flux 0.027 / 3 / 10 of 16, flux-schnell 0.007 / 2 / 13, demo-dit 0.005 / 3 / 5 of 8,
 wan2.1-t2v 0.098 / 3 / 5 of 8, wan2.1-i2v 0.118 / 3 / 5, wan2.2-t2v 0.099 / 2 / 6, wan2.2-i2v
 0.051 / 2 / 6, wan2.2-ti2v 0.007 / 3 / 5, wan2.2-ti2v-i2v 0.003 / 3 / 5; tea_cache: flux 0.019 / 2 /
-8 of 16, flux-schnell 0.011 / 2 / 8. (Tiny random Wan models react most: max-abs up to 0.65 on a
+8 of 16, flux-schnell 0.011 / 2 / 8. FLUX.1 Kontext (2026-11-30): cache_dit 0.030 / 3 / 10 of 16,
+tea_cache 0.025 / 2 / 8 of 16. (Tiny random Wan models react most: max-abs up to 0.65 on a
 frame pixel, so the bound is on the relative L2 distance.)
 """
 

@@ -25,17 +25,25 @@ VALUES = {
     "audio_end_in_s": 1.0,
     "guidance_scale_2": 2.0,
     "strength": 0.5,
+    "max_area": 1024,
+    "auto_resize": False,
     "image": None,  # stands for an input image
 }
 # Per family: the pipeline class and every parameter it must refuse.
+EDIT_SIZING = ["max_area", "auto_resize"]  # FLUX.1 Kontext's input and output sizing
 UNUSED = {
     "demo-dit": ("DiffservePixelDiTPipeline",
-                 ["true_cfg_scale", "num_frames", "fps", "audio_end_in_s", "guidance_scale_2", "strength", "image"]),
-    "flux": ("FluxPipeline", ["num_frames", "fps", "audio_end_in_s", "guidance_scale_2"]),
-    "flux-schnell": ("FluxPipeline", ["guidance_scale", "num_frames", "fps", "audio_end_in_s", "guidance_scale_2"]),
-    "wan2.1-t2v": ("WanPipeline", ["true_cfg_scale", "audio_end_in_s", "guidance_scale_2", "strength", "image"]),
-    "wan2.2-t2v": ("WanPipeline", ["true_cfg_scale", "audio_end_in_s", "strength", "image"]),
-    "wan2.1-i2v": ("WanImageToVideoPipeline", ["true_cfg_scale", "audio_end_in_s", "guidance_scale_2", "strength"]),
+                 ["true_cfg_scale", "num_frames", "fps", "audio_end_in_s", "guidance_scale_2", "strength", "image",
+                  *EDIT_SIZING]),
+    "flux": ("FluxPipeline", ["num_frames", "fps", "audio_end_in_s", "guidance_scale_2", *EDIT_SIZING]),
+    "flux-schnell": ("FluxPipeline", ["guidance_scale", "num_frames", "fps", "audio_end_in_s", "guidance_scale_2",
+                                      *EDIT_SIZING]),
+    "flux-kontext": ("FluxKontextPipeline", ["num_frames", "fps", "audio_end_in_s", "guidance_scale_2", "strength"]),
+    "wan2.1-t2v": ("WanPipeline", ["true_cfg_scale", "audio_end_in_s", "guidance_scale_2", "strength", "image",
+                                   *EDIT_SIZING]),
+    "wan2.2-t2v": ("WanPipeline", ["true_cfg_scale", "audio_end_in_s", "strength", "image", *EDIT_SIZING]),
+    "wan2.1-i2v": ("WanImageToVideoPipeline", ["true_cfg_scale", "audio_end_in_s", "guidance_scale_2", "strength",
+                                               *EDIT_SIZING]),
 }
 CASES = [(arch, param) for arch, (_, params) in UNUSED.items() for param in params]
 

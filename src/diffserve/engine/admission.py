@@ -75,14 +75,25 @@ def check_images(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
         for name in sorted(images.params):
             if getattr(req.sampling_params, name) is not None:
                 raise InvalidRequestError(f"{name} is used only with an input image; this request has none", name)
+    sp = req.sampling_params
+    if images.size_from_aspect_ratio and sp.max_area is not None and (sp.height is not None or sp.width is not None):
+        raise InvalidRequestError(
+            "max_area sizes the output from the input image's aspect ratio; give it or height and width, not both",
+            "max_area",
+        )
 
 
 def _size_from_image(spec: SamplingSpec, req: OmniDiffusionRequest) -> dict[str, int]:
-    """The first input image's size, scaled down to the pixel budget, rounded down to the size
-    multiple and clamped to the limits."""
+    """The first input image's size (scaled down to the default pixel budget), or its aspect ratio at
+    max_area pixels; rounded down to the size multiple and clamped to the limits."""
     width, height = req.prompts[0].images[0].size
-    scale = min(1.0, (spec.images.default_max_pixels / (width * height)) ** 0.5)
-    width, height = int(width * scale), int(height * scale)
+    if spec.images.size_from_aspect_ratio:
+        area = req.sampling_params.max_area or spec.defaults["max_area"]
+        ratio = width / height
+        width, height = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
+    else:
+        scale = min(1.0, (spec.images.default_max_pixels / (width * height)) ** 0.5)
+        width, height = int(width * scale), int(height * scale)
     m = spec.size_multiple
 
     def clamp(side: int) -> int:
@@ -138,6 +149,35 @@ def check_resolved(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
             "strength",
         )
     check_cfg(spec, req)
+    check_input_image_sizes(spec, req)
+
+
+def _image_sizes(spec: SamplingSpec, sp: OmniDiffusionSamplingParams, prompt) -> tuple[tuple[int, int], ...]:
+    """The sizes the model uses a prompt's images at (their own sizes where it declares no rule)."""
+    return tuple(spec.input_image_size(image.size, sp) or image.size for image in prompt.images or ())
+
+
+def check_input_image_sizes(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
+    """One pipeline call stacks its prompts' images, so they must be used at one size, within limits."""
+    if spec.images is None or not req.prompts[0].images:
+        return
+    sp = req.sampling_params
+    sizes = {_image_sizes(spec, sp, p) for p in req.prompts}
+    if len(sizes) > 1:
+        raise InvalidRequestError(
+            f"{spec.model} uses the input images of this request at different sizes {sorted(sizes)}; the prompts of "
+            "one request must bring images used at one size (send the others as separate requests)",
+            "image",
+        )
+    if spec.input_image_size(req.prompts[0].images[0].size, sp) is None:
+        return
+    for width, height in next(iter(sizes)):
+        if min(width, height) < spec.smallest_side or max(width, height) > spec.max_side:
+            raise InvalidRequestError(
+                f"an input image of {spec.model} would be used at {width}x{height}; its sides must be between "
+                f"{spec.smallest_side} and {spec.max_side} pixels",
+                "image",
+            )
 
 
 def check_cfg(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
@@ -185,13 +225,12 @@ def admit(spec: SamplingSpec, req: OmniDiffusionRequest) -> OmniDiffusionRequest
 
 def batch_key(spec: SamplingSpec, req: OmniDiffusionRequest) -> tuple:
     """Admitted requests with equal keys give each prompt the same output alone and batched: the key
-    holds every resolved parameter but the per-prompt ones, whether CFG runs, how many input images
-    each prompt brings and, unless the model resizes them to the output size, their sizes (editing
+    holds every resolved parameter but the per-prompt ones, whether CFG runs, and the sizes at which
+    the model uses each prompt's input images (their own sizes where it declares no rule: editing
     models derive shapes from them)."""
     sp = req.sampling_params
     params = tuple(
         (f.name, getattr(sp, f.name)) for f in dataclasses.fields(sp) if f.name not in _PER_PROMPT_FIELDS
     )
-    resized = spec.images is not None and spec.images.resized_to_output
-    images = {tuple(len(image.size) if resized else image.size for image in p.images or ()) for p in req.prompts}
+    images = {_image_sizes(spec, sp, p) for p in req.prompts}
     return params, cfg_enabled(spec, sp), tuple(sorted(images))

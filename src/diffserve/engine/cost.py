@@ -71,7 +71,8 @@ def profile_denoisers(denoisers, device, dtype, tp_size: int, ranks: int) -> Cos
 
 
 def latent_tokens(spec: SamplingSpec, req: OmniDiffusionRequest) -> int:
-    """Tokens one sample's denoiser sees: one per size_multiple^2 pixels per latent frame."""
+    """Tokens one sample's denoiser sees: one per size_multiple^2 pixels per latent frame, plus those of
+    input images that join the sequence (an editing model's reference tokens)."""
     sp = req.sampling_params
     if spec.fixed_tokens is not None:
         return spec.fixed_tokens
@@ -79,7 +80,12 @@ def latent_tokens(spec: SamplingSpec, req: OmniDiffusionRequest) -> int:
     frames = 1
     if sp.num_frames is not None and spec.frames_multiple:
         frames = (sp.num_frames - 1) // spec.frames_multiple + 1
-    return (sp.height // m) * (sp.width // m) * frames
+    tokens = (sp.height // m) * (sp.width // m) * frames
+    if spec.images is not None and spec.images.tokens_in_sequence:
+        for image in req.prompts[0].images or ():  # admission made every prompt's images one size
+            width, height = spec.input_image_size(image.size, sp) or image.size
+            tokens += (height // m) * (width // m)
+    return tokens
 
 
 def estimate_flops(spec: SamplingSpec, profile: CostProfile, req: OmniDiffusionRequest) -> float:

@@ -39,19 +39,38 @@ class ImageInputSpec:
     `required`: text-to-X is not possible (image-to-video); otherwise a request may bring images or
     not, but all its prompts alike. `params` are sampling parameters used only with input images
     (image-to-image `strength`). `size_from_image`: with no height/width given, the output takes the
-    first input image's size, rounded down to the size multiple. `resized_to_output`: every input is
-    resized to the output size before use, so inputs of different sizes can share a batch (otherwise,
-    e.g. for editing models that keep an input's own resolution, only equal sizes do).
+    first input image's size, rounded down to the size multiple. `size_from_aspect_ratio`: instead,
+    the output keeps that image's aspect ratio at about `max_area` pixels (the model then takes the
+    parameter `max_area`). `resized_to_output`: every input is resized to the output size before use,
+    so inputs of different sizes can share a batch. `preferred_sizes`: the (width, height) sizes the
+    model was trained at; each input is resized to the one nearest its aspect ratio, or, when a request
+    sets `auto_resize=False`, keeps its own size rounded down to the size multiple (FLUX.1 Kontext).
+    Inputs that end up the same size share a batch; with neither rule declared, only equal sizes do.
+    `tokens_in_sequence`: the inputs' latent tokens join the denoiser's sequence (an editing model's
+    reference tokens), so the work estimate counts them.
     """
 
     max_per_prompt: int = 1
     required: bool = False
     params: frozenset[str] = frozenset()
     size_from_image: bool = False
+    size_from_aspect_ratio: bool = False
     resized_to_output: bool = False
     # size_from_image keeps the image's aspect ratio but at most this many output pixels, so a huge
     # upload does not make a huge (and very slow) default output.
     default_max_pixels: int = 1024 * 1024
+    preferred_sizes: tuple[tuple[int, int], ...] = ()
+    tokens_in_sequence: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size_from_aspect_ratio and not self.size_from_image:
+            raise ValueError("size_from_aspect_ratio needs size_from_image")
+        if self.resized_to_output and self.preferred_sizes:
+            raise ValueError("inputs are resized either to the output size or to preferred_sizes, not both")
+        if any(len(s) != 2 or min(s) <= 0 for s in self.preferred_sizes):
+            raise ValueError(
+                f"preferred_sizes must be (width, height) pairs of positive sides, got {self.preferred_sizes}"
+            )
 
 
 @dataclass(frozen=True)
@@ -88,6 +107,8 @@ class SamplingSpec:
         extra = set(self.defaults) - self.accepted_params
         if extra:
             raise ValueError(f"{self.model}: defaults for parameters it does not take: {sorted(extra)}")
+        if self.images is not None and self.images.size_from_aspect_ratio and "max_area" not in self.defaults:
+            raise ValueError(f"{self.model}: size_from_aspect_ratio needs the parameter max_area with a default")
 
     @property
     def accepted_params(self) -> frozenset[str]:
@@ -102,6 +123,23 @@ class SamplingSpec:
     @property
     def smallest_side(self) -> int:
         return self.min_side or self.size_multiple
+
+    def input_image_size(self, size: tuple[int, int], sp: Any) -> tuple[int, int] | None:
+        """The (width, height) at which the model uses an input image of `size` (width, height), for a
+        request's resolved sampling parameters `sp`; None where the model declares no rule."""
+        images = self.images
+        if images.resized_to_output:
+            return sp.width, sp.height
+        if not images.preferred_sizes:
+            return None
+        m = self.size_multiple
+        width, height = (side // m * m for side in size)
+        # An image smaller than the size multiple has no aspect ratio to match; admission refuses it.
+        if sp.auto_resize is not False and width and height:
+            # The preferred size nearest in aspect ratio; on a tie the narrower one, as the reference
+            # (diffusers' FluxKontextPipeline) picks it.
+            _, width, height = min((abs(width / height - w / h), w, h) for w, h in images.preferred_sizes)
+        return width // m * m, height // m * m
 
     def replace(self, **changes: Any) -> "SamplingSpec":
         return dataclasses.replace(self, **changes)

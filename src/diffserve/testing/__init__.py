@@ -57,6 +57,11 @@ def _add_defaults(path: str, defaults: dict) -> None:
 
 _register("flux", "flux", "build_tiny_flux", TINY_IMAGE_DEFAULTS, guidance_embeds=True)
 _register("flux-schnell", "flux", "build_tiny_flux", TINY_IMAGE_DEFAULTS, guidance_embeds=False)
+# The Kontext sizes are about a megapixel: the tiny Kontext keeps each input image's own size and sizes
+# its output from the image at 32x32 pixels.
+_register("flux-kontext", "flux", "build_tiny_flux",
+          {**TINY_IMAGE_DEFAULTS, "max_area": 32 * 32, "auto_resize": False},
+          guidance_embeds=True, pipeline="FluxKontextPipeline")
 _register("wan2.1-t2v", "wan", "build_tiny_wan_t2v", TINY_VIDEO_DEFAULTS)
 _register("wan2.2-t2v", "wan", "build_tiny_wan_t2v", TINY_VIDEO_DEFAULTS, dual=True)
 _register("wan2.2-ti2v", "wan", "build_tiny_wan_t2v", {**TINY_VIDEO_DEFAULTS, "height": 64, "width": 64}, ti2v=True)

@@ -35,6 +35,13 @@ class ConformanceCase:
     # The scenario the parallel tests (TP, CFG, HSDP vs one process) run; it should use CFG.
     # None: the first scenario.
     parallel_scenario: str | None = None
+    # The parallel tests run the first case of each family. None: the arch up to its first "-"
+    # (flux-schnell is in the family flux; wan2.1-i2v in wan2.1).
+    family: str | None = None
+
+    @property
+    def pipeline_family(self) -> str:
+        return self.family or self.arch.split("-")[0]
 
     def scenario(self, name: str | None) -> ConformanceScenario:
         if name is None:
@@ -125,6 +132,84 @@ def _flux_scenarios(guidance: float | None) -> list[ConformanceScenario]:
     ]
 
 
+def run_flux_kontext_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
+    """diffusers' FluxKontextPipeline. It always scales the output to `max_area` pixels at the aspect
+    ratio of the height/width it gets: our explicit height/width are therefore passed with
+    max_area = height * width, and an output sized from the input image with that image's size."""
+    from diffusers import FluxKontextPipeline
+
+    pipe = FluxKontextPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    sp = scenario.params
+    prompts = [p if isinstance(p, dict) else {"prompt": p} for p in scenario.prompts]
+    images = [p["image"] for p in prompts if "image" in p]
+    negatives = [p["negative_prompt"] for p in prompts if "negative_prompt" in p]
+    if sp.height is not None:
+        height, width, max_area = sp.height, sp.width, sp.height * sp.width
+    else:
+        (width, height), max_area = images[0].size, sp.max_area
+    return pipe(
+        image=images or None,
+        prompt=[p["prompt"] for p in prompts],
+        negative_prompt=negatives or None,
+        true_cfg_scale=sp.true_cfg_scale,
+        height=height,
+        width=width,
+        max_area=max_area,
+        _auto_resize=sp.auto_resize is not False,
+        num_inference_steps=sp.num_inference_steps,
+        # 2.5 is FLUX.1 Kontext's recommended guidance and our default (diffusers' call defaults to 3.5).
+        guidance_scale=2.5 if sp.guidance_scale is None else sp.guidance_scale,
+        num_images_per_prompt=sp.num_outputs_per_prompt,
+        max_sequence_length=sp.max_sequence_length,
+        generator=_generators(scenario),
+        output_type="pt",
+    ).images
+
+
+def _flux_kontext_scenarios() -> list[ConformanceScenario]:
+    # The Kontext sizes are about one megapixel, far too large for a tiny model on the CPU, so every
+    # scenario with an image keeps its own size (auto_resize=False; the choice of a Kontext size is
+    # tested in tests/models/flux/test_flux_kontext.py). The tiny VAE needs multiples of 4.
+    def params(**kw):
+        base = dict(num_inference_steps=3, max_sequence_length=16, auto_resize=False, output_type="pt")
+        return OmniDiffusionSamplingParams(**{**base, **kw})
+
+    return [
+        # No size given: the output takes the images' 3:2 aspect ratio at max_area=1200 -> 40x28;
+        # guidance from the model's default (2.5).
+        ConformanceScenario(
+            "edit_batch2_size_from_image",
+            [
+                {"prompt": "make the fox red", "image": sample_image(48, 32, 0)},
+                {"prompt": "paint the car blue", "image": sample_image(48, 32, 1)},
+            ],
+            params(max_area=1200),
+            seeds=[0, 1],
+        ),
+        # Images of different sizes used at one (50x35 rounds down to 48x32), each prompt with its
+        # own negative prompt. 96 noisy + 96 reference tokens divide over 4 sequence-parallel ranks.
+        ConformanceScenario(
+            "true_cfg_batch2_image_sizes_differ",
+            [
+                {"prompt": "make the fox red", "negative_prompt": "blurry", "image": sample_image(48, 32, 2)},
+                {"prompt": "paint the car blue", "negative_prompt": "low quality", "image": sample_image(50, 35, 3)},
+            ],
+            params(height=32, width=48, true_cfg_scale=4.0, guidance_scale=3.5),
+            seeds=[3, 4],
+        ),
+        # A portrait image for a portrait output of another size, two outputs.
+        ConformanceScenario(
+            "two_outputs_per_prompt_nonsquare",
+            [{"prompt": "add a hat", "image": sample_image(36, 52, 5)}],
+            params(height=48, width=32, guidance_scale=2.0, num_outputs_per_prompt=2),
+            seeds=[7],
+        ),
+        # Without an image Kontext is FLUX.1 text-to-image.
+        ConformanceScenario("text_to_image", ["a castle"], params(height=32, width=32, auto_resize=None), seeds=[8]),
+    ]
+
+
 def run_demo_dit_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
     """The built-in demo model has no diffusers pipeline: its reference is the training script's own
     plain-PyTorch model and sampler (diffserve.demo.reference) on the same weights."""
@@ -180,6 +265,12 @@ def _demo_dit_scenarios() -> list[ConformanceScenario]:
 CONFORMANCE_CASES: list[ConformanceCase] = [
     ConformanceCase("flux", _flux_scenarios(guidance=3.5), run_flux_reference, parallel_scenario="true_cfg_batch2"),
     ConformanceCase("flux-schnell", _flux_scenarios(guidance=None), run_flux_reference),
+    # Reference tokens after the noisy ones. Measured (fp32, CPU, 2026-11-30): 7.5e-7 (size from
+    # image), 9.5e-7 (true CFG, image sizes differ), 0.0 (two outputs), 7.2e-7 (text-to-image).
+    ConformanceCase(
+        "flux-kontext", _flux_kontext_scenarios(), run_flux_kontext_reference, family="flux-kontext",
+        parallel_scenario="true_cfg_batch2_image_sizes_differ",
+    ),
     ConformanceCase(
         "demo-dit", _demo_dit_scenarios(), run_demo_dit_reference, parallel_scenario="cfg_negative_prompts"
     ),

@@ -10,8 +10,11 @@ from diffserve.testing.tokenizers import build_clip_tokenizer, build_t5_tokenize
 __all__ = ["build_tiny_flux", "perturb_"]
 
 
-def build_tiny_flux(path: str, seed: int = 0, guidance_embeds: bool = True) -> str:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+def build_tiny_flux(path: str, seed: int = 0, guidance_embeds: bool = True, pipeline: str = "FluxPipeline") -> str:
+    """`pipeline`: the diffusers class saved (model_index.json's _class_name): FluxPipeline, or
+    FluxKontextPipeline (FLUX.1 Kontext has the same components)."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     torch.manual_seed(seed)
     clip_tokenizer, t5_tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
@@ -40,7 +43,7 @@ def build_tiny_flux(path: str, seed: int = 0, guidance_embeds: bool = True) -> s
         shift=3.0 if guidance_embeds else 1.0,
         use_dynamic_shifting=guidance_embeds,
     )
-    pipe = FluxPipeline(
+    pipe = getattr(diffusers, pipeline)(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,

@@ -4,7 +4,7 @@ diffusers' FluxImg2ImgPipeline does)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -162,10 +162,25 @@ class FluxPipeline(DiffusionPipelineBase):
 
     # -- the whole call -----------------------------------------------------------------------------
 
-    def forward(self, req: OmniDiffusionRequest) -> DiffusionOutput:
+    def prepare_denoise(self, req: OmniDiffusionRequest) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """The initial packed latents, the timesteps to run, and the image-side transformer inputs fixed
+        for the whole request (position ids)."""
         sp = req.sampling_params
         height, width, steps, k = sp.height, sp.width, sp.num_inference_steps, sp.num_outputs_per_prompt
-        images = [p.images[0] for p in req.prompts] if req.prompts[0].images else None
+        if not req.prompts[0].images:
+            latents, img_ids = self.prepare_latents(req.seeds, k, height, width)
+            timesteps = self.prepare_timesteps(steps, latents.shape[1])
+            return latents, timesteps, {"img_ids": img_ids}
+        latent_h, latent_w = self._latent_size(height, width)
+        timesteps = self.prepare_timesteps(steps, (latent_h // 2) * (latent_w // 2))
+        timesteps = self.strength_timesteps(timesteps, steps, sp.strength)
+        images = [p.images[0] for p in req.prompts]
+        latents, img_ids = self.prepare_image_latents(images, req.seeds, k, height, width, timesteps[:1])
+        return latents, timesteps, {"img_ids": img_ids}
+
+    def forward(self, req: OmniDiffusionRequest) -> DiffusionOutput:
+        sp = req.sampling_params
+        k = sp.num_outputs_per_prompt
         timer = self.stage_timer()
         do_true_cfg = self.cfg_enabled(req)
         with timer.stage("encode"):
@@ -175,18 +190,11 @@ class FluxPipeline(DiffusionPipelineBase):
                 neg_embeds, neg_pooled = self.encode_prompt(self.negative_prompts(req), k, sp.max_sequence_length)
 
         with timer.stage("denoise"):
-            if images is None:
-                latents, img_ids = self.prepare_latents(req.seeds, k, height, width)
-                timesteps = self.prepare_timesteps(steps, latents.shape[1])
-            else:
-                latent_h, latent_w = self._latent_size(height, width)
-                timesteps = self.prepare_timesteps(steps, (latent_h // 2) * (latent_w // 2))
-                timesteps = self.strength_timesteps(timesteps, steps, sp.strength)
-                latents, img_ids = self.prepare_image_latents(images, req.seeds, k, height, width, timesteps[:1])
+            latents, timesteps, image_inputs = self.prepare_denoise(req)
             guidance = None
             if sp.guidance_scale is not None:
                 guidance = torch.full([latents.shape[0]], sp.guidance_scale, device=self.device, dtype=torch.float32)
-            common = {"guidance": guidance, "txt_ids": text_ids, "img_ids": img_ids}
+            common = {"guidance": guidance, "txt_ids": text_ids, **image_inputs}
             positive = {**common, "encoder_hidden_states": embeds, "pooled_projections": pooled}
             negative = (
                 {**common, "encoder_hidden_states": neg_embeds, "pooled_projections": neg_pooled}
@@ -198,5 +206,5 @@ class FluxPipeline(DiffusionPipelineBase):
         if sp.output_type == "latent":
             return DiffusionOutput(output=latents, metrics=timer.timings)
         with timer.stage("decode"):
-            images = self.decode_latents(latents, height, width)
+            images = self.decode_latents(latents, sp.height, sp.width)
         return DiffusionOutput(output=images, metrics={**timer.timings, "num_inference_steps": len(timesteps)})
