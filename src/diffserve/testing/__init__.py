@@ -66,6 +66,7 @@ _register("wan2.2-ti2v-i2v", "wan", "build_tiny_wan_i2v", {**TINY_VIDEO_DEFAULTS
           ti2v=True)
 # The tiny demo model is already small at its 64x64 default; its checkpoint states its own steps.
 _register("demo-dit", "demo_dit", "build_tiny_demo_dit")
+_register("stable-audio", "stable_audio", "build_tiny_stable_audio")
 
 
 def load_pipeline(path: str, **config):
