@@ -201,10 +201,12 @@ class StableAudioDiTBlock(nn.Module):
 class StableAudioDiTModel(nn.Module):
     _repeated_blocks = ["StableAudioDiTBlock"]
     _layerwise_offload_blocks_attrs = ["transformer_blocks"]
-    # The joined sequence [global token; frames] is split (so its length, sample_size + 1, must divide
-    # by the degree), together with the rotary tables; it is gathered after the output projection,
-    # before the global token is dropped. The text tokens (cross-attention keys) stay whole on every
-    # rank. The blocks' I/O (hidden_states, encoder_hidden_states, ...) -> hidden_states is read from
+    # The joined sequence [global token; frames] is split, together with the rotary tables, and
+    # gathered after the output projection, before the global token is dropped. The text tokens
+    # (cross-attention keys) stay whole on every rank. Its length, sample_size + 1, must divide by the
+    # degree: the published 1024 frames give 1025 = 5^2 * 41 tokens, so degrees 2, 4 and 8 are refused
+    # with an error (exactness would need the single global token kept whole on every rank and joined
+    # inside the attention exchange, which the engine's plan hooks do not offer). The blocks' I/O (hidden_states, encoder_hidden_states, ...) -> hidden_states is read from
     # their signature by the step caches (Pattern_2).
     _sp_plan = {
         "rope": {
