@@ -14,7 +14,7 @@ import torch
 from diffserve import Omni
 from diffserve.distributed.cfg_parallel import CFGParallelMixin
 from diffserve.registry import get_pipeline_class, read_model_index
-from diffserve.testing import CONFORMANCE_CASES
+from diffserve.testing import CONFORMANCE_CASES, output_tensor
 
 TOLERANCE = 1e-4
 MODES = {
@@ -58,9 +58,9 @@ def _user_prompts(scenario):
 def _generate(path, scenario, **kwargs):
     with Omni(path, dtype="float32", device="cpu", disable_progress_bar=True, **kwargs) as omni:
         outputs = omni.generate(_user_prompts(scenario), scenario.params)
-        # Video pipelines (Wan) return frames, image pipelines images; both float tensors for output_type='pt'.
-        videos_or_images = [out.frames if out.frames is not None else out.images for out in outputs]
-        return torch.cat(videos_or_images), omni.engine.executor.collective_rpc("dit_param_bytes")
+        # Frames, images or waveforms, all float tensors for output_type='pt'.
+        outputs = torch.cat([output_tensor(out) for out in outputs])
+        return outputs, omni.engine.executor.collective_rpc("dit_param_bytes")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-_CONFORMANCE_EXPORTS = ("CONFORMANCE_CASES", "ConformanceCase", "ConformanceScenario")
+_CONFORMANCE_EXPORTS = ("CONFORMANCE_CASES", "ConformanceCase", "ConformanceScenario", "output_tensor")
 
 
 def __getattr__(name: str):
@@ -111,5 +111,6 @@ __all__ = [
     "TINY_ARCHITECTURES",
     "load_pipeline",
     "make_tiny_checkpoint",
+    "output_tensor",
     "pipeline_request",
 ]
