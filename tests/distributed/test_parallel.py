@@ -3,7 +3,9 @@
 One representative conformance case per pipeline class runs its parallel scenario (CFG on) through
 one process, then through 2 or 4 worker processes in each mode. Measured max-abs differences on tiny
 FLUX (2026-11-26): TP2 8.3e-7, CFG2 9.5e-7, HSDP2 0.0, Ulysses2 9.5e-7, Ring2 1.1e-6, Ulysses2 x Ring2
-1.1e-6 (ring on the demo model 3.6e-7, Wan2.1 1.2e-6, Wan2.2 i2v 1.1e-6); tolerance 1e-4. Sequence
+1.1e-6 (ring on the demo model 3.6e-7, Wan2.1 1.2e-6, Wan2.2 i2v 1.1e-6); Stable Audio (waveforms):
+TP2 2.3e-6, CFG2 1.1e-6, HSDP2 3.6e-7, TP2 x CFG2 1.6e-6, Ulysses2 3.6e-7, Ulysses2 x CFG2 1.1e-6,
+Ring2 1.6e-6, Ulysses2 x Ring2 1.6e-6; tolerance 1e-4. Sequence
 parallel modes need the model's `_sp_plan`, which every model declares (apply_sequence_parallel
 raises for one that does not).
 """
