@@ -28,6 +28,7 @@ TINY_ARCHITECTURES: dict[str, Callable[[str, int], str]] = {}
 # tiny model at a real model's 1024x1024 / 81 frames / 50 steps would only draw noise slowly.
 TINY_IMAGE_DEFAULTS = {"height": 32, "width": 32, "num_inference_steps": 4}
 TINY_VIDEO_DEFAULTS = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 4}
+TINY_AUDIO_DEFAULTS = {"num_inference_steps": 4}
 
 
 def _register(name: str, module: str, func: str, defaults: dict | None = None, **kwargs) -> None:
@@ -66,7 +67,7 @@ _register("wan2.2-ti2v-i2v", "wan", "build_tiny_wan_i2v", {**TINY_VIDEO_DEFAULTS
           ti2v=True)
 # The tiny demo model is already small at its 64x64 default; its checkpoint states its own steps.
 _register("demo-dit", "demo_dit", "build_tiny_demo_dit")
-_register("stable-audio", "stable_audio", "build_tiny_stable_audio")
+_register("stable-audio", "stable_audio", "build_tiny_stable_audio", TINY_AUDIO_DEFAULTS)
 
 
 def load_pipeline(path: str, **config):

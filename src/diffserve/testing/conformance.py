@@ -365,14 +365,20 @@ def run_stable_audio_reference(path: str, scenario: ConformanceScenario) -> torc
     call per prompt, which is also what a batch must equal."""
     from diffusers import StableAudioPipeline
 
+    from diffserve.models.spec import DEFAULTS_KEY
+    from diffserve.registry import read_model_index
+
     pipe = StableAudioPipeline.from_pretrained(path, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     sp = scenario.params
     prompts = [p if isinstance(p, dict) else {"prompt": p} for p in scenario.prompts]
     kwargs = {"num_waveforms_per_prompt": sp.num_outputs_per_prompt}
+    # Unset parameters: the checkpoint's own defaults (the tiny one runs 4 steps), else diffusers'.
+    checkpoint_defaults = read_model_index(path).get(DEFAULTS_KEY, {})
     for name in ("audio_start_in_s", "audio_end_in_s", "num_inference_steps", "guidance_scale"):
-        if getattr(sp, name) is not None:
-            kwargs[name] = getattr(sp, name)
+        value = getattr(sp, name) if getattr(sp, name) is not None else checkpoint_defaults.get(name)
+        if value is not None:
+            kwargs[name] = value
 
     def call(group: list[dict], seeds: list[int]) -> torch.Tensor:
         negatives = [p.get("negative_prompt") for p in group]
@@ -420,7 +426,7 @@ def _stable_audio_scenarios() -> list[ConformanceScenario]:
             params(guidance_scale=1.0, num_outputs_per_prompt=2),
             seeds=[7],
         ),
-        # diffusers' defaults: 100 steps, guidance 7, the whole window.
+        # Defaults: the checkpoint's steps (4), diffusers' guidance 7 and the whole window.
         ConformanceScenario(
             "model_defaults", ["wind"], OmniDiffusionSamplingParams(output_type="pt"), seeds=[8]
         ),

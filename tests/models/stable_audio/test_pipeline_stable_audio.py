@@ -28,10 +28,12 @@ def test_spec_declares_the_audio_params_and_the_models_window(omni):
     spec = omni.engine.spec
     assert spec.modality == "audio" and spec.cfg == "guidance"
     assert spec.params == {"audio_start_in_s", "audio_end_in_s", "num_inference_steps", "guidance_scale"}
-    # 15 latent frames x hop 4 / 60 Hz; diffusers' defaults for the rest.
-    assert spec.max_audio_seconds == 1.0
-    assert spec.defaults == {"audio_start_in_s": 0.0, "audio_end_in_s": 1.0, "num_inference_steps": 100,
+    # 15 latent frames x hop 4 / 60 Hz; diffusers' defaults for the rest but the tiny checkpoint's 4 steps
+    # (model_index.json _diffserve_defaults; the pipeline's own is diffusers' 100).
+    assert spec.max_audio_seconds == 1.0 and spec.fixed_tokens == 16
+    assert spec.defaults == {"audio_start_in_s": 0.0, "audio_end_in_s": 1.0, "num_inference_steps": 4,
                              "guidance_scale": 7.0}
+    assert omni.engine.executor.worker.pipeline.sampling_spec().defaults["num_inference_steps"] == 100
 
 
 def test_default_output_is_one_float32_array_per_clip_with_its_sample_rate(omni):

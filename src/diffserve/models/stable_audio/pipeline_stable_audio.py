@@ -118,6 +118,8 @@ class StableAudioPipeline(DiffusionPipelineBase):
                       "num_inference_steps": 100, "guidance_scale": 7.0},
             cfg="guidance",
             max_audio_seconds=self.max_audio_seconds,
+            # Every request denoises the whole window: its frames and the global token.
+            fixed_tokens=self.transformer.config.sample_size + 1,
         )
 
     # -- stages -------------------------------------------------------------------------------------
