@@ -1,6 +1,6 @@
 """The offline-inference examples run as users run them: a fresh interpreter, no arguments (the demo
 model or a tiny checkpoint on the CPU), and the text-to-video one with its multi-GPU flags (CPU worker
-processes)."""
+processes). The text-to-audio one must write a WAV that decodes to the tiny model's whole clip."""
 
 import subprocess
 import sys
@@ -15,6 +15,7 @@ CASES = [
     ("text_to_video/text_to_video.py", [], "text_to_video.mp4"),
     ("image_to_video/image_to_video.py", [], "image_to_video.mp4"),
     ("image_edit/flux_kontext.py", [], "flux_kontext.png"),
+    ("text_to_audio/text_to_audio.py", [], "text_to_audio.wav"),
     # 64x80 pixels, 9 frames: 60 video tokens, which split over 2 ring ranks.
     ("text_to_video/text_to_video.py", ["--ring-degree", "2", "--vae-patch-parallel-size", "2", "--height", "64"],
      "text_to_video.mp4"),
@@ -22,7 +23,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("script, flags, output", CASES,
-                         ids=["t2i", "cache", "t2v", "i2v", "flux-kontext", "t2v-ring2-vae2"])
+                         ids=["t2i", "cache", "t2v", "i2v", "flux-kontext", "t2a", "t2v-ring2-vae2"])
 def test_example_runs_and_writes_its_output(tmp_path, script, flags, output):
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *flags], cwd=tmp_path, capture_output=True, text=True, timeout=300
@@ -30,3 +31,8 @@ def test_example_runs_and_writes_its_output(tmp_path, script, flags, output):
     assert result.returncode == 0, result.stderr[-3000:]
     written = tmp_path / output
     assert written.exists() and written.stat().st_size > 0, (list(tmp_path.iterdir()), result.stdout[-2000:])
+    if output.endswith(".wav"):
+        from diffserve.audio_io import decode_audio
+
+        audio, rate = decode_audio(str(written))
+        assert rate == 60 and audio.shape == (2, 60)  # the tiny Stable Audio's whole 1 s, stereo

@@ -104,6 +104,11 @@ OUTPUT_EXTENSIONS = {
 
 def check_output_path(path: str, modality: str) -> None:
     """A ValueError naming the supported extensions if `path` cannot hold a `modality` output."""
+    if modality == "audio":  # which formats depends on what is installed (FLAC needs soundfile)
+        from diffserve.audio_io import audio_format_for_path
+
+        audio_format_for_path(path)
+        return
     ext = os.path.splitext(path)[1].lower()
     allowed = OUTPUT_EXTENSIONS[modality]
     if ext not in allowed:

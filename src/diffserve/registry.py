@@ -28,6 +28,7 @@ _DIFFUSION_MODELS: dict[str, tuple[str, str, str]] = {
     "WanPipeline": ("wan", "pipeline_wan", "WanPipeline"),
     "WanImageToVideoPipeline": ("wan", "pipeline_wan_i2v", "WanImageToVideoPipeline"),
     "DiffservePixelDiTPipeline": ("demo_dit", "pipeline_demo_dit", "DiffservePixelDiTPipeline"),
+    "StableAudioPipeline": ("stable_audio", "pipeline_stable_audio", "StableAudioPipeline"),
 }
 
 # _class_name -> "module.path:ClassName", for models registered at runtime (register_model).

@@ -47,6 +47,9 @@ class OmniDiffusionSamplingParams:
     # Video / audio models.
     num_frames: int | None = None
     fps: int | None = None
+    # Audio models: the clip runs from audio_start_in_s to audio_end_in_s (seconds). None: the model's
+    # defaults (Stable Audio: 0 and its longest clip).
+    audio_start_in_s: float | None = None
     audio_end_in_s: float | None = None
     guidance_scale_2: float | None = None
     # Image-to-image: how much of the input image is re-noised (1.0: all of it). None: model default.
@@ -62,7 +65,7 @@ class OmniDiffusionSamplingParams:
     def __post_init__(self) -> None:
         for name in ("height", "width", "num_inference_steps", "max_sequence_length", "num_frames", "fps", "max_area"):
             _check_optional_positive(name, getattr(self, name))
-        for name in ("guidance_scale", "guidance_scale_2", "audio_end_in_s"):
+        for name in ("guidance_scale", "guidance_scale_2", "audio_start_in_s", "audio_end_in_s"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{name} must be a number, got {value!r}")

@@ -2,9 +2,11 @@
 
 Every (model, backend) pair works; a new conformance case joins automatically (a model that
 declares only its blocks gets both caches: see diffserve.cache.blocks and the TeaCache defaults).
-Each pair shows, on the case's parallel scenario (CFG where the model has it; first prompt, 4 steps):
+Each pair shows, on the case's parallel scenario (CFG where the model has it; first prompt, the case's
+cache_steps, 4 unless it says otherwise):
 - a permissive threshold really skips: cached_steps > 0 and fewer block forwards (counted with
-  forward pre-hooks) than the uncached run, and the output stays within MAX_REL_L2 of it;
+  forward pre-hooks) than the uncached run, and the output stays within the case's cache_max_rel_l2
+  (0.2 unless it says otherwise) of it;
 - threshold 0 gives exactly the uncached output;
 - a second, different request (other prompt, seed and step count) equals the same request on a fresh
   engine: no cache state crosses requests.
@@ -15,7 +17,9 @@ wan2.1-t2v 0.098 / 3 / 5 of 8, wan2.1-i2v 0.118 / 3 / 5, wan2.2-t2v 0.099 / 2 / 
 0.051 / 2 / 6, wan2.2-ti2v 0.007 / 3 / 5, wan2.2-ti2v-i2v 0.003 / 3 / 5; tea_cache: flux 0.019 / 2 /
 8 of 16, flux-schnell 0.011 / 2 / 8. FLUX.1 Kontext (2026-11-30): cache_dit 0.030 / 3 / 10 of 16,
 tea_cache 0.025 / 2 / 8 of 16. (Tiny random Wan models react most: max-abs up to 0.65 on a
-frame pixel, so the bound is on the relative L2 distance.)
+frame pixel, so the bound is on the relative L2 distance.) stable-audio, 8 steps, bound 0.3 (its SDE
+solver re-noises every step; see its case): cache_dit 0.013 / 1 of 8 / 15 of 16, tea_cache 0.254 / 6 /
+4 of 16.
 """
 
 import dataclasses
@@ -28,7 +32,7 @@ from diffserve import Omni
 from diffserve.cache.blocks import cache_block_lists
 from diffserve.models.interface import discover_components
 from diffserve.registry import read_model_index
-from diffserve.testing import CONFORMANCE_CASES
+from diffserve.testing import CONFORMANCE_CASES, output_tensor
 
 BACKENDS = ("cache_dit", "tea_cache")
 # Cache from the second step on, with no cap on consecutive cached steps.
@@ -43,9 +47,6 @@ PERMISSIVE = {
     "tea_cache": {"rel_l1_thresh": 1000.0},
 }
 NEVER_SKIP = {"cache_dit": {"residual_diff_threshold": 0.0}, "tea_cache": {"rel_l1_thresh": 0.0}}
-# ||cached - uncached|| / ||uncached|| over the output images or video frames in [0, 1].
-MAX_REL_L2 = 0.2
-
 SUPPORTED = [(c, b) for c in CONFORMANCE_CASES for b in BACKENDS]
 
 
@@ -61,7 +62,7 @@ def _requests(case):
         p = scenario.prompts[i]
         return {**(p if isinstance(p, dict) else {"prompt": p}), "seed": seed}
 
-    first = (prompt(0, scenario.seeds[0]), dataclasses.replace(scenario.params, num_inference_steps=4))
+    first = (prompt(0, scenario.seeds[0]), dataclasses.replace(scenario.params, num_inference_steps=case.cache_steps))
     second = (prompt(-1, scenario.seeds[-1] + 100), dataclasses.replace(scenario.params, num_inference_steps=3))
     return first, second
 
@@ -84,7 +85,7 @@ def _count_block_calls(omni) -> list[int]:
 
 def _run(omni, request):
     out = omni.generate(*request)[0]
-    return (out.frames if out.frames is not None else out.images), out.metrics
+    return output_tensor(out), out.metrics
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +152,9 @@ def test_permissive_threshold_skips_blocks_and_stays_close(tiny_checkpoint, unca
     assert metrics["cached_steps"] > 0
     assert calls < uncached_calls
     assert output.shape == expected.shape
+    # ||cached - uncached|| / ||uncached|| over the output images or video frames in [0, 1], or waveforms.
     rel_l2 = ((output - expected).norm() / expected.norm()).item()
-    assert 0 < rel_l2 <= MAX_REL_L2, rel_l2
+    assert 0 < rel_l2 <= case.cache_max_rel_l2, rel_l2
 
 
 @pytest.mark.parametrize("case, backend", SUPPORTED, ids=_ids(SUPPORTED))

@@ -4,7 +4,9 @@ One representative conformance case per pipeline class runs its parallel scenari
 one process, then through 2 or 4 worker processes in each mode. Measured max-abs differences on tiny
 FLUX (2026-11-26): TP2 8.3e-7, CFG2 9.5e-7, HSDP2 0.0, Ulysses2 9.5e-7, Ring2 1.1e-6, Ulysses2 x Ring2
 1.1e-6 (ring on the demo model 3.6e-7, Wan2.1 1.2e-6, Wan2.2 i2v 1.1e-6); FLUX.1 Kontext (2026-11-30,
-reference-image tokens in the split sequence): all eight modes <= 1.0e-6; tolerance 1e-4. Sequence
+reference-image tokens in the split sequence): all eight modes <= 1.0e-6; Stable Audio (waveforms):
+TP2 2.3e-6, CFG2 1.1e-6, HSDP2 3.6e-7, TP2 x CFG2 1.6e-6, Ulysses2 3.6e-7, Ulysses2 x CFG2 1.1e-6,
+Ring2 1.6e-6, Ulysses2 x Ring2 1.6e-6; tolerance 1e-4. Sequence
 parallel modes need the model's `_sp_plan`, which every model declares (apply_sequence_parallel
 raises for one that does not).
 """
@@ -15,7 +17,7 @@ import torch
 from diffserve import Omni
 from diffserve.distributed.cfg_parallel import CFGParallelMixin
 from diffserve.registry import get_pipeline_class, read_model_index
-from diffserve.testing import CONFORMANCE_CASES
+from diffserve.testing import CONFORMANCE_CASES, output_tensor
 
 TOLERANCE = 1e-4
 MODES = {
@@ -59,9 +61,9 @@ def _user_prompts(scenario):
 def _generate(path, scenario, **kwargs):
     with Omni(path, dtype="float32", device="cpu", disable_progress_bar=True, **kwargs) as omni:
         outputs = omni.generate(_user_prompts(scenario), scenario.params)
-        # Video pipelines (Wan) return frames, image pipelines images; both float tensors for output_type='pt'.
-        videos_or_images = [out.frames if out.frames is not None else out.images for out in outputs]
-        return torch.cat(videos_or_images), omni.engine.executor.collective_rpc("dit_param_bytes")
+        # Frames, images or waveforms, all float tensors for output_type='pt'.
+        outputs = torch.cat([output_tensor(out) for out in outputs])
+        return outputs, omni.engine.executor.collective_rpc("dit_param_bytes")
 
 
 @pytest.fixture(scope="module")

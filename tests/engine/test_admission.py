@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from diffserve import Omni, OmniDiffusionSamplingParams
-from diffserve.models.spec import UNIVERSAL_PARAMS
+from diffserve.engine.admission import InvalidRequestError, admit
+from diffserve.models.spec import UNIVERSAL_PARAMS, SamplingSpec
 from diffserve.request import OmniDiffusionRequest, PromptInput
 from diffserve.testing.conformance import sample_image
 
@@ -22,6 +23,7 @@ VALUES = {
     "max_sequence_length": 8,
     "num_frames": 5,
     "fps": 8,
+    "audio_start_in_s": 0.5,
     "audio_end_in_s": 1.0,
     "guidance_scale_2": 2.0,
     "strength": 0.5,
@@ -31,19 +33,20 @@ VALUES = {
 }
 # Per family: the pipeline class and every parameter it must refuse.
 EDIT_SIZING = ["max_area", "auto_resize"]  # FLUX.1 Kontext's input and output sizing
+AUDIO_WINDOW = ["audio_start_in_s", "audio_end_in_s"]  # Stable Audio's clip
 UNUSED = {
     "demo-dit": ("DiffservePixelDiTPipeline",
-                 ["true_cfg_scale", "num_frames", "fps", "audio_end_in_s", "guidance_scale_2", "strength", "image",
-                  *EDIT_SIZING]),
-    "flux": ("FluxPipeline", ["num_frames", "fps", "audio_end_in_s", "guidance_scale_2", *EDIT_SIZING]),
-    "flux-schnell": ("FluxPipeline", ["guidance_scale", "num_frames", "fps", "audio_end_in_s", "guidance_scale_2",
+                 ["true_cfg_scale", "num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2", "strength", "image", *EDIT_SIZING]),
+    "flux": ("FluxPipeline", ["num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2", *EDIT_SIZING]),
+    "flux-schnell": ("FluxPipeline", ["guidance_scale", "num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2",
                                       *EDIT_SIZING]),
-    "flux-kontext": ("FluxKontextPipeline", ["num_frames", "fps", "audio_end_in_s", "guidance_scale_2", "strength"]),
-    "wan2.1-t2v": ("WanPipeline", ["true_cfg_scale", "audio_end_in_s", "guidance_scale_2", "strength", "image",
-                                   *EDIT_SIZING]),
-    "wan2.2-t2v": ("WanPipeline", ["true_cfg_scale", "audio_end_in_s", "strength", "image", *EDIT_SIZING]),
-    "wan2.1-i2v": ("WanImageToVideoPipeline", ["true_cfg_scale", "audio_end_in_s", "guidance_scale_2", "strength",
+    "flux-kontext": ("FluxKontextPipeline", ["num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2", "strength"]),
+    "wan2.1-t2v": ("WanPipeline", ["true_cfg_scale", *AUDIO_WINDOW, "guidance_scale_2", "strength", "image", *EDIT_SIZING]),
+    "wan2.2-t2v": ("WanPipeline", ["true_cfg_scale", *AUDIO_WINDOW, "strength", "image", *EDIT_SIZING]),
+    "wan2.1-i2v": ("WanImageToVideoPipeline", ["true_cfg_scale", *AUDIO_WINDOW, "guidance_scale_2", "strength",
                                                *EDIT_SIZING]),
+    "stable-audio": ("StableAudioPipeline", ["height", "width", "true_cfg_scale", "max_sequence_length", "num_frames",
+                                             "fps", "guidance_scale_2", "strength", "image", *EDIT_SIZING]),
 }
 CASES = [(arch, param) for arch, (_, params) in UNUSED.items() for param in params]
 
@@ -112,3 +115,45 @@ def test_defaults_are_filled_before_the_pipeline_runs(engines):
     assert (sp.height, sp.width, sp.num_inference_steps, sp.guidance_scale, sp.max_sequence_length) == (
         32, 32, 4, 3.5, 512)
     assert sp.strength is None  # an image-to-image default, not used without an image
+
+
+# -- the audio clip window (SamplingSpec.max_audio_seconds) -------------------------------------------
+AUDIO = SamplingSpec(
+    modality="audio",
+    params=frozenset({"audio_start_in_s", "audio_end_in_s"}),
+    defaults={"audio_start_in_s": 0.0, "audio_end_in_s": 10.0},
+    max_audio_seconds=10.0,
+    model="AudioModel",
+)
+
+
+def _admit_audio(**params):
+    sp = OmniDiffusionSamplingParams(**params)
+    return admit(AUDIO, OmniDiffusionRequest(prompts=[PromptInput.from_user("rain", sp)], sampling_params=sp))
+
+
+def test_audio_window_defaults_to_the_whole_clip():
+    sp = _admit_audio().sampling_params
+    assert (sp.audio_start_in_s, sp.audio_end_in_s) == (0.0, 10.0)
+    sp = _admit_audio(audio_start_in_s=2.5, audio_end_in_s=10).sampling_params
+    assert (sp.audio_start_in_s, sp.audio_end_in_s) == (2.5, 10)
+
+
+@pytest.mark.parametrize(
+    "params, param, message",
+    [
+        ({"audio_end_in_s": 10.5}, "audio_end_in_s", "audio_end_in_s=10.5 is beyond AudioModel's longest clip of 10 s"),
+        ({"audio_start_in_s": 4, "audio_end_in_s": 4}, "audio_start_in_s", "must be less than audio_end_in_s=4"),
+        ({"audio_start_in_s": 11}, "audio_start_in_s", "audio_start_in_s=11 must be less than audio_end_in_s=10.0"),
+    ],
+    ids=["end_beyond_clip", "empty", "start_after_default_end"],
+)
+def test_audio_window_outside_the_clip_is_refused(params, param, message):
+    with pytest.raises(InvalidRequestError, match=message) as info:
+        _admit_audio(**params)
+    assert info.value.param == param
+
+
+def test_negative_seconds_are_invalid_sampling_params():
+    with pytest.raises(ValueError, match="audio_start_in_s must be >= 0"):
+        OmniDiffusionSamplingParams(audio_start_in_s=-1)

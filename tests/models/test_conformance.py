@@ -10,7 +10,7 @@ import torch
 
 from diffserve import Omni
 from diffserve.registry import read_model_index, supported_models
-from diffserve.testing import CONFORMANCE_CASES
+from diffserve.testing import CONFORMANCE_CASES, output_tensor
 
 SCENARIOS = [(case, scenario) for case in CONFORMANCE_CASES for scenario in case.scenarios]
 
@@ -31,11 +31,12 @@ def test_pipeline_matches_diffusers(tiny_checkpoint, case, scenario):
     with Omni(path, dtype="float32", device="cpu", max_batch_size=len(scenario.prompts)) as omni:
         outputs = omni.generate(_user_prompts(scenario), scenario.params)
     assert all(out.metrics["batch_size"] == len(scenario.prompts) for out in outputs)
-    # Video pipelines return frames, image pipelines images; both are float tensors for output_type='pt'.
-    ours = torch.cat([out.frames if out.frames is not None else out.images for out in outputs])
+    # Video pipelines return frames, image pipelines images, audio pipelines waveforms; all float tensors
+    # for output_type='pt'.
+    ours = torch.cat([output_tensor(out) for out in outputs])
     reference = case.run_reference(path, scenario)
     assert ours.shape == reference.shape
-    assert ours.std() > 0.05  # a real image, not a constant
+    assert ours.std() > 0.05  # a real image, video or sound, not a constant
     assert (ours - reference).abs().max().item() <= case.tolerance
 
 

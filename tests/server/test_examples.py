@@ -6,6 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from diffserve.audio_io import decode_audio
 from diffserve.media import decode_video
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "online_serving"
@@ -29,3 +30,14 @@ def test_video_job_example(start_server, tiny_checkpoint, tmp_path):
     assert run.returncode == 0, run.stderr + run.stdout
     frames, _ = decode_video(out.read_bytes())
     assert frames.shape == (5, 32, 32, 3)
+
+
+def test_audio_speech_example(start_server, tiny_checkpoint, tmp_path):
+    server = start_server(tiny_checkpoint("stable-audio"))
+    out = tmp_path / "served.wav"
+    run = subprocess.run([sys.executable, str(EXAMPLES / "text_to_audio/openai_speech.py"), "--url", f"{server.url}/v1",
+                          "--seconds", "0.5", "--steps", "2", "--output", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr + run.stdout
+    audio, rate = decode_audio(out.read_bytes())
+    assert rate == 60 and audio.shape == (2, 30)

@@ -142,6 +142,7 @@ def check_resolved(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
             f"max_sequence_length={sp.max_sequence_length} exceeds the text encoder's limit of {limit} tokens",
             "max_sequence_length",
         )
+    check_audio_window(spec, sp)
     if sp.strength is not None and sp.num_inference_steps is not None and int(sp.num_inference_steps * sp.strength) < 1:
         raise InvalidRequestError(
             f"strength={sp.strength} with num_inference_steps={sp.num_inference_steps} leaves no denoising step; "
@@ -178,6 +179,26 @@ def check_input_image_sizes(spec: SamplingSpec, req: OmniDiffusionRequest) -> No
                 f"{spec.smallest_side} and {spec.max_side} pixels",
                 "image",
             )
+
+
+def check_audio_window(spec: SamplingSpec, sp: OmniDiffusionSamplingParams) -> None:
+    """An audio clip must start before it ends and end within the model's longest clip (a longer
+    end would silently give a shorter clip)."""
+    limit = spec.max_audio_seconds
+    if limit is None or sp.audio_end_in_s is None:
+        return
+    start = sp.audio_start_in_s or 0.0
+    if sp.audio_end_in_s > limit:
+        raise InvalidRequestError(
+            f"audio_end_in_s={sp.audio_end_in_s} is beyond {spec.model}'s longest clip of {limit:g} s; "
+            f"audio_end_in_s must be at most {limit:g}",
+            "audio_end_in_s",
+        )
+    if start >= sp.audio_end_in_s:
+        raise InvalidRequestError(
+            f"audio_start_in_s={start} must be less than audio_end_in_s={sp.audio_end_in_s}",
+            "audio_start_in_s",
+        )
 
 
 def check_cfg(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:

@@ -78,20 +78,23 @@ def load_image_arg(path: str):
         raise ValueError(f"cannot read --image {path!r}: {exc}") from exc
 
 
-DEFAULT_OUTPUT = {"image": "output.png", "video": "output.mp4"}
+DEFAULT_OUTPUT = {"image": "output.png", "video": "output.mp4", "audio": "output.wav"}
 
 
 def save_outputs(output, path: str, modality: str) -> list[str]:
-    """Write images (PNG/JPEG/WebP by extension) or videos (MP4, animated GIF/WebP) at the rate the
-    model ran with."""
+    """Write images (PNG/JPEG/WebP by extension), videos (MP4, animated GIF/WebP) at the rate the
+    model ran with, or audio clips (WAV, FLAC with soundfile)."""
+    from diffserve.audio_io import write_audio
     from diffserve.media import write_video
 
-    items = output.frames if modality == "video" else output.images
+    items = {"video": output.frames, "audio": output.audio}.get(modality, output.images)
     paths = output_paths(path, len(items))
     for item, p in zip(items, paths):
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
         if modality == "video":
             write_video(p, item, output.metrics["fps"])
+        elif modality == "audio":
+            write_audio(p, item, output.sample_rate)
         else:
             item.save(p)
     return paths
@@ -117,6 +120,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fps=args.fps,
         guidance_scale_2=args.guidance_scale_2,
         strength=args.strength,
+        audio_start_in_s=args.audio_start_in_s,
+        audio_end_in_s=args.audio_end_in_s,
     )
     from diffserve.media import check_output_path
 
@@ -199,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser(
         "generate",
-        help="generate an image or a video from a prompt",
-        description="Generate an image (PNG) or, with a video model, a video (MP4) from a prompt and save it.",
+        help="generate an image, a video or audio from a prompt",
+        description="Generate an image (PNG) or, with a video model, a video (MP4), or with an audio model a "
+                    "clip (WAV) from a prompt and save it.",
         formatter_class=HelpFormatter,
     )
     gen.add_argument("prompt", help="the text prompt")
@@ -211,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "-o", "--output", default=None,
-        help="output file: .png/.jpg/.webp for images, .mp4/.gif/.webp for videos (default output.png or "
-             "output.mp4); several outputs get _1, _2, ...",
+        help="output file: .png/.jpg/.webp for images, .mp4/.gif/.webp for videos, .wav/.flac for audio "
+             "(default output.png, output.mp4 or output.wav); several outputs get _1, _2, ...",
     )
     gen.add_argument("--negative-prompt", default=None, help="negative prompt (true CFG with --true-cfg-scale > 1)")
     gen.add_argument("--height", type=int, default=None, help="image height (model default if unset)")
@@ -233,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance-scale-2", type=float, default=None,
         help="guidance scale of the low-noise expert (Wan2.2 A14B); defaults to --guidance-scale",
     )
+    gen.add_argument("--audio-start-in-s", type=float, default=None,
+                     help="audio models: where the clip starts, in seconds (default 0)")
+    gen.add_argument("--audio-end-in-s", type=float, default=None,
+                     help="audio models: where the clip ends, in seconds (default: the model's longest clip)")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 

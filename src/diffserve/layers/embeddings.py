@@ -41,11 +41,13 @@ def get_activation(name: str):
 class TwoLayerMLP(nn.Module):
     """linear_1 -> activation -> linear_2, the shape of every timestep / text / guidance embedder."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None, act: str = "silu"):
+    def __init__(
+        self, in_dim: int, hidden_dim: int, out_dim: int | None = None, act: str = "silu", bias: bool = True
+    ):
         super().__init__()
-        self.linear_1 = ReplicatedLinear(in_dim, hidden_dim)
+        self.linear_1 = ReplicatedLinear(in_dim, hidden_dim, bias=bias)
         self.act = get_activation(act)
-        self.linear_2 = ReplicatedLinear(hidden_dim, out_dim or hidden_dim)
+        self.linear_2 = ReplicatedLinear(hidden_dim, out_dim or hidden_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(x)))

@@ -81,10 +81,11 @@ class DiffusionPipelineBase(nn.Module, CFGParallelMixin, ProgressBarMixin, Suppo
         )
         lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, **kwargs).input_ids]
         if max(lengths) > max_length:
-            logger.warning(
-                "prompt truncated to %d tokens by %s (it had %d): raise max_sequence_length (at most %s) or "
-                "shorten it", max_length, type(tokenizer).__name__, max(lengths), self.spec.max_sequence_length,
-            )
+            remedy = "shorten it"
+            if "max_sequence_length" in self.spec.params:
+                remedy = f"raise max_sequence_length (at most {self.spec.max_sequence_length}) or shorten it"
+            logger.warning("prompt truncated to %d tokens by %s (it had %d): %s",
+                           max_length, type(tokenizer).__name__, max(lengths), remedy)
         return encoded
 
     def stage_timer(self) -> StageTimer:

@@ -86,6 +86,29 @@ def video_post_process(output: DiffusionOutput, output_type: str) -> DiffusionOu
     return output
 
 
+def audio_post_process(output: DiffusionOutput, output_type: str) -> DiffusionOutput:
+    """Post-process for audio pipelines: `output.output` holds float32 waveforms [N, channels, samples]
+    (or latents) and `metrics["sample_rate"]` their rate. `output.audio` gets a float32 tensor
+    [N, channels, samples] for output_type "pt", otherwise one float32 numpy array [channels, samples]
+    per clip (output_type "pil", the default, and "np")."""
+    if "sample_rate" not in output.metrics:
+        raise ValueError("an audio pipeline must report its sample rate in DiffusionOutput.metrics['sample_rate']")
+    output.sample_rate = output.metrics["sample_rate"]
+    audio = output.output
+    if output_type == "latent":
+        output.audio = audio
+    elif output_type == "pt":
+        output.audio = audio.detach().float().cpu()
+    else:
+        output.audio = list(audio.detach().float().cpu().numpy())
+    output.output = None
+    return output
+
+
 PostProcess = Callable[[DiffusionOutput, str], DiffusionOutput]
 # The post-process a pipeline gets from its modality unless the registry names one of its own.
-POST_PROCESS: dict[str, PostProcess] = {"image": image_post_process, "video": video_post_process}
+POST_PROCESS: dict[str, PostProcess] = {
+    "image": image_post_process,
+    "video": video_post_process,
+    "audio": audio_post_process,
+}

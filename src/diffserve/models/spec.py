@@ -95,6 +95,9 @@ class SamplingSpec:
     max_sequence_length: int | None = None
     # Latent tokens per sample when they do not follow the output size (audio); for the work estimate.
     fixed_tokens: int | None = None
+    # Audio models: the longest clip. A request's [audio_start_in_s, audio_end_in_s] must lie within
+    # [0, max_audio_seconds], start before end (the model generates this window and crops the clip).
+    max_audio_seconds: float | None = None
     # The pipeline class, for messages (filled by DiffusionPipelineBase.spec).
     model: str = ""
 

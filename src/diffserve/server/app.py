@@ -2,7 +2,7 @@
 
 Endpoints, one module each under server/routes/: images (POST /v1/images/generations,
 POST /v1/images/edits), videos (asynchronous jobs: POST /v1/videos, GET /v1/videos[/{id}[/content]],
-DELETE /v1/videos/{id}), audio (POST /v1/audio/generations) and service (GET /v1/models, /health,
+DELETE /v1/videos/{id}), audio (POST /v1/audio/generations, POST /v1/audio/speech) and service (GET /v1/models, /health,
 /metrics). Every client mistake is a 4xx in OpenAI's error shape; the engine keeps serving whatever
 a request does.
 """

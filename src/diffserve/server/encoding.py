@@ -1,13 +1,11 @@
-"""Image and audio bytes in and out of the server."""
+"""Image bytes in and out of the server (audio: diffserve.audio_io, shared with the CLI)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
-import wave
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from diffserve.server.errors import APIError
@@ -57,18 +55,3 @@ def decode_base64_image(data: str, param: str = "image") -> Image.Image:
     except (binascii.Error, ValueError):
         raise APIError(400, f"{param} is not valid base64", param) from None
     return decode_image(raw, param)
-
-
-def encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:
-    """float audio [channels, samples] or [samples] in [-1, 1] -> 16-bit PCM WAV."""
-    audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim == 1:
-        audio = audio[None]
-    pcm = (np.clip(audio, -1, 1) * 32767).round().astype("<i2").T  # [samples, channels]
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as f:
-        f.setnchannels(pcm.shape[1])
-        f.setsampwidth(2)
-        f.setframerate(sample_rate)
-        f.writeframes(pcm.tobytes())
-    return buffer.getvalue()

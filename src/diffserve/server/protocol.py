@@ -139,8 +139,65 @@ class VideoCreateRequest(GenerationExtensions):
         return value
 
 
-class AudioGenerationRequest(GenerationExtensions):
+class AudioClipFields(GenerationExtensions):
+    """The clip window of audio requests: `seconds` long from `audio_start_in_s` (default 0), or up to
+    `audio_end_in_s`; the model checks its own limits."""
+
+    seconds: Annotated[Number, Field(gt=0, le=600)] | None = None
+    audio_start_in_s: Annotated[Number, Field(ge=0, le=600)] | None = None
+    audio_end_in_s: Annotated[Number, Field(gt=0, le=600)] | None = None
+    response_format: str = "wav"
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value):
+        from diffserve.audio_io import check_audio_format
+
+        return check_audio_format(value)
+
+    def clip_params(self) -> dict[str, Any]:
+        if self.seconds is not None and self.audio_end_in_s is not None:
+            raise ValueError("give seconds or audio_end_in_s, not both")
+        end = self.audio_end_in_s
+        if self.seconds is not None:
+            end = (self.audio_start_in_s or 0.0) + self.seconds
+        return {"audio_start_in_s": self.audio_start_in_s, "audio_end_in_s": end}
+
+
+class AudioGenerationRequest(AudioClipFields):
     prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
     model: str | None = None
-    seconds: Annotated[Number, Field(gt=0, le=600)] | None = None
-    response_format: Literal["wav"] = "wav"
+
+
+class SpeechRequest(AudioClipFields):
+    """OpenAI's POST /v1/audio/speech body. A text-to-audio model has no voices: `voice` (which the
+    official client always sends) is accepted and ignored; what would change the result but cannot be
+    honoured (speed, instructions, SSE streaming) is refused."""
+
+    input: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    model: str | None = None
+    voice: str | dict[str, Any] | None = None
+    instructions: str | None = None
+    speed: Number | None = None
+    stream_format: str | None = None
+
+    @field_validator("speed")
+    @classmethod
+    def _speed(cls, value):
+        if value is not None and value != 1:
+            raise ValueError(f"only speed 1 is supported (the clip length is set by seconds), got {value!r}")
+        return value
+
+    @field_validator("instructions")
+    @classmethod
+    def _instructions(cls, value):
+        if value:
+            raise ValueError("instructions are not supported: describe the sound in input")
+        return value
+
+    @field_validator("stream_format")
+    @classmethod
+    def _stream_format(cls, value):
+        if value not in (None, "audio"):
+            raise ValueError(f"only stream_format 'audio' (the whole file in one response) is supported, got {value!r}")
+        return value

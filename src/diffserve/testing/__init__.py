@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-_CONFORMANCE_EXPORTS = ("CONFORMANCE_CASES", "ConformanceCase", "ConformanceScenario")
+_CONFORMANCE_EXPORTS = ("CONFORMANCE_CASES", "ConformanceCase", "ConformanceScenario", "output_tensor")
 
 
 def __getattr__(name: str):
@@ -28,6 +28,7 @@ TINY_ARCHITECTURES: dict[str, Callable[[str, int], str]] = {}
 # tiny model at a real model's 1024x1024 / 81 frames / 50 steps would only draw noise slowly.
 TINY_IMAGE_DEFAULTS = {"height": 32, "width": 32, "num_inference_steps": 4}
 TINY_VIDEO_DEFAULTS = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 4}
+TINY_AUDIO_DEFAULTS = {"num_inference_steps": 4}
 
 
 def _register(name: str, module: str, func: str, defaults: dict | None = None, **kwargs) -> None:
@@ -71,6 +72,7 @@ _register("wan2.2-ti2v-i2v", "wan", "build_tiny_wan_i2v", {**TINY_VIDEO_DEFAULTS
           ti2v=True)
 # The tiny demo model is already small at its 64x64 default; its checkpoint states its own steps.
 _register("demo-dit", "demo_dit", "build_tiny_demo_dit")
+_register("stable-audio", "stable_audio", "build_tiny_stable_audio", TINY_AUDIO_DEFAULTS)
 
 
 def load_pipeline(path: str, **config):
@@ -115,5 +117,6 @@ __all__ = [
     "TINY_ARCHITECTURES",
     "load_pipeline",
     "make_tiny_checkpoint",
+    "output_tensor",
     "pipeline_request",
 ]

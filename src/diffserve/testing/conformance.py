@@ -38,6 +38,11 @@ class ConformanceCase:
     # The parallel tests run the first case of each family. None: the arch up to its first "-"
     # (flux-schnell is in the family flux; wan2.1-i2v in wan2.1).
     family: str | None = None
+    # The step-cache tests (tests/cache/test_cache_conformance.py) run the parallel scenario for
+    # `cache_steps` steps and allow a relative L2 distance of `cache_max_rel_l2` to the uncached output
+    # under their permissive settings.
+    cache_steps: int = 4
+    cache_max_rel_l2: float = 0.2
 
     @property
     def pipeline_family(self) -> str:
@@ -47,6 +52,14 @@ class ConformanceCase:
         if name is None:
             return self.scenarios[0]
         return next(s for s in self.scenarios if s.name == name)
+
+
+def output_tensor(output):
+    """The float output of a DiffusionOutput run with output_type="pt": video frames, images or audio."""
+    for value in (output.frames, output.images, output.audio):
+        if value is not None:
+            return value
+    raise ValueError("the output holds no frames, images or audio")
 
 
 def _generators(scenario: ConformanceScenario):
@@ -429,4 +442,97 @@ CONFORMANCE_CASES.extend(
             "wan2.2-ti2v-i2v", _wan_i2v_scenarios((64, 96), dual=False, max_sequence_length=32), run_wan_reference,
         ),
     ]
+)
+
+
+# -- Stable Audio Open (audio) -------------------------------------------------------------------------
+# References return diffusers' waveforms [N, channels, samples]; ours come from DiffusionOutput.audio
+# (output_type="pt") in the same layout.
+
+
+def run_stable_audio_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
+    """diffusers' StableAudioPipeline with one CPU generator per seed (a list, so its scheduler grows
+    one Brownian tree per prompt). It takes negative prompts for all prompts or none, so a mix runs one
+    call per prompt, which is also what a batch must equal."""
+    from diffusers import StableAudioPipeline
+
+    from diffserve.models.spec import DEFAULTS_KEY
+    from diffserve.registry import read_model_index
+
+    pipe = StableAudioPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    sp = scenario.params
+    prompts = [p if isinstance(p, dict) else {"prompt": p} for p in scenario.prompts]
+    kwargs = {"num_waveforms_per_prompt": sp.num_outputs_per_prompt}
+    # Unset parameters: the checkpoint's own defaults (the tiny one runs 4 steps), else diffusers'.
+    checkpoint_defaults = read_model_index(path).get(DEFAULTS_KEY, {})
+    for name in ("audio_start_in_s", "audio_end_in_s", "num_inference_steps", "guidance_scale"):
+        value = getattr(sp, name) if getattr(sp, name) is not None else checkpoint_defaults.get(name)
+        if value is not None:
+            kwargs[name] = value
+
+    def call(group: list[dict], seeds: list[int]) -> torch.Tensor:
+        negatives = [p.get("negative_prompt") for p in group]
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return pipe(
+            prompt=[p["prompt"] for p in group],
+            negative_prompt=negatives if negatives[0] is not None else None,
+            generator=gens if len(gens) > 1 else gens[0],
+            output_type="pt",
+            **kwargs,
+        ).audios
+
+    has_negative = {p.get("negative_prompt") is not None for p in prompts}
+    if len(has_negative) == 1:
+        return call(prompts, scenario.seeds)
+    return torch.cat([call([p], [s]) for p, s in zip(prompts, scenario.seeds)])
+
+
+def _stable_audio_scenarios() -> list[ConformanceScenario]:
+    def params(**kw):
+        return OmniDiffusionSamplingParams(**{"num_inference_steps": 4, "output_type": "pt", **kw})
+
+    return [
+        # CFG without a negative prompt: the unconditional branch is all zeros.
+        ConformanceScenario("cfg_batch2", ["a drum loop", "rain on a tin roof"], params(), seeds=[0, 1]),
+        ConformanceScenario(
+            "cfg_negative_prompts_cropped",
+            [
+                {"prompt": "a drum loop", "negative_prompt": "low quality"},
+                {"prompt": "rain on a tin roof", "negative_prompt": "hum"},
+            ],
+            params(audio_start_in_s=0.25, audio_end_in_s=0.9, guidance_scale=5.0),
+            seeds=[3, 4],
+        ),
+        # One prompt with a negative prompt and one without share a batch.
+        ConformanceScenario(
+            "cfg_mixed_negative_prompts",
+            [{"prompt": "a dog barking", "negative_prompt": "music"}, "birdsong"],
+            params(audio_end_in_s=0.5),
+            seeds=[5, 6],
+        ),
+        ConformanceScenario(
+            "no_cfg_two_outputs_per_prompt",
+            ["a hammer hitting wood"],
+            params(guidance_scale=1.0, num_outputs_per_prompt=2),
+            seeds=[7],
+        ),
+        # Defaults: the checkpoint's steps (4), diffusers' guidance 7 and the whole window.
+        ConformanceScenario(
+            "model_defaults", ["wind"], OmniDiffusionSamplingParams(output_type="pt"), seeds=[8]
+        ),
+    ]
+
+
+CONFORMANCE_CASES.append(
+    # Measured (fp32, CPU): 0.0 in every scenario but cfg_mixed_negative_prompts, 3.0e-6 (one batch
+    # against one reference call per prompt).
+    # Step caches: the SDE solver injects fresh noise every step, and over 4 steps (sigma 500 -> 0.3)
+    # the first block's input changes by more than 100% per step, so cache_dit never finds a step to
+    # reuse; over 8 steps it does (1 step, rel. L2 0.013), while TeaCache with its cap-free threshold
+    # reuses 6 of 8 steps and lands at 0.25 from the uncached waveform.
+    ConformanceCase(
+        "stable-audio", _stable_audio_scenarios(), run_stable_audio_reference,
+        parallel_scenario="cfg_negative_prompts_cropped", cache_steps=8, cache_max_rel_l2=0.3,
+    )
 )
