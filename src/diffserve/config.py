@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # torch is imported where a dtype or device is needed, so the
 ENV_ATTENTION_BACKEND = os.environ.get("DIFFSERVE_ATTENTION_BACKEND") or None
 ENV_LOG_LEVEL = os.environ.get("DIFFSERVE_LOG_LEVEL", "INFO")
 ENV_DISABLE_PROGRESS_BAR = os.environ.get("DIFFSERVE_DISABLE_PROGRESS_BAR", "0") not in ("", "0", "false")
+# Modules imported at start, before a model is resolved: plugins that call
+# diffserve.registry.register_model (comma-separated module names).
+ENV_PLUGINS = [name.strip() for name in os.environ.get("DIFFSERVE_PLUGINS", "").split(",") if name.strip()]
 # `diffserve serve`'s API key when --api-key is not given (keeps the key out of the process list).
 ENV_API_KEY = os.environ.get("DIFFSERVE_API_KEY") or None
 # Set by torchrun (multi-node runs): this process is one rank of an SPMD launch.

@@ -46,7 +46,26 @@ class ModelResolutionError(ValueError):
     """The model path, its model_index.json or its pipeline class cannot be used."""
 
 
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import the modules named by DIFFSERVE_PLUGINS (once): they register models of their own."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from diffserve.config import ENV_PLUGINS
+
+    for name in ENV_PLUGINS:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ModelResolutionError(f"DIFFSERVE_PLUGINS names {name!r}, which cannot be imported: {exc}") from exc
+
+
 def supported_models() -> list[str]:
+    load_plugins()
     return sorted({*_DIFFUSION_MODELS, *_EXTERNAL_MODELS})
 
 
@@ -139,6 +158,7 @@ def check_component_folders(path: str, index: dict[str, Any]) -> None:
 
 def resolve_model(od_config: "OmniDiffusionConfig") -> None:
     """Fill od_config.model (local path), model_class_name and model_config from the checkpoint."""
+    load_plugins()
     path = resolve_model_path(od_config.model, od_config.revision)
     index = read_model_index(path)
     class_name = index["_class_name"]

@@ -42,6 +42,7 @@ ProgressCallback = Callable[[int, int], None]
 __all__ = ["AsyncDiffusionEngine", "EngineUnavailable", "QueueFullError", "WorkBudgetError"]
 
 RETRY_AFTER_RECOVERY_S = 30.0
+RETRY_AFTER_LOADING_S = 5.0
 
 
 class WorkBudgetError(ValueError):
@@ -86,43 +87,72 @@ class Submission:
 
 
 class AsyncDiffusionEngine:
+    """`engine`: a DiffusionEngine, or a function that builds one. A function runs in the scheduler
+    thread (status "starting" meanwhile): worker processes die with the thread that started them, so
+    they must be started by a thread that lives as long as the engine."""
+
     def __init__(
         self,
-        engine: DiffusionEngine,
+        engine: DiffusionEngine | Callable[[], DiffusionEngine],
         max_queue: int = 256,
         batch_wait_ms: float = 5.0,
         on_batch: Callable[[list[OmniDiffusionRequest], list[DiffusionOutput], float], None] | None = None,
         step_timeout_s: float | None = 600.0,
         max_restarts: int = 3,
+        restart_window_s: float = 600.0,
     ):
         if batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
-        self.engine = engine
-        self.scheduler = engine.make_scheduler(max_queue)
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.engine: DiffusionEngine | None = None
+        self.scheduler = None
+        self.max_queue = max_queue
+        self.load_error: str | None = None
+        self.on_load_failure: Callable[[], None] | None = None
         self.batch_wait_s = batch_wait_ms / 1000
         self.on_batch = on_batch
         self.step_timeout_s = step_timeout_s
+        # More than max_restarts within restart_window_s: something is broken for good ("failed").
         self.max_restarts = max_restarts
-        self.restarts = 0
+        self.restart_window_s = restart_window_s
+        self._restart_times: list[float] = []
         self.completed_steps = 0
-        self.status = "ready"
+        self.status = "starting"
         self._cond = threading.Condition()
         self._running = True
         self._running_batch: list[ScheduledRequest] = []
+        self._loaded = threading.Event()
         self._last_progress = time.monotonic()
         self._drain_deadline: float | None = None
-        self._thread = threading.Thread(target=self._loop, name="diffserve-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(engine,), name="diffserve-scheduler", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name="diffserve-watchdog", daemon=True)
         self._thread.start()
         self._watchdog.start()
+        if isinstance(engine, DiffusionEngine):
+            self._loaded.wait()
+
+    @property
+    def loaded(self) -> bool:
+        return self.engine is not None
 
     @property
     def spec(self):
-        return self.engine.spec
+        return self._ready_engine().spec
+
+    def _ready_engine(self) -> DiffusionEngine:
+        if self.engine is None:
+            if self.load_error:
+                raise EngineUnavailable(f"the model failed to load: {self.load_error}")
+            raise EngineUnavailable("the model is still loading", retry_after_s=RETRY_AFTER_LOADING_S)
+        return self.engine
+
+    def wait_until_loaded(self, timeout: float | None = None) -> bool:
+        return self._loaded.wait(timeout)
 
     @property
     def queue_depth(self) -> int:
-        return len(self.scheduler)
+        return len(self.scheduler) if self.scheduler is not None else 0
 
     @property
     def running_requests(self) -> int:
@@ -135,6 +165,7 @@ class AsyncDiffusionEngine:
 
     def admit(self, req: OmniDiffusionRequest, max_seconds: float | None = None) -> OmniDiffusionRequest:
         """`req` resolved against the model's spec and, with `max_seconds`, within that work budget."""
+        self._ready_engine()
         admitted = self.scheduler.admit(req)
         if max_seconds is not None:
             estimate = self.engine.estimate_seconds(admitted)
@@ -149,6 +180,7 @@ class AsyncDiffusionEngine:
         return admitted
 
     def _refuse_if_unavailable(self) -> None:
+        self._ready_engine()
         if not self._running or self.status == "draining":
             raise EngineUnavailable("the server is shutting down")
         if self.status == "recovering":
@@ -192,6 +224,26 @@ class AsyncDiffusionEngine:
                 self.engine.executor.request_abort()
 
     # -- the scheduler thread ---------------------------------------------------------------------
+
+    def _serve(self, engine) -> None:
+        if not isinstance(engine, DiffusionEngine):
+            try:
+                engine = engine()
+            except Exception as exc:
+                logger.exception("the model failed to load")
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                self.status = "failed"
+                self._loaded.set()
+                if self.on_load_failure is not None:
+                    self.on_load_failure()
+                return
+        with self._cond:
+            self.scheduler = engine.make_scheduler(self.max_queue)
+            self.engine = engine
+            if self.status == "starting":
+                self.status = "ready"
+        self._loaded.set()
+        self._loop()
 
     def _loop(self) -> None:
         while True:
@@ -267,13 +319,15 @@ class AsyncDiffusionEngine:
 
     def _recover(self) -> None:
         """Restart the worker group (weights reloaded); new work gets 503 meanwhile."""
-        if self.restarts >= self.max_restarts:
-            logger.error("the workers failed %d times; not restarting them again", self.restarts)
+        now = time.monotonic()
+        self._restart_times = [t for t in self._restart_times if now - t < self.restart_window_s] + [now]
+        if len(self._restart_times) > self.max_restarts:
+            logger.error("the workers failed %d times in %.0f s; not restarting them again",
+                         len(self._restart_times), self.restart_window_s)
             self.status = "failed"
             return
         self.status = "recovering"
-        self.restarts += 1
-        logger.warning("restarting the worker group (restart %d of at most %d)", self.restarts, self.max_restarts)
+        logger.warning("restarting the worker group")
         try:
             self.engine.restart()
         except Exception:
@@ -292,8 +346,9 @@ class AsyncDiffusionEngine:
         while self._running:
             time.sleep(0.2)
             with self._cond:
-                self._expire_queued()
-                self._stop_overdue_running()
+                if self.engine is not None:
+                    self._expire_queued()
+                    self._stop_overdue_running()
 
     def _expire_queued(self) -> None:
         now = time.monotonic()
@@ -352,7 +407,7 @@ class AsyncDiffusionEngine:
         with self._cond:
             self.status = "draining"
             self._drain_deadline = time.monotonic() + grace_s
-            for entry in self.scheduler.drain():
+            for entry in self.scheduler.drain() if self.scheduler is not None else []:
                 self._resolve(entry, _stopped(entry, "the server is shutting down", "unavailable"))
             self._cond.notify_all()
         logger.info("draining: admission stopped; the running batch gets %.0f s to finish", grace_s)
@@ -366,6 +421,8 @@ class AsyncDiffusionEngine:
                 self.engine.executor.request_abort()
             self._cond.notify_all()
         self._thread.join(timeout=30)
+        if self.engine is None:
+            return
         with self._cond:
             waiting = self.scheduler.drain()
         for entry in waiting:

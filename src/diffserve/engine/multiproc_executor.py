@@ -38,8 +38,9 @@ from diffserve.request import DiffusionOutput
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 1800.0
-# How long peers of a failed rank get to report before the group counts as wedged.
-ERROR_GRACE_S = 30.0
+# How long peers of a failed rank get to report before the group counts as wedged: a peer that has
+# not answered by then waits in a collective the failed rank will never join.
+ERROR_GRACE_S = 10.0
 
 
 class WorkerDiedError(RuntimeError):

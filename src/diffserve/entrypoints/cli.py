@@ -171,8 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {state.config.served_model_name!r} on http://{args.host}:{args.port} (loading the model; "
           "/health says ready when it is)", flush=True)
     run_server(app, state, args.host, args.port, log_level=args.uvicorn_log_level)
-    if state.load_error:
-        print(f"diffserve: error: the model failed to load: {state.load_error}", file=sys.stderr)
+    if state.engine.load_error:
+        print(f"diffserve: error: the model failed to load: {state.engine.load_error}", file=sys.stderr)
         return 1
     return 0
 

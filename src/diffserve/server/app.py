@@ -9,7 +9,6 @@ a request does.
 
 from __future__ import annotations
 
-import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -23,19 +22,13 @@ from diffserve.server.state import ServerConfig, ServerState
 __all__ = ["ServerConfig", "ServerState", "build_app"]
 
 
-def build_app(state: ServerState, load_engine=None) -> FastAPI:
-    """The app over `state`; `load_engine()` runs in a thread at startup (the server answers, with
-    503 "starting", while it loads)."""
-
+def build_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if load_engine is not None:
-            threading.Thread(target=load_engine, name="diffserve-load", daemon=True).start()
         yield
         for task in list(state.background):
             task.cancel()
-        if state.loaded:
-            await run_in_threadpool(state.engine.shutdown)
+        await run_in_threadpool(state.engine.shutdown)
 
     # /docs, /redoc and /openapi.json stay on: with --api-key the guard puts them behind it too.
     app = FastAPI(title="diffserve", version="0.1.0", lifespan=lifespan)

@@ -84,8 +84,7 @@ class GuardMiddleware:
         metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
         if endpoint.startswith("/v1/") and status["code"] < 400:
             metrics.e2e_latency.labels(endpoint=endpoint).observe(time.monotonic() - start)
-        if self.state.loaded:
-            metrics.queue_depth.set(self.state.engine.queue_depth)
+        metrics.queue_depth.set(self.state.engine.queue_depth)
 
     @staticmethod
     def _refusal(scope, config: ServerConfig):

@@ -37,24 +37,16 @@ def build_server(model: str = DEMO_MODEL, engine_kwargs: dict[str, Any] | None =
     resolve_model(od_config)
     config.served_model_names = served_names(model, od_config.model, config.served_model_names)
     jobs = VideoJobStore(config.jobs_dir or os.path.abspath("diffserve_jobs"), ttl_s=config.job_ttl_s)
-    state = ServerState(config, jobs)
-    return build_app(state, load_engine=lambda: load_engine(state, od_config)), state
 
-
-def load_engine(state: ServerState, od_config: OmniDiffusionConfig) -> None:
-    """Load the model and start the scheduler (in a background thread at server start)."""
-    config = state.config
-    try:
+    def load() -> DiffusionEngine:
         engine = DiffusionEngine(od_config)
-        state.set_engine(AsyncDiffusionEngine(engine, max_queue=config.max_queue, batch_wait_ms=config.batch_wait_ms,
-                                              step_timeout_s=config.step_timeout_s))
-    except Exception as exc:
-        logger.exception("the model failed to load")
-        state.load_error = f"{type(exc).__name__}: {exc}"
-        if state.on_load_failure is not None:
-            state.on_load_failure()
-        return
-    logger.info("ready: serving %r (%s)", config.served_model_name, engine.spec.modality)
+        logger.info("ready: serving %r (%s)", config.served_model_name, engine.spec.modality)
+        return engine
+
+    engine = AsyncDiffusionEngine(load, max_queue=config.max_queue, batch_wait_ms=config.batch_wait_ms,
+                                  step_timeout_s=config.step_timeout_s)
+    state = ServerState(engine, config, jobs)
+    return build_app(state), state
 
 
 def run_server(app, state: ServerState, host: str, port: int, log_level: str = "info") -> None:
@@ -66,12 +58,11 @@ def run_server(app, state: ServerState, host: str, port: int, log_level: str = "
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            if state.loaded:
-                state.engine.drain(grace)
+            state.engine.drain(grace)
             super().handle_exit(sig, frame)
 
     # uvicorn waits a little longer than the grace so the handlers answer (503) before it closes them.
     server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                    timeout_graceful_shutdown=grace + 5))
-    state.on_load_failure = lambda: setattr(server, "should_exit", True)
+    state.engine.on_load_failure = lambda: setattr(server, "should_exit", True)
     server.run()

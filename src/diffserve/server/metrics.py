@@ -52,8 +52,8 @@ class ServerMetrics:
         for name in STATES:
             self.health.labels(state=name).set(1 if state.status == name else 0)
         self.memory.set(resident_bytes())
-        if state.loaded:
-            engine = state.engine
+        engine = state.engine
+        if engine.loaded:
             self.queue_depth.set(engine.queue_depth)
             self.running.set(engine.running_requests)
             self.steps.set(engine.completed_steps)

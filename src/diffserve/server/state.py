@@ -6,12 +6,9 @@ import asyncio
 from dataclasses import dataclass, field
 
 from diffserve.engine.async_engine import AsyncDiffusionEngine
-from diffserve.engine.errors import EngineUnavailable
 from diffserve.models.spec import SamplingSpec
 from diffserve.server.jobs import VideoJobStore
 from diffserve.server.metrics import ServerMetrics
-
-RETRY_AFTER_LOADING_S = 5.0
 
 
 @dataclass
@@ -52,44 +49,24 @@ class ServerConfig:
 
 
 class ServerState:
-    """The config, the engine once it has loaded (the server answers while it loads), the job store,
-    metrics and background tasks."""
+    """The config, the engine (which loads in the background: the server answers while it does), the
+    job store, metrics and background tasks."""
 
-    def __init__(self, config: ServerConfig, jobs: VideoJobStore):
+    def __init__(self, engine: AsyncDiffusionEngine, config: ServerConfig, jobs: VideoJobStore):
+        self.engine = engine
         self.config = config
         self.jobs = jobs
         self.metrics = ServerMetrics()
         self.background: set[asyncio.Task] = set()
         self.job_tasks: dict[str, asyncio.Task] = {}
-        self._engine: AsyncDiffusionEngine | None = None
-        self.load_error: str | None = None
-        self.on_load_failure = None  # set by run_server: stop serving when the model cannot load
-
-    def set_engine(self, engine: AsyncDiffusionEngine) -> None:
         engine.on_batch = self.metrics.observe_batch
-        self._engine = engine
 
     @property
     def status(self) -> str:
         """starting | ready | busy | recovering | draining | failed."""
-        if self._engine is None:
-            return "failed" if self.load_error else "starting"
-        return self._engine.status
-
-    @property
-    def engine(self) -> AsyncDiffusionEngine:
-        """The engine, or EngineUnavailable (503) while the model is still loading."""
-        if self._engine is None:
-            if self.load_error:
-                raise EngineUnavailable(f"the model failed to load: {self.load_error}")
-            raise EngineUnavailable("the model is still loading", retry_after_s=RETRY_AFTER_LOADING_S)
-        return self._engine
-
-    @property
-    def loaded(self) -> bool:
-        return self._engine is not None
+        return self.engine.status
 
     @property
     def spec(self) -> SamplingSpec:
-        """What the served model takes and makes (its modality decides the endpoints it answers)."""
+        """What the served model takes and makes; EngineUnavailable (503) while it loads."""
         return self.engine.spec

@@ -35,7 +35,7 @@ def router(state: ServerState) -> APIRouter:
             "starting": "the model is loading",
             "recovering": "the workers are restarting after a failure",
             "draining": "the server is shutting down",
-            "failed": f"the engine failed{': ' + state.load_error if state.load_error else ''}",
+            "failed": "the engine failed" + (f": {state.engine.load_error}" if state.engine.load_error else ""),
         }
         return JSONResponse(status_code=503, content={"status": status, "message": messages[status]})
 
