@@ -25,11 +25,11 @@ import torch.nn as nn
 from diffserve.distributed.sp_plan import SequenceParallelInput, SequenceParallelOutput
 from diffserve.layers.adaln import AdaLayerNormContinuous, AdaLayerNormZero, AdaLNModulation, modulate
 from diffserve.layers.attention import Attention
+from diffserve.layers.embeddings import TimeTextEmbedding
 from diffserve.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from diffserve.layers.mlp import FeedForward
 from diffserve.layers.norm import LayerNorm, RMSNorm
 from diffserve.loader.utils import load_weights_with_mapping
-from diffserve.models.flux.flux_transformer import FluxTimeTextEmbedding
 from diffserve.models.model_config import ModelConfig
 
 # q/k normalizations SD3 checkpoints use: none (SD3) or per-head RMSNorm (SD3.5).
@@ -317,7 +317,7 @@ class SD3Transformer2DModel(nn.Module):
             config.pos_embed_max_size,
             base_size=config.sample_size // config.patch_size,
         )
-        self.time_text_embed = FluxTimeTextEmbedding(dim, config.pooled_projection_dim, guidance_embeds=False)
+        self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, guidance_embeds=False)
         self.context_embedder = ReplicatedLinear(config.joint_attention_dim, config.caption_projection_dim)
         last = config.num_layers - 1
         self.transformer_blocks = nn.ModuleList(
