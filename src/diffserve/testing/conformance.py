@@ -545,12 +545,17 @@ CONFORMANCE_CASES.append(
 def run_sd3_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
     from diffusers import StableDiffusion3Pipeline
 
+    from diffserve.models.spec import DEFAULTS_KEY
+    from diffserve.registry import read_model_index
+
     pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     sp = scenario.params
     prompts = [p if isinstance(p, dict) else {"prompt": p} for p in scenario.prompts]
     negatives = [p.get("negative_prompt") for p in prompts]
-    # Unset parameters take diffusers' own defaults, which are ours.
+    # Unset parameters take the checkpoint's defaults (the tiny ones run small), else diffusers' own,
+    # which are ours.
+    checkpoint_defaults = read_model_index(path).get(DEFAULTS_KEY, {})
     optional = {
         "height": sp.height,
         "width": sp.width,
@@ -568,6 +573,8 @@ def run_sd3_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
         num_images_per_prompt=sp.num_outputs_per_prompt,
         generator=_generators(scenario),
         output_type="pt",
+        **{name: checkpoint_defaults[name] for name, value in optional.items() if value is None and name in
+           checkpoint_defaults},
         **{name: value for name, value in optional.items() if value is not None},
     ).images
 
@@ -603,7 +610,7 @@ def _sd3_scenarios(with_model_defaults: bool = False) -> list[ConformanceScenari
         ),
     ]
     if with_model_defaults:
-        # 32x32 (sample_size 16 x VAE factor 2), 28 steps, guidance 7.0, 256 T5 tokens.
+        # The tiny checkpoint's 32x32 and 4 steps (model_index.json), SD3's guidance 7.0 and 256 T5 tokens.
         scenarios.append(
             ConformanceScenario("model_defaults", ["a purple flower"], OmniDiffusionSamplingParams(output_type="pt"),
                                 seeds=[5])

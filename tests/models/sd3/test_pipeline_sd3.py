@@ -86,13 +86,15 @@ def test_admission_refuses_what_would_be_ignored_or_fail(sd35_medium, kw, messag
 
 
 def test_spec_declares_diffusers_defaults(sd35_medium):
-    spec = sd35_medium.spec
+    # The pipeline's own declaration; the tiny checkpoint then runs 4 steps (its model_index.json).
+    spec = sd35_medium.sampling_spec()
     assert spec.cfg == "guidance"
     assert {k: spec.defaults[k] for k in ("num_inference_steps", "guidance_scale", "max_sequence_length")} == {
         "num_inference_steps": 28, "guidance_scale": 7.0, "max_sequence_length": 256}
     # sample_size 16 latent pixels x VAE factor 2 (the released models: 128 x 8 = 1024).
     assert (spec.defaults["height"], spec.defaults["width"]) == (32, 32)
     assert "skip_guidance_layers" not in spec.defaults  # it turns SLG on, so it has no default
+    assert sd35_medium.spec.defaults["num_inference_steps"] == 4
 
 
 def test_step_cache_refuses_skip_layer_guidance_but_runs_plain_cfg(tiny_checkpoint):
