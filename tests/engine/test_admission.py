@@ -237,19 +237,6 @@ def test_unavailable_parameter_names_the_reason():
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"refines": {"strength": "height"}}, r"rules for parameters it does not take: \['height', 'strength'\]"),
-        ({"cfg_only_params": frozenset({"guidance_scale"})}, r"cfg_only_params \['guidance_scale'\] must not have "
-                                                             r"defaults"),
-    ],
-)
-def test_spec_rules_must_name_taken_parameters(kw, message):
-    with pytest.raises(ValueError, match=message):
-        guided_spec(**kw)
-
-
-@pytest.mark.parametrize(
-    "kw, message",
-    [
         ({"skip_guidance_layers": []}, "skip_guidance_layers must be a non-empty list of block indices >= 0"),
         ({"skip_guidance_layers": [1, -1]}, "skip_guidance_layers must be a non-empty list of block indices >= 0"),
         ({"skip_guidance_layers": 3}, "skip_guidance_layers must be a non-empty list of block indices >= 0"),
