@@ -36,3 +36,14 @@ def test_example_runs_and_writes_its_output(tmp_path, script, flags, output):
 
         audio, rate = decode_audio(str(written))
         assert rate == 60 and audio.shape == (2, 60)  # the tiny Stable Audio's whole 1 s, stereo
+
+
+def test_text_to_image_example_runs_sd3_with_skip_layer_guidance(tiny_checkpoint, tmp_path):
+    """The text-to-image example on a tiny SD3.5-medium (3 blocks; its small defaults: 32x32, 4 steps),
+    with skip-layer guidance on block 1 over the steps 1 and 2 of 4 (the default window holds none)."""
+    flags = ["--model", tiny_checkpoint("sd3.5-medium"), "--skip-guidance-layers", "1", "--skip-layer-guidance-scale",
+             "2.0", "--skip-layer-guidance-stop", "0.6"]
+    result = subprocess.run([sys.executable, str(EXAMPLES / "text_to_image/text_to_image.py"), *flags], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "text_to_image.png").stat().st_size > 0

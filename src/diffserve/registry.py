@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 _DIFFUSION_MODELS: dict[str, tuple[str, str, str]] = {
     "FluxPipeline": ("flux", "pipeline_flux", "FluxPipeline"),
     "FluxKontextPipeline": ("flux", "pipeline_flux_kontext", "FluxKontextPipeline"),
+    "StableDiffusion3Pipeline": ("sd3", "pipeline_sd3", "StableDiffusion3Pipeline"),
     "WanPipeline": ("wan", "pipeline_wan", "WanPipeline"),
     "WanImageToVideoPipeline": ("wan", "pipeline_wan_i2v", "WanImageToVideoPipeline"),
     "DiffservePixelDiTPipeline": ("demo_dit", "pipeline_demo_dit", "DiffservePixelDiTPipeline"),

@@ -61,6 +61,12 @@ class OmniDiffusionSamplingParams:
     # nearest its aspect ratio; False keeps its own size, rounded down to the size multiple. None:
     # model default (True).
     auto_resize: bool | None = None
+    # Skip-layer guidance (SD3 / SD3.5, with CFG): on the steps i with start < i / steps < stop, the
+    # prediction is pushed away from one made with these transformer blocks skipped, by `scale`.
+    skip_guidance_layers: tuple[int, ...] | None = None
+    skip_layer_guidance_scale: float | None = None
+    skip_layer_guidance_start: float | None = None
+    skip_layer_guidance_stop: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("height", "width", "num_inference_steps", "max_sequence_length", "num_frames", "fps", "max_area"):
@@ -77,6 +83,7 @@ class OmniDiffusionSamplingParams:
             raise ValueError(f"strength must be a number in (0, 1], got {self.strength!r}")
         if self.auto_resize is not None and not isinstance(self.auto_resize, bool):
             raise ValueError(f"auto_resize must be True or False, got {self.auto_resize!r}")
+        self._check_skip_layer_guidance()
         if isinstance(self.true_cfg_scale, bool) or not isinstance(self.true_cfg_scale, (int, float)):
             raise ValueError(f"true_cfg_scale must be a number, got {self.true_cfg_scale!r}")
         if self.true_cfg_scale < 0:
@@ -90,6 +97,28 @@ class OmniDiffusionSamplingParams:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
+
+    def _check_skip_layer_guidance(self) -> None:
+        layers = self.skip_guidance_layers
+        if layers is not None:
+            if (
+                not isinstance(layers, (list, tuple))
+                or not layers
+                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers)
+            ):
+                raise ValueError(f"skip_guidance_layers must be a non-empty list of block indices >= 0, got {layers!r}")
+            # A tuple: sampling parameters are part of the (hashable) batch key.
+            self.skip_guidance_layers = tuple(layers)
+        for name in ("skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        start, stop = self.skip_layer_guidance_start, self.skip_layer_guidance_stop
+        for name, value in (("skip_layer_guidance_start", start), ("skip_layer_guidance_stop", stop)):
+            if value is not None and value > 1:
+                raise ValueError(f"{name} is a fraction of the denoise steps in [0, 1], got {value!r}")
+        if start is not None and stop is not None and not start < stop:
+            raise ValueError(f"skip_layer_guidance_start ({start}) must be below skip_layer_guidance_stop ({stop})")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "OmniDiffusionSamplingParams":

@@ -19,7 +19,9 @@ wan2.1-t2v 0.098 / 3 / 5 of 8, wan2.1-i2v 0.118 / 3 / 5, wan2.2-t2v 0.099 / 2 / 
 tea_cache 0.025 / 2 / 8 of 16. (Tiny random Wan models react most: max-abs up to 0.65 on a
 frame pixel, so the bound is on the relative L2 distance.) stable-audio, 8 steps, bound 0.3 (its SDE
 solver re-noises every step; see its case): cache_dit 0.013 / 1 of 8 / 15 of 16, tea_cache 0.254 / 6 /
-4 of 16.
+4 of 16. SD3 (2026-11-30; 3 blocks): cache_dit sd3 0.025 / 3 / 6 of 12, sd3.5-medium 0.021 / 3 / 6,
+sd3-medium 0.021 / 3 / 6; tea_cache (uncalibrated: the raw relative L1 distance decides) sd3 0.029 /
+2 / 6, sd3.5-medium 0.024 / 2 / 6, sd3-medium 0.027 / 2 / 6.
 """
 
 import dataclasses

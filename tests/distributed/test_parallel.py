@@ -6,7 +6,9 @@ FLUX (2026-11-26): TP2 8.3e-7, CFG2 9.5e-7, HSDP2 0.0, Ulysses2 9.5e-7, Ring2 1.
 1.1e-6 (ring on the demo model 3.6e-7, Wan2.1 1.2e-6, Wan2.2 i2v 1.1e-6); FLUX.1 Kontext (2026-11-30,
 reference-image tokens in the split sequence): all eight modes <= 1.0e-6; Stable Audio (waveforms):
 TP2 2.3e-6, CFG2 1.1e-6, HSDP2 3.6e-7, TP2 x CFG2 1.6e-6, Ulysses2 3.6e-7, Ulysses2 x CFG2 1.1e-6,
-Ring2 1.6e-6, Ulysses2 x Ring2 1.6e-6; tolerance 1e-4. Sequence
+Ring2 1.6e-6, Ulysses2 x Ring2 1.6e-6; SD3 (sd3 and sd3.5-medium, CFG with 77 + 19 text tokens) 8.3e-7
+to 1.1e-6 in every mode, and with skip-layer guidance (sd3.5-medium, measured by hand) 8.3e-7 to
+1.3e-6; tolerance 1e-4. Sequence
 parallel modes need the model's `_sp_plan`, which every model declares (apply_sequence_parallel
 raises for one that does not).
 """

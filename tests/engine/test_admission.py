@@ -1,6 +1,7 @@
 """Admission: every model family refuses each sampling parameter it does not use, naming it and the
 model; parameters that would be silently ignored in context (a negative prompt without CFG, strength
-without an input image) are errors too. One path for Omni, the CLI and the server."""
+without an input image, a refining or CFG-only parameter alone) are errors too. One path for Omni, the
+CLI and the server."""
 
 import dataclasses
 
@@ -29,24 +30,36 @@ VALUES = {
     "strength": 0.5,
     "max_area": 1024,
     "auto_resize": False,
+    "skip_guidance_layers": [1],
+    "skip_layer_guidance_scale": 2.0,
+    "skip_layer_guidance_start": 0.1,
+    "skip_layer_guidance_stop": 0.5,
     "image": None,  # stands for an input image
 }
+# Skip-layer guidance: only SD3 takes it.
+SLG = ["skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop"]
 # Per family: the pipeline class and every parameter it must refuse.
 EDIT_SIZING = ["max_area", "auto_resize"]  # FLUX.1 Kontext's input and output sizing
 AUDIO_WINDOW = ["audio_start_in_s", "audio_end_in_s"]  # Stable Audio's clip
 UNUSED = {
     "demo-dit": ("DiffservePixelDiTPipeline",
-                 ["true_cfg_scale", "num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2", "strength", "image", *EDIT_SIZING]),
-    "flux": ("FluxPipeline", ["num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2", *EDIT_SIZING]),
+                 ["true_cfg_scale", "num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2", "strength", "image",
+                  *EDIT_SIZING, *SLG]),
+    "flux": ("FluxPipeline", ["num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2", *EDIT_SIZING, *SLG]),
     "flux-schnell": ("FluxPipeline", ["guidance_scale", "num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2",
-                                      *EDIT_SIZING]),
-    "flux-kontext": ("FluxKontextPipeline", ["num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2", "strength"]),
-    "wan2.1-t2v": ("WanPipeline", ["true_cfg_scale", *AUDIO_WINDOW, "guidance_scale_2", "strength", "image", *EDIT_SIZING]),
-    "wan2.2-t2v": ("WanPipeline", ["true_cfg_scale", *AUDIO_WINDOW, "strength", "image", *EDIT_SIZING]),
+                                      *EDIT_SIZING, *SLG]),
+    "flux-kontext": ("FluxKontextPipeline", ["num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2", "strength",
+                                             *SLG]),
+    "wan2.1-t2v": ("WanPipeline", ["true_cfg_scale", *AUDIO_WINDOW, "guidance_scale_2", "strength", "image",
+                                   *EDIT_SIZING, *SLG]),
+    "wan2.2-t2v": ("WanPipeline", ["true_cfg_scale", *AUDIO_WINDOW, "strength", "image", *EDIT_SIZING, *SLG]),
     "wan2.1-i2v": ("WanImageToVideoPipeline", ["true_cfg_scale", *AUDIO_WINDOW, "guidance_scale_2", "strength",
-                                               *EDIT_SIZING]),
+                                               *EDIT_SIZING, *SLG]),
     "stable-audio": ("StableAudioPipeline", ["height", "width", "true_cfg_scale", "max_sequence_length", "num_frames",
-                                             "fps", "guidance_scale_2", "strength", "image", *EDIT_SIZING]),
+                                             "fps", "guidance_scale_2", "strength", "image", *EDIT_SIZING, *SLG]),
+    "sd3": ("StableDiffusion3Pipeline",
+            ["true_cfg_scale", "num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2", "strength", "image",
+             *EDIT_SIZING]),
 }
 CASES = [(arch, param) for arch, (_, params) in UNUSED.items() for param in params]
 
@@ -157,3 +170,88 @@ def test_audio_window_outside_the_clip_is_refused(params, param, message):
 def test_negative_seconds_are_invalid_sampling_params():
     with pytest.raises(ValueError, match="audio_start_in_s must be >= 0"):
         OmniDiffusionSamplingParams(audio_start_in_s=-1)
+
+
+# -- the rules that tie parameters together (SD3's skip-layer guidance uses all four), on a stand-in spec --
+
+
+def guided_spec(**kw) -> SamplingSpec:
+    defaults = {"guidance_scale": 7.0, "skip_layer_guidance_scale": 2.8, "skip_layer_guidance_start": 0.01,
+                "skip_layer_guidance_stop": 0.2}
+    rules = dict(
+        refines={name: "skip_guidance_layers" for name in SLG[1:]},
+        cfg_only_params=frozenset({"skip_guidance_layers"}),
+        index_limits={"skip_guidance_layers": 4},
+    )
+    return SamplingSpec(modality="image", params=frozenset({*defaults, "skip_guidance_layers"}), defaults=defaults,
+                        cfg="guidance", model="GuidedPipeline", **{**rules, **kw})
+
+
+def plain_request(**kw) -> OmniDiffusionRequest:
+    return OmniDiffusionRequest(prompts=[PromptInput(prompt="a cat", seed=0)],
+                                sampling_params=OmniDiffusionSamplingParams(**kw))
+
+
+def test_a_refining_parameter_needs_the_one_it_refines():
+    with pytest.raises(InvalidRequestError, match="skip_layer_guidance_start is used only together with "
+                                                  "skip_guidance_layers, which this request does not set") as err:
+        admit(guided_spec(), plain_request(skip_layer_guidance_start=0.1))
+    assert err.value.param == "skip_layer_guidance_start"
+    admitted = admit(guided_spec(), plain_request(skip_guidance_layers=[1], skip_layer_guidance_start=0.1))
+    assert admitted.sampling_params.skip_layer_guidance_start == 0.1
+    assert admitted.sampling_params.skip_layer_guidance_stop == 0.2  # its default
+
+
+def test_defaults_of_refining_parameters_do_not_count_as_set():
+    admitted = admit(guided_spec(), plain_request())
+    assert admitted.sampling_params.skip_guidance_layers is None
+    assert admitted.sampling_params.skip_layer_guidance_scale == 2.8
+
+
+@pytest.mark.parametrize("guidance_scale, allowed", [(1.0, False), (None, True), (1.5, True)])
+def test_cfg_only_parameter_needs_cfg_after_defaults(guidance_scale, allowed):
+    req = plain_request(skip_guidance_layers=[0], guidance_scale=guidance_scale)
+    if allowed:  # None: the default 7.0 turns CFG on
+        assert admit(guided_spec(), req).sampling_params.skip_guidance_layers == (0,)
+    else:
+        with pytest.raises(InvalidRequestError, match=r"skip_guidance_layers is used only with classifier-free "
+                                                      r"guidance \(guidance_scale > 1\)"):
+            admit(guided_spec(), req)
+
+
+@pytest.mark.parametrize("layers", [[4], [0, 7]])
+def test_indices_must_be_in_range(layers):
+    with pytest.raises(InvalidRequestError, match=rf"skip_guidance_layers={layers} is out of range: GuidedPipeline "
+                                                  r"takes indices 0 to 3".replace("[", r"\[").replace("]", r"\]")):
+        admit(guided_spec(), plain_request(skip_guidance_layers=layers))
+
+
+def test_unavailable_parameter_names_the_reason():
+    refused = guided_spec(unavailable={"skip_guidance_layers": "the step cache cannot follow it"})
+    with pytest.raises(InvalidRequestError, match="skip_guidance_layers cannot be used here: the step cache cannot "
+                                                  "follow it"):
+        admit(refused, plain_request(skip_guidance_layers=[1]))
+    admit(refused, plain_request())  # requests without it run
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"skip_guidance_layers": []}, "skip_guidance_layers must be a non-empty list of block indices >= 0"),
+        ({"skip_guidance_layers": [1, -1]}, "skip_guidance_layers must be a non-empty list of block indices >= 0"),
+        ({"skip_guidance_layers": 3}, "skip_guidance_layers must be a non-empty list of block indices >= 0"),
+        ({"skip_layer_guidance_scale": -1.0}, "skip_layer_guidance_scale must be a number >= 0"),
+        ({"skip_layer_guidance_stop": 1.5}, r"skip_layer_guidance_stop is a fraction of the denoise steps in \[0, 1\]"),
+        ({"skip_layer_guidance_start": 0.3, "skip_layer_guidance_stop": 0.2},
+         r"skip_layer_guidance_start \(0.3\) must be below skip_layer_guidance_stop \(0.2\)"),
+    ],
+)
+def test_skip_layer_guidance_params_are_checked_on_creation(kw, message):
+    with pytest.raises(ValueError, match=message):
+        OmniDiffusionSamplingParams(**kw)
+
+
+def test_skip_guidance_layers_become_a_tuple_for_the_batch_key():
+    sp = OmniDiffusionSamplingParams(skip_guidance_layers=[7, 8, 9])
+    assert sp.skip_guidance_layers == (7, 8, 9)
+    hash(sp.batch_key())

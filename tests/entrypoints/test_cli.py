@@ -97,3 +97,15 @@ def test_make_tiny_and_models(tmp_path, capsys):
     assert (tmp_path / "t" / "model_index.json").exists()
     assert main(["models"]) == 0
     assert "FluxPipeline" in capsys.readouterr().out
+
+
+def test_generate_passes_skip_layer_guidance_flags(tiny_checkpoint, tmp_path, capsys):
+    path, out = tiny_checkpoint("sd3.5-medium"), tmp_path / "sd3.png"
+    common = ["generate", "--model", path, "a lighthouse", "-o", str(out), "--height", "32", "--width", "48",
+              "--steps", "4", "--guidance-scale", "5", "--max-sequence-length", "8", "--disable-progress-bar"]
+    # The tiny model has 3 blocks: the flag reaches admission, which names the range.
+    assert main([*common, "--skip-guidance-layers", "1", "5"]) == 2
+    assert "skip_guidance_layers=[1, 5] is out of range" in capsys.readouterr().err
+    assert main([*common, "--skip-guidance-layers", "1", "2", "--skip-layer-guidance-scale", "2.5",
+                 "--skip-layer-guidance-stop", "0.6"]) == 0
+    assert Image.open(out).size == (48, 32)

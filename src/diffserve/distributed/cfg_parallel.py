@@ -42,18 +42,25 @@ class CFGParallelMixin:
     ) -> torch.Tensor:
         if not do_true_cfg:
             return self.predict_noise(**positive_kwargs)
+        positive, negative = self.predict_cfg_branches(positive_kwargs, negative_kwargs)
+        return self.combine_cfg_noise(positive, negative, true_cfg_scale)
+
+    def predict_cfg_branches(
+        self, positive_kwargs: dict[str, Any], negative_kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive, negative) predictions, both on every rank. A guidance variant that needs the
+        branches themselves (SD3's skip-layer guidance) overrides predict_noise_maybe_with_cfg and
+        starts from here."""
         cfg = get_cfg_group()
         if cfg.world_size > 1:
             mine = self.predict_noise(**(positive_kwargs if cfg.rank_in_group == 0 else negative_kwargs))
             positive, negative = cfg.all_gather(mine.unsqueeze(0), dim=0).unbind(0)
-        else:
-            batched = self._batch_cfg_kwargs(positive_kwargs, negative_kwargs)
-            if batched is not None:
-                positive, negative = self.predict_noise(**batched).chunk(2)
-            else:
-                positive = self.predict_noise(**positive_kwargs)
-                negative = self.predict_noise(**negative_kwargs)
-        return self.combine_cfg_noise(positive, negative, true_cfg_scale)
+            return positive, negative
+        batched = self._batch_cfg_kwargs(positive_kwargs, negative_kwargs)
+        if batched is not None:
+            positive, negative = self.predict_noise(**batched).chunk(2)
+            return positive, negative
+        return self.predict_noise(**positive_kwargs), self.predict_noise(**negative_kwargs)
 
     def _batch_cfg_kwargs(self, positive: dict[str, Any], negative: dict[str, Any]) -> dict[str, Any] | None:
         """Both branches as one batch, or None if their inputs cannot be stacked (e.g. text lengths differ)."""

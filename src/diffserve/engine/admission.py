@@ -37,12 +37,19 @@ def _allowed_list(spec: SamplingSpec) -> str:
 
 
 def check_used_params(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
-    for name, value in params_set_by_user(req.sampling_params).items():
+    user_set = params_set_by_user(req.sampling_params)
+    for name, value in user_set.items():
         if name not in spec.accepted_params:
             raise InvalidRequestError(
                 f"{name}={value!r} is not used by {spec.model}; its sampling parameters are: {_allowed_list(spec)}",
                 name,
             )
+        if name in spec.unavailable:
+            raise InvalidRequestError(f"{name} cannot be used here: {spec.unavailable[name]}", name)
+        needed = spec.refines.get(name)
+        if needed is not None and needed not in user_set:
+            raise InvalidRequestError(f"{name} is used only together with {needed}, which this request does not set",
+                                      name)
     if spec.cfg is None and any(p.negative_prompt is not None for p in req.prompts):
         raise InvalidRequestError(f"{spec.model} runs no classifier-free guidance, so it takes no negative_prompt",
                                   "negative_prompt")
@@ -143,6 +150,12 @@ def check_resolved(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
             "max_sequence_length",
         )
     check_audio_window(spec, sp)
+    for name, count in spec.index_limits.items():
+        value = getattr(sp, name)
+        if value is not None and not all(0 <= i < count for i in value):
+            raise InvalidRequestError(
+                f"{name}={list(value)} is out of range: {spec.model} takes indices 0 to {count - 1}", name
+            )
     if sp.strength is not None and sp.num_inference_steps is not None and int(sp.num_inference_steps * sp.strength) < 1:
         raise InvalidRequestError(
             f"strength={sp.strength} with num_inference_steps={sp.num_inference_steps} leaves no denoising step; "
@@ -202,7 +215,7 @@ def check_audio_window(spec: SamplingSpec, sp: OmniDiffusionSamplingParams) -> N
 
 
 def check_cfg(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
-    """A negative prompt or a CFG scale that would be silently ignored is an error."""
+    """A negative prompt, a CFG scale or a CFG-only parameter that would be silently ignored is an error."""
     sp = req.sampling_params
     has_negative = [p.negative_prompt is not None for p in req.prompts]
     if spec.cfg == "guidance" and any(has_negative) and not sp.guidance_scale > 1:
@@ -211,6 +224,12 @@ def check_cfg(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
             "needs guidance_scale > 1)",
             "negative_prompt",
         )
+    for name in sorted(spec.cfg_only_params):
+        if getattr(sp, name) is not None and not cfg_enabled(spec, sp):
+            rule = "guidance_scale > 1" if spec.cfg == "guidance" else "true_cfg_scale > 1 and a negative_prompt"
+            raise InvalidRequestError(
+                f"{name} is used only with classifier-free guidance ({rule}), which this request does not run", name
+            )
     if spec.cfg == "true_cfg":
         if any(has_negative) and not sp.true_cfg_scale > 1:
             raise InvalidRequestError(

@@ -122,6 +122,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         audio_start_in_s=args.audio_start_in_s,
         audio_end_in_s=args.audio_end_in_s,
+        skip_guidance_layers=args.skip_guidance_layers,
+        skip_layer_guidance_scale=args.skip_layer_guidance_scale,
+        skip_layer_guidance_start=args.skip_layer_guidance_start,
+        skip_layer_guidance_stop=args.skip_layer_guidance_stop,
     )
     from diffserve.media import check_output_path
 
@@ -243,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="audio models: where the clip starts, in seconds (default 0)")
     gen.add_argument("--audio-end-in-s", type=float, default=None,
                      help="audio models: where the clip ends, in seconds (default: the model's longest clip)")
+    slg = gen.add_argument_group("skip-layer guidance (SD3 / SD3.5, with CFG; see docs/models.md)")
+    slg.add_argument("--skip-guidance-layers", type=int, nargs="+", default=None, metavar="BLOCK",
+                     help="transformer blocks skipped for the guidance prediction (SD3.5-medium: 7 8 9)")
+    slg.add_argument("--skip-layer-guidance-scale", type=float, default=None, help="its strength (model default 2.8)")
+    slg.add_argument("--skip-layer-guidance-start", type=float, default=None,
+                     help="fraction of the steps where it starts (model default 0.01)")
+    slg.add_argument("--skip-layer-guidance-stop", type=float, default=None,
+                     help="fraction of the steps where it stops (model default 0.2)")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 

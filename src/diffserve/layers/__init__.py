@@ -10,7 +10,7 @@ from diffserve.layers.adaln import (
     modulate,
 )
 from diffserve.layers.attention import Attention
-from diffserve.layers.embeddings import TwoLayerMLP, timestep_embedding
+from diffserve.layers.embeddings import TimeTextEmbedding, TwoLayerMLP, timestep_embedding
 from diffserve.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -37,6 +37,7 @@ __all__ = [
     "RMSNorm",
     "ReplicatedLinear",
     "RowParallelLinear",
+    "TimeTextEmbedding",
     "TwoLayerMLP",
     "apply_rotary_emb",
     "modulate",

@@ -51,3 +51,24 @@ class TwoLayerMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(x)))
+
+
+class TimeTextEmbedding(nn.Module):
+    """The conditioning vector of MMDiTs (FLUX, SD3): embedded timestep (+ distilled guidance, FLUX.1-dev)
+    + embedded pooled text embedding, with timestep and guidance on the 1000-step scale both models
+    were trained with."""
+
+    def __init__(self, dim: int, pooled_projection_dim: int, guidance_embeds: bool = False):
+        super().__init__()
+        self.timestep_embedder = TwoLayerMLP(256, dim)
+        self.guidance_embedder = TwoLayerMLP(256, dim) if guidance_embeds else None
+        self.text_embedder = TwoLayerMLP(pooled_projection_dim, dim)
+
+    def forward(
+        self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled_projection: torch.Tensor
+    ) -> torch.Tensor:
+        dtype = pooled_projection.dtype
+        emb = self.timestep_embedder(timestep_embedding(timestep, 256).to(dtype))
+        if self.guidance_embedder is not None:
+            emb = emb + self.guidance_embedder(timestep_embedding(guidance, 256).to(dtype))
+        return emb + self.text_embedder(pooled_projection)

@@ -98,6 +98,17 @@ class SamplingSpec:
     # Audio models: the longest clip. A request's [audio_start_in_s, audio_end_in_s] must lie within
     # [0, max_audio_seconds], start before end (the model generates this window and crops the clip).
     max_audio_seconds: float | None = None
+    # Parameters that only tune another one, each with the parameter it needs (SD3:
+    # skip_layer_guidance_scale -> skip_guidance_layers). Set without it, one is an error, not ignored.
+    refines: Mapping[str, str] = field(default_factory=dict)
+    # Parameters used only while classifier-free guidance runs (SD3's skip-layer guidance corrects the
+    # guided prediction). They take no default, so a request without CFG carries none.
+    cfg_only_params: frozenset[str] = frozenset()
+    # Parameters holding indices (of transformer blocks, say), each with the number of valid indices.
+    index_limits: Mapping[str, int] = field(default_factory=dict)
+    # Parameters the model takes but this engine configuration cannot run, each with the reason the
+    # admission error gives (a step cache cannot follow skip-layer guidance's extra transformer call).
+    unavailable: Mapping[str, str] = field(default_factory=dict)
     # The pipeline class, for messages (filled by DiffusionPipelineBase.spec).
     model: str = ""
 
@@ -107,11 +118,20 @@ class SamplingSpec:
         if self.cfg not in CFG_MODES:
             raise ValueError(f"cfg must be one of {CFG_MODES}, got {self.cfg!r}")
         object.__setattr__(self, "params", frozenset(self.params))
+        object.__setattr__(self, "cfg_only_params", frozenset(self.cfg_only_params))
         extra = set(self.defaults) - self.accepted_params
         if extra:
             raise ValueError(f"{self.model}: defaults for parameters it does not take: {sorted(extra)}")
         if self.images is not None and self.images.size_from_aspect_ratio and "max_area" not in self.defaults:
             raise ValueError(f"{self.model}: size_from_aspect_ratio needs the parameter max_area with a default")
+        named = {*self.refines, *self.refines.values(), *self.cfg_only_params, *self.index_limits, *self.unavailable}
+        if named - self.accepted_params:
+            raise ValueError(f"{self.model}: rules for parameters it does not take: {sorted(named - self.accepted_params)}")
+        if self.cfg_only_params and self.cfg is None:
+            raise ValueError(f"{self.model}: cfg_only_params {sorted(self.cfg_only_params)} without a CFG mode")
+        defaulted = self.cfg_only_params & set(self.defaults)
+        if defaulted:
+            raise ValueError(f"{self.model}: cfg_only_params {sorted(defaulted)} must not have defaults")
 
     @property
     def accepted_params(self) -> frozenset[str]:

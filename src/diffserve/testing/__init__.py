@@ -73,6 +73,9 @@ _register("wan2.2-ti2v-i2v", "wan", "build_tiny_wan_i2v", {**TINY_VIDEO_DEFAULTS
 # The tiny demo model is already small at its 64x64 default; its checkpoint states its own steps.
 _register("demo-dit", "demo_dit", "build_tiny_demo_dit")
 _register("stable-audio", "stable_audio", "build_tiny_stable_audio", TINY_AUDIO_DEFAULTS)
+_register("sd3", "sd3", "build_tiny_sd3", TINY_IMAGE_DEFAULTS, variant="sd3.5-large")
+_register("sd3.5-medium", "sd3", "build_tiny_sd3", TINY_IMAGE_DEFAULTS, variant="sd3.5-medium")
+_register("sd3-medium", "sd3", "build_tiny_sd3", TINY_IMAGE_DEFAULTS, variant="sd3-medium")
 
 
 def load_pipeline(path: str, **config):

@@ -536,3 +536,100 @@ CONFORMANCE_CASES.append(
         parallel_scenario="cfg_negative_prompts_cropped", cache_steps=8, cache_max_rel_l2=0.3,
     )
 )
+
+
+# -- Stable Diffusion 3 / 3.5 -------------------------------------------------------------------------
+# Measured max-abs differences (fp32, CPU) are noted per case.
+
+
+def run_sd3_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffserve.models.spec import DEFAULTS_KEY
+    from diffserve.registry import read_model_index
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    sp = scenario.params
+    prompts = [p if isinstance(p, dict) else {"prompt": p} for p in scenario.prompts]
+    negatives = [p.get("negative_prompt") for p in prompts]
+    # Unset parameters take the checkpoint's defaults (the tiny ones run small), else diffusers' own,
+    # which are ours.
+    checkpoint_defaults = read_model_index(path).get(DEFAULTS_KEY, {})
+    optional = {
+        "height": sp.height,
+        "width": sp.width,
+        "num_inference_steps": sp.num_inference_steps,
+        "guidance_scale": sp.guidance_scale,
+        "max_sequence_length": sp.max_sequence_length,
+        "skip_guidance_layers": list(sp.skip_guidance_layers) if sp.skip_guidance_layers else None,
+        "skip_layer_guidance_scale": sp.skip_layer_guidance_scale,
+        "skip_layer_guidance_start": sp.skip_layer_guidance_start,
+        "skip_layer_guidance_stop": sp.skip_layer_guidance_stop,
+    }
+    return pipe(
+        prompt=[p["prompt"] for p in prompts],
+        negative_prompt=[n or "" for n in negatives] if any(n is not None for n in negatives) else None,
+        num_images_per_prompt=sp.num_outputs_per_prompt,
+        generator=_generators(scenario),
+        output_type="pt",
+        **{name: checkpoint_defaults[name] for name, value in optional.items() if value is None and name in
+           checkpoint_defaults},
+        **{name: value for name, value in optional.items() if value is not None},
+    ).images
+
+
+def _sd3_scenarios(with_model_defaults: bool = False) -> list[ConformanceScenario]:
+    def params(**kw):
+        # 77 CLIP + 19 T5 tokens = 96 text tokens, and 32x48 pixels = 8x12 patches: both divide by 4, so
+        # the parallel tests' Ulysses x ring (4 ranks) can split them.
+        return OmniDiffusionSamplingParams(**{"num_inference_steps": 3, "max_sequence_length": 19, "output_type": "pt",
+                                              **kw})
+
+    scenarios = [
+        ConformanceScenario(
+            "cfg_batch2_nonsquare",
+            [{"prompt": "a red fox in snow", "negative_prompt": "blurry"}, "a blue car"],
+            params(height=32, width=48, guidance_scale=4.5),
+            seeds=[0, 1],
+        ),
+        ConformanceScenario(
+            "no_cfg_two_outputs_per_prompt",
+            ["a castle on a hill"],
+            params(height=48, width=32, guidance_scale=1.0, num_outputs_per_prompt=2),
+            seeds=[7],
+        ),
+        # Of 4 steps, SLG runs on 1 and 2 (0.01 * 4 < i < 0.6 * 4): the window is exercised both ways.
+        # Block 1 is a dual-attention block in sd3.5-medium.
+        ConformanceScenario(
+            "skip_layer_guidance_batch2",
+            [{"prompt": "a lighthouse at dusk", "negative_prompt": "low quality"}, "a bowl of fruit"],
+            params(height=32, width=32, guidance_scale=5.0, num_inference_steps=4, skip_guidance_layers=(1,),
+                   skip_layer_guidance_scale=2.0, skip_layer_guidance_stop=0.6),
+            seeds=[3, 4],
+        ),
+    ]
+    if with_model_defaults:
+        # The tiny checkpoint's 32x32 and 4 steps (model_index.json), SD3's guidance 7.0 and 256 T5 tokens.
+        scenarios.append(
+            ConformanceScenario("model_defaults", ["a purple flower"], OmniDiffusionSamplingParams(output_type="pt"),
+                                seeds=[5])
+        )
+    return scenarios
+
+
+# tests/distributed/test_parallel.py runs "sd3" (SD3.5-large-like) and "sd3.5-medium" (dual attention);
+# sd3-medium (no q/k norm) shares the "sd3" family name there. The parallel scenario runs no skip-layer
+# guidance because the cache tests use it too (a step cache refuses SLG); SLG under CFG parallel is
+# tested in tests/models/sd3/test_pipeline_sd3.py.
+CONFORMANCE_CASES.extend(
+    [
+        # Measured (2026-11-30): 0.0 on every scenario (the same float32 operations in the same order).
+        ConformanceCase("sd3", _sd3_scenarios(with_model_defaults=True), run_sd3_reference,
+                        parallel_scenario="cfg_batch2_nonsquare"),
+        # Measured: 0.0 on every scenario.
+        ConformanceCase("sd3.5-medium", _sd3_scenarios(), run_sd3_reference, parallel_scenario="cfg_batch2_nonsquare"),
+        # Measured: 0.0 on every scenario.
+        ConformanceCase("sd3-medium", _sd3_scenarios(), run_sd3_reference, parallel_scenario="cfg_batch2_nonsquare"),
+    ]
+)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from diffserve.distributed.sp_plan import SequenceParallelInput, SequenceParallelOutput
 from diffserve.layers.adaln import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle, modulate
 from diffserve.layers.attention import Attention
-from diffserve.layers.embeddings import TwoLayerMLP, timestep_embedding
+from diffserve.layers.embeddings import TimeTextEmbedding
 from diffserve.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from diffserve.layers.mlp import FeedForward
 from diffserve.layers.norm import LayerNorm, RMSNorm
@@ -140,23 +140,6 @@ class FluxSingleTransformerBlock(nn.Module):
         return out[:, :text_len], out[:, text_len:]
 
 
-class FluxTimeTextEmbedding(nn.Module):
-    """Conditioning vector: timestep (+ distilled guidance) + pooled CLIP text embedding."""
-
-    def __init__(self, dim: int, pooled_projection_dim: int, guidance_embeds: bool):
-        super().__init__()
-        self.timestep_embedder = TwoLayerMLP(256, dim)
-        self.guidance_embedder = TwoLayerMLP(256, dim) if guidance_embeds else None
-        self.text_embedder = TwoLayerMLP(pooled_projection_dim, dim)
-
-    def forward(self, timestep, guidance, pooled_projection):
-        dtype = pooled_projection.dtype
-        emb = self.timestep_embedder(timestep_embedding(timestep, 256).to(dtype))
-        if self.guidance_embedder is not None:
-            emb = emb + self.guidance_embedder(timestep_embedding(guidance, 256).to(dtype))
-        return emb + self.text_embedder(pooled_projection)
-
-
 class FluxTransformer2DModel(nn.Module):
     # Regional compile; HSDP sharding, the step caches' and offload's block lists derive from it.
     _repeated_blocks = ["FluxTransformerBlock", "FluxSingleTransformerBlock"]
@@ -218,7 +201,7 @@ class FluxTransformer2DModel(nn.Module):
             )
         self.inner_dim = dim
         self.pos_embed = MultiAxisRoPE(theta=10000, axes_dim=config.axes_dims_rope)
-        self.time_text_embed = FluxTimeTextEmbedding(dim, config.pooled_projection_dim, config.guidance_embeds)
+        self.time_text_embed = TimeTextEmbedding(dim, config.pooled_projection_dim, config.guidance_embeds)
         self.context_embedder = ReplicatedLinear(config.joint_attention_dim, dim)
         self.x_embedder = ReplicatedLinear(config.in_channels, dim)
         heads, head_dim = config.num_attention_heads, config.attention_head_dim
