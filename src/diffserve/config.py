@@ -193,6 +193,9 @@ class OmniDiffusionConfig:
     vae_use_tiling: bool = False
     # False: compile the transformer's repeated blocks with torch.compile on CUDA.
     enforce_eager: bool = False
+    # "fp8": the denoisers' linear layers compute in float8 (per-channel weight and per-token
+    # activation scales; diffserve.layers.quantization). None: the model's dtype.
+    quantization: str | None = None
     # Most prompts the engine merges into one pipeline call.
     max_batch_size: int = 4
     disable_progress_bar: bool = ENV_DISABLE_PROGRESS_BAR
@@ -232,6 +235,8 @@ class OmniDiffusionConfig:
 
         self.cache_config = parse_cache_config(self.cache_backend, self.cache_config)
         _check_positive_int("max_batch_size", self.max_batch_size)
+        if self.quantization not in (None, "fp8"):
+            raise ValueError(f"quantization must be None or 'fp8', got {self.quantization!r}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "OmniDiffusionConfig":

@@ -20,6 +20,7 @@ from diffserve.distributed.vae_patch import apply_vae_tiling
 from diffserve.engine.cost import CostProfile, profile_denoisers
 from diffserve.engine.errors import RequestAborted
 from diffserve.layers.attention import select_attention_backend, set_attention_backend
+from diffserve.layers.quantization import check_fp8_supported, quantize_linear_layers
 from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.interface import discover_components, is_repeated_block
 from diffserve.models.outputs import POST_PROCESS
@@ -82,6 +83,8 @@ class DiffusionWorker:
         self._profiler: torch.profiler.profile | None = None
 
     def apply_features(self) -> None:
+        if self.od_config.quantization is not None:
+            self._quantize(self.od_config.quantization)
         backend = select_attention_backend(self.od_config.attention_backend, self.device, self.od_config.torch_dtype)
         set_attention_backend(self.pipeline, backend)
         if self.od_config.parallel_config.sequence_parallel_size > 1:
@@ -102,6 +105,13 @@ class DiffusionWorker:
             self.cache_backend.enable(self.pipeline)
         if self.od_config.parallel_config.world_size == 1 and not self._blocks_compiled():
             self._stop_between_blocks()
+
+    def _quantize(self, method: str) -> None:
+        """Convert the denoisers' linear layers after loading (under TP, each rank its own shard)."""
+        check_fp8_supported(self.device)
+        for path, module in discover_components(self.pipeline)["dit"].items():
+            count = quantize_linear_layers(module, method)
+            logger.info("%s: %d linear layers compute in %s", path, count, method)
 
     def _blocks_compiled(self) -> bool:
         return not self.od_config.enforce_eager and self.device.type == "cuda"

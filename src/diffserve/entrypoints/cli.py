@@ -27,6 +27,7 @@ ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--hsdp-shard-size", "hsdp_shard_size", int, "HSDP shard group size (-1: all ranks)"),
     ("--hsdp-replicate-size", "hsdp_replicate_size", int, "HSDP replica count"),
     ("--cache-backend", "cache_backend", str, "step cache: cache_dit or tea_cache (default none)"),
+    ("--quantization", "quantization", str, "fp8: the denoiser's linear layers in float8 (Ada/Hopper GPUs; default none)"),
     ("--profile-dir", "profile_dir", str, "where profiler traces go"),
 ]
 ENGINE_SWITCHES: list[tuple[str, str, str]] = [

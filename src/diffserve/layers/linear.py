@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from diffserve.distributed.parallel_state import get_tp_group
+from diffserve.layers.quantization import LinearMethod, UnquantizedLinearMethod
 from diffserve.loader.weight_utils import WeightLoadingError, check_shape, default_weight_loader, set_weight_attrs
+
+
+UNQUANTIZED = UnquantizedLinearMethod()
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:
@@ -30,6 +33,8 @@ class LinearBase(nn.Module):
         self.tp_group = get_tp_group()
         self.tp_size = self.tp_group.world_size
         self.tp_rank = self.tp_group.rank_in_group
+        # How the matmul is computed (diffserve.layers.quantization); replaced at load to quantize.
+        self.quant_method: LinearMethod = UNQUANTIZED
 
     def _make_params(self, out_features: int, in_features: int, bias: bool) -> None:
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
@@ -43,8 +48,12 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
         default_weight_loader(param, loaded)
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This rank's x @ weight.T (+ bias), through the layer's compute method."""
+        return self.quant_method.apply(self, x, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}, tp={self.tp_size}"
@@ -86,7 +95,7 @@ class ColumnParallelLinear(LinearBase):
         param.data.copy_(shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.matmul(x, self.bias)
         return self.tp_group.all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -215,10 +224,10 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return self.matmul(x, self.bias)
         if not self.input_is_parallel:
             x = torch.cat([b.chunk(self.tp_size, dim=-1)[self.tp_rank] for b in x.split(self.input_partition_sizes, -1)], -1)
-        y = F.linear(x, self.weight)
+        y = self.matmul(x, None)
         if self.reduce_results:
             y = self.tp_group.all_reduce(y)
         # Without the reduction the caller sums partial results: only one rank may add the bias.

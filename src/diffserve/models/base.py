@@ -39,6 +39,12 @@ class DiffusionPipelineBase(nn.Module, CFGParallelMixin, ProgressBarMixin, Suppo
         self.od_config = od_config
         self.set_progress_bar_config(disable=od_config.disable_progress_bar)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype latents and embeddings follow (the config's: a quantized denoiser stores
+        some weights in another dtype)."""
+        return self.od_config.torch_dtype
+
     # -- the declaration ----------------------------------------------------------------------------
 
     def sampling_spec(self) -> SamplingSpec:

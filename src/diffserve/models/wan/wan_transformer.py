@@ -220,7 +220,7 @@ class WanConditionEmbedding(nn.Module):
         """timestep [B] or [B, S] -> temb [B, T, D], modulation [B, T, 6, D] (T = 1 or S)."""
         per_sample = timestep.dim() == 1
         sinusoid = timestep_embedding(timestep.flatten(), self.freq_dim).unflatten(0, timestep.shape)
-        temb = self.time_embedder(sinusoid.to(self.time_embedder.linear_1.weight.dtype)).to(text.dtype)
+        temb = self.time_embedder(sinusoid.to(text.dtype))
         if per_sample:
             temb = temb[:, None]
         modulation = self.time_proj(F.silu(temb)).unflatten(-1, (6, -1))
