@@ -126,8 +126,8 @@ def start_server():
     """Start servers for one test module; all of them stop when the module's tests are done."""
     servers = []
 
-    def start(model: str, *args: str) -> Server:
-        server = Server(model, *args)
+    def start(model: str, *args: str, env: dict | None = None) -> Server:
+        server = Server(model, *args, env=env)
         servers.append(server)
         return server
 

@@ -158,3 +158,21 @@ def test_deleting_a_running_job_stops_it_and_leaves_no_file(video):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert httpx.get(f"{server.url}/v1/videos/{job['id']}").json()["status"] == "completed"
+
+
+def test_warmup_compiles_before_serving(start_server, tiny_flux):
+    """--warmup runs each shape once before /health says ready (on a GPU that is where torch.compile
+    pays for each resolution and batch size; here it shows the shapes ran)."""
+    server = start_server(tiny_flux, "--warmup", "16x16,32x16:2", env={"DIFFSERVE_LOG_LEVEL": "INFO"})
+    log = server.output()
+    assert "warm-up 16x16, batch 1" in log and "warm-up 32x16, batch 2" in log
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ready"
+
+
+def test_a_bad_warmup_shape_is_one_line_and_exit_2(tiny_flux):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "diffserve.entrypoints.cli", "serve", tiny_flux, "--warmup", "big"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--warmup takes WIDTHxHEIGHT[:BATCH] items" in result.stderr

@@ -100,6 +100,7 @@ class AsyncDiffusionEngine:
         step_timeout_s: float | None = 600.0,
         max_restarts: int = 3,
         restart_window_s: float = 600.0,
+        warmup: Callable[[DiffusionEngine], None] | None = None,
     ):
         if batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
@@ -111,6 +112,9 @@ class AsyncDiffusionEngine:
         self.load_error: str | None = None
         self.on_load_failure: Callable[[], None] | None = None
         self.batch_wait_s = batch_wait_ms / 1000
+        # Run once the model has loaded, before the engine takes work (e.g. compile for the shapes a
+        # server expects, so no request pays a compile stall).
+        self.warmup = warmup
         self.on_batch = on_batch
         self.step_timeout_s = step_timeout_s
         # More than max_restarts within restart_window_s: something is broken for good ("failed").
@@ -229,6 +233,8 @@ class AsyncDiffusionEngine:
         if not isinstance(engine, DiffusionEngine):
             try:
                 engine = engine()
+                if self.warmup is not None:
+                    self.warmup(engine)
             except Exception as exc:
                 logger.exception("the model failed to load")
                 self.load_error = f"{type(exc).__name__}: {exc}"

@@ -150,7 +150,7 @@ def _limit(seconds: float) -> float | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from diffserve.config import ENV_API_KEY
     from diffserve.logger import configure_logging
-    from diffserve.server.launch import build_server, run_server
+    from diffserve.server.launch import build_server, parse_warmup, run_server
     from diffserve.server.state import ServerConfig
 
     configure_logging()
@@ -171,6 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_job_storage_bytes=int(args.max_job_storage_gb * 1024**3) if args.max_job_storage_gb > 0 else None,
         step_timeout_s=_limit(args.step_timeout),
         shutdown_grace_s=args.shutdown_grace,
+        warmup=parse_warmup(args.warmup) if args.warmup else [],
     )
     app, state = build_server(args.model, engine_kwargs(args), config)
     print(f"serving {state.config.served_model_name!r} on http://{args.host}:{args.port} (loading the model; "
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--step-timeout", type=float, default=600.0,
                        help="seconds without a finished denoise step before the workers count as wedged and are "
                             "restarted (0: no watchdog)")
+    serve.add_argument("--warmup", default=None, metavar="SIZES",
+                       help="run a short request at each WIDTHxHEIGHT[:BATCH] (comma-separated) before serving, so "
+                            "compilation for those shapes happens at start, e.g. 1024x1024,1024x1024:4")
     serve.add_argument("--shutdown-grace", type=float, default=30.0,
                        help="on SIGTERM, seconds the running batch gets to finish before it is stopped")
     serve.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level")

@@ -42,6 +42,8 @@ class ServerConfig:
     step_timeout_s: float | None = 600.0
     # SIGTERM: running work gets this long to finish before it is stopped with 503s.
     shutdown_grace_s: float = 30.0
+    # (height, width, batch) shapes run once before serving, so compilation is paid at start.
+    warmup: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def served_model_name(self) -> str:
