@@ -61,8 +61,8 @@ def check_lora(spec: SamplingSpec, sp: OmniDiffusionSamplingParams) -> None:
         return
     if not spec.lora_adapters:
         raise InvalidRequestError(
-            f"lora={sp.lora!r}: no LoRA adapters are loaded; load them at start with "
-            "lora_modules={name: path} (serve --lora-modules name=path)",
+            f"lora={sp.lora!r} is not used by {spec.model}: no LoRA adapters are loaded; load them at start "
+            "with lora_modules={name: path} (serve --lora-modules name=path)",
             "lora",
         )
     unknown = sorted(set(sp.lora) - spec.lora_adapters)

@@ -125,9 +125,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
         if shard_id is None:  # an already fused checkpoint tensor
             for i, full in enumerate(loaded.split(self.output_sizes, dim=0)):
-                self.weight_loader(param, full, i)
+                self._load_part(param, full, i, i)
             return
-        offset, size = self._shard_offset_and_size(self._shard_index(shard_id))
+        self._load_part(param, loaded, self._shard_index(shard_id), shard_id)
+
+    def _load_part(self, param: torch.Tensor, loaded: torch.Tensor, index: int, shard_id: int | str) -> None:
+        offset, size = self._shard_offset_and_size(index)
         if loaded.shape[0] != size * self.tp_size:
             raise WeightLoadingError(
                 f"{self.prefix or 'merged layer'} shard {shard_id!r}: checkpoint tensor has {loaded.shape[0]} "

@@ -72,7 +72,9 @@ class LoRAStack:
 def attach_lora(layer: LinearBase, index: int, parts: list[LoRAPart], what: str) -> LoRAStack:
     """Place adapter `index`'s parts on `layer` (this rank's shard); `what` names it in errors."""
     if not isinstance(layer, LinearBase):
-        raise WeightLoadingError(f"{what} is a {type(layer).__name__}, not a linear layer: LoRA applies to linear layers")
+        raise WeightLoadingError(
+            f"{what} is a {type(layer).__name__}, not a linear layer: LoRA applies to linear layers"
+        )
     if layer.lora is None:
         layer.lora = LoRAStack()
     if index in layer.lora.adapters:

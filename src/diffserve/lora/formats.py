@@ -140,7 +140,9 @@ def _peft_configs(metadata: dict[str, str], file: str) -> dict[str, PeftScaling]
         configs.setdefault(component, {})[name] = value
     for component, config in configs.items():
         if config.get("use_dora"):
-            raise LoRAFormatError(f"{file} is DoRA (use_dora in its {component} config); diffserve applies plain LoRA only")
+            raise LoRAFormatError(
+                f"{file} is DoRA (use_dora in its {component} config); diffserve applies plain LoRA only"
+            )
     return {
         component: PeftScaling(
             lora_alpha=config.get("lora_alpha"),
