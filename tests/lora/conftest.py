@@ -15,7 +15,7 @@ from diffserve.testing.lora import (
 @pytest.fixture(scope="session")
 def flux_adapters(tiny_flux, tmp_path_factory):
     """{name: path}: "style" (every linear layer kind, alpha 8 over rank 4: scale 2), "detail" (attention
-    and MLPs, rank 2, no alpha), "kohya" (double blocks in kohya's layout, what diffusers reads back),
+    and MLPs, rank 2, alpha 8: scale 4), "kohya" (double blocks in kohya's layout, what diffusers reads back),
     "kohya_full" ("style" in kohya's layout, single blocks and embedders too)."""
     folder = tmp_path_factory.mktemp("flux_lora")
     style = make_tiny_lora(tiny_flux, str(folder / "style.safetensors"), FLUX_TARGETS, rank=4, alpha=8, seed=1)
@@ -23,7 +23,8 @@ def flux_adapters(tiny_flux, tmp_path_factory):
                                   rank=4, alpha=2, seed=3)
     return {
         "style": style,
-        "detail": make_tiny_lora(tiny_flux, str(folder / "detail.safetensors"), FLUX_TARGETS[:9], rank=2, seed=2),
+        "detail": make_tiny_lora(tiny_flux, str(folder / "detail.safetensors"), FLUX_TARGETS[:9], rank=2, alpha=8,
+                                 seed=2),
         "kohya": peft_flux_to_kohya(kohya_source, str(folder / "kohya.safetensors")),
         "kohya_full": peft_flux_to_kohya(style, str(folder / "kohya_full.safetensors")),
     }
