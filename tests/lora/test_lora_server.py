@@ -4,6 +4,9 @@ adapters in a row give what fresh offline engines with each adapter give (the sa
 
 import base64
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -87,3 +90,13 @@ def test_bad_lora_requests_are_clear_errors(server, fields, status, message):
     r = httpx.post(f"{server.url}/v1/images/generations", timeout=60, json={**BODY, **fields})
     assert r.status_code == status, r.text
     assert message in r.json()["error"]["message"]
+
+
+def test_online_example_runs_each_adapter(server, tmp_path):
+    example = Path(__file__).resolve().parents[2] / "examples" / "online_serving" / "lora" / "openai_lora.py"
+    run = subprocess.run([sys.executable, str(example), "--url", f"{server.url}/v1", "--size", "32x32", "--steps",
+                          "2", "--output-prefix", str(tmp_path / "served")], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr + run.stdout
+    assert "adapters ['detail', 'style']" in run.stdout
+    for label in ("none", "style", "detail", "stacked"):
+        assert Image.open(tmp_path / f"served_{label}.png").size == (32, 32)

@@ -126,3 +126,27 @@ def peft_flux_to_kohya(peft_file: str, out_file: str) -> str:
         tensors[f"lora_unet_{bfl}.alpha"] = torch.tensor(ordered[0].scale * down.shape[0])
     save_file(tensors, out_file)
     return out_file
+
+
+def write_random_lora(
+    checkpoint: str, out_file: str, targets: tuple[str, ...], *, rank: int = 4, seed: int = 0, std: float = 0.1,
+    component: str = "transformer",
+) -> str:
+    """A random adapter in diffusers' layout without peft: every linear layer of `checkpoint`'s
+    `component` whose name ends with one of `targets` gets A [rank, in] and B [out, rank]."""
+    from safetensors.torch import save_file
+
+    _, transformer_cls = _pipeline_and_transformer_classes(checkpoint, component)
+    model = transformer_cls.from_pretrained(checkpoint, subfolder=component, torch_dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(tuple(targets)):
+            down = torch.randn(rank, module.in_features, generator=generator)
+            up = torch.randn(module.out_features, rank, generator=generator)
+            tensors[f"{component}.{name}.lora_A.weight"] = down * std
+            tensors[f"{component}.{name}.lora_B.weight"] = up * std
+    if not tensors:
+        raise ValueError(f"no linear layer of {checkpoint}/{component} ends with any of {targets}")
+    save_file(tensors, out_file)
+    return out_file
