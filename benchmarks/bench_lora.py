@@ -233,7 +233,7 @@ def run(args) -> dict:
             files[f"r{rank}"] = os.path.join(folder, f"rank{rank}.safetensors")
             count = write_adapter(files[f"r{rank}"], shapes, rank, dtype, args.seed + 1 + i)
             adapters[rank] = dict(params=count, flop_share=lora_flop_share(shapes, rank, params))
-        manager = LoRAManager(Pipeline(model), files)
+        manager = LoRAManager(Pipeline(model), files, dtype)
     print(f"built the model and {len(files)} adapters in {time.perf_counter() - start:.1f}s", flush=True)
 
     inputs = make_inputs(cfg, args, device, dtype)

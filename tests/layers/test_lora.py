@@ -133,7 +133,7 @@ def test_tp2_shards_rebuild_the_full_update(fake_tp, kind):
         layer.lora.activate([(0, 1.0)])
         if kind == "row_packed":  # this rank's input columns; the reduction is the sum below
             local = torch.cat([x[:, rank : rank + 1], x[:, 2 + 3 * rank : 5 + 3 * rank]], dim=1)
-            outputs.append(layer._matmul(local, None))
+            outputs.append(layer.matmul(local, None))
         else:
             outputs.append(layer(x))
     if kind == "row_packed":
@@ -169,3 +169,11 @@ def test_an_adapter_that_does_not_fit_is_a_clear_error():
 def test_only_linear_layers_take_adapters():
     with pytest.raises(WeightLoadingError, match="is a Conv1d, not a linear layer"):
         attach_lora(torch.nn.Conv1d(4, 4, 1), 0, [_part(4, 4, 2, seed=1)], "transformer.conv")
+
+
+def test_adapters_take_the_activation_dtype_not_a_quantized_weights():
+    """An FP8 layer's weight is float8; its adapters compute in the activations' dtype."""
+    layer = _loaded(ReplicatedLinear(16, 16, bias=False), torch.randn(16, 16))
+    layer.weight.data = layer.weight.data.to(torch.float8_e4m3fn)  # stands for Fp8LinearMethod's weight
+    attach_lora(layer, 0, [_part(16, 16, 2, seed=1)], "layer", dtype=torch.bfloat16)
+    assert layer.lora.adapters[0].down.dtype == layer.lora.adapters[0].up.dtype == torch.bfloat16

@@ -78,8 +78,10 @@ class DiffusionWorker:
         self.pipeline = DiffusersPipelineLoader(od_config).load_model(load_device)
         if use_hsdp:
             apply_hsdp(self.pipeline, ps.get_hsdp_mesh(), self.device)
-        # Adapters attach to the linear layers before compile sees them.
-        self.lora = LoRAManager(self.pipeline, od_config.lora_modules) if od_config.lora_modules else None
+        # Adapters attach to the linear layers before compile sees them (in the activations' dtype,
+        # which quantized weights are not).
+        self.lora = (LoRAManager(self.pipeline, od_config.lora_modules, od_config.torch_dtype)
+                     if od_config.lora_modules else None)
         self.apply_features()
         self.pre_process = get_pre_process_func(od_config)
         self.post_process = get_post_process_func(od_config) or POST_PROCESS[self.sampling_spec().modality]

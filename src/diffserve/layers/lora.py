@@ -69,8 +69,11 @@ class LoRAStack:
             self.active = (down, torch.cat([a.up for a, _ in chosen], dim=1))
 
 
-def attach_lora(layer: LinearBase, index: int, parts: list[LoRAPart], what: str) -> LoRAStack:
-    """Place adapter `index`'s parts on `layer` (this rank's shard); `what` names it in errors."""
+def attach_lora(
+    layer: LinearBase, index: int, parts: list[LoRAPart], what: str, dtype: torch.dtype | None = None
+) -> LoRAStack:
+    """Place adapter `index`'s parts on `layer` (this rank's shard) in `dtype`, the activations' (None:
+    the weight's; a quantized weight is not); `what` names it in errors."""
     if not isinstance(layer, LinearBase):
         raise WeightLoadingError(
             f"{what} is a {type(layer).__name__}, not a linear layer: LoRA applies to linear layers"
@@ -81,7 +84,7 @@ def attach_lora(layer: LinearBase, index: int, parts: list[LoRAPart], what: str)
         raise WeightLoadingError(f"{what}: this adapter already has an update for this layer")
     for part in parts:
         _check_part_shapes(layer, part, what)
-    down, up = _place_parts(layer, parts, what)
+    down, up = _place_parts(layer, parts, what, dtype or layer.weight.dtype)
     layer.lora.adapters[index] = _Resident(down=down, up=up)
     return layer.lora
 
@@ -123,10 +126,11 @@ def _blocks_by_shared_down(parts: list[LoRAPart]) -> list[list[LoRAPart]]:
     return blocks
 
 
-def _place_parts(layer: LinearBase, parts: list[LoRAPart], what: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _place_parts(
+    layer: LinearBase, parts: list[LoRAPart], what: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's A [sum of block ranks, in_local] and B [out_local, sum of block ranks]."""
-    weight = layer.weight
-    dtype, device = weight.dtype, weight.device
+    device = layer.weight.device
     out_local, in_local = _local_shape(layer)
     blocks = _blocks_by_shared_down(parts)
     ranks = [block[0].down.shape[0] for block in blocks]

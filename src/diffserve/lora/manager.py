@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import torch
 import torch.nn as nn
 
 from diffserve.layers.lora import LoRAPart, LoRAStack, attach_lora
@@ -23,8 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 class LoRAManager:
-    def __init__(self, pipeline: nn.Module, lora_modules: dict[str, str]):
+    def __init__(self, pipeline: nn.Module, lora_modules: dict[str, str], dtype: torch.dtype | None = None):
+        """Load `lora_modules` {name: path} onto `pipeline`'s denoisers, in `dtype` (the activations';
+        None: each layer's weight dtype)."""
         self.pipeline_name = type(pipeline).__name__
+        self.dtype = dtype
         self.index = {name: i for i, name in enumerate(sorted(lora_modules))}
         self.stacks: list[LoRAStack] = []
         self._active: list[tuple[int, float]] = []
@@ -50,7 +54,7 @@ class LoRAManager:
             model = denoisers[component]
             for layer_name, parts in self._parts_by_layer(adapter, component, model, modules).items():
                 stack = attach_lora(model.get_submodule(layer_name), self.index[adapter.name], parts,
-                                    f"LoRA adapter {adapter.name!r}, {component}.{layer_name}")
+                                    f"LoRA adapter {adapter.name!r}, {component}.{layer_name}", self.dtype)
                 if all(stack is not s for s in self.stacks):
                     self.stacks.append(stack)
                 count += 1
