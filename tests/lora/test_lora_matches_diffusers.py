@@ -1,10 +1,11 @@
 """The same adapter file gives the same output in diffserve as in diffusers (`load_lora_weights` +
 `set_adapters`), one adapter and two stacked with scales, for FLUX.1 and Wan; kohya files as
-diffusers reads them, and a whole kohya file as its PEFT source.
+diffusers reads them, and a whole kohya file as its PEFT source; and for SD3, whose port came after
+LoRA, with no change to it.
 
 Measured max-abs differences (fp32, CPU, 2026-12-01): FLUX one adapter 8.0e-7, two stacked 8.3e-7,
 kohya 6.9e-7, kohya (whole) vs its PEFT source 8.9e-7; Wan2.1 one adapter 2.4e-6, two stacked
-1.9e-6. Every adapter moves the output by 0.1 or more, so the tolerance 1e-4 tells them apart.
+1.9e-6; SD3 9.2e-7. Every adapter moves the output by 0.1 or more, so the tolerance 1e-4 tells them apart.
 """
 
 import pytest
@@ -93,5 +94,25 @@ def test_wan_lora_matches_diffusers(wan, lora):
     omni, pipe, base = wan
     expected = _reference(pipe, WAN_PROMPTS, WAN_PARAMS, lora, "frames")
     actual = _ours(omni, WAN_PROMPTS, WAN_PARAMS, lora, "frames")
+    assert (actual - expected).abs().max().item() <= TOLERANCE
+    assert (actual - base).abs().max().item() > VISIBLE
+
+
+def test_sd3_lora_matches_diffusers(tiny_checkpoint, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffserve.testing.lora import make_tiny_lora
+
+    path = tiny_checkpoint("sd3")
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+               "ff.net.0.proj", "norm1.linear", "proj_out"]
+    adapter = make_tiny_lora(path, str(tmp_path / "sd3.safetensors"), targets, rank=4, alpha=8, seed=1)
+    prompts = [{"prompt": "a red fox in snow", "negative_prompt": "blurry", "seed": 0}]
+    params = dict(height=32, width=32, num_inference_steps=3, guidance_scale=4.0, output_type="pt")
+    pipe = _reference_pipeline(StableDiffusion3Pipeline, path, {"a": adapter})
+    expected = _reference(pipe, prompts, params, {"a": 0.8}, "images")
+    with Omni(path, dtype="float32", device="cpu", lora_modules={"a": adapter}) as omni:
+        actual = _ours(omni, prompts, params, {"a": 0.8}, "images")
+        base = _ours(omni, prompts, params, None, "images")
     assert (actual - expected).abs().max().item() <= TOLERANCE
     assert (actual - base).abs().max().item() > VISIBLE

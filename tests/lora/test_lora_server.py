@@ -14,17 +14,14 @@ import pytest
 from PIL import Image
 
 from diffserve import Omni, OmniDiffusionSamplingParams
-from tests.server.conftest import Server
 
 BODY = {"prompt": "a red fox in snow", "size": "48x32", "num_inference_steps": 3, "seed": 5}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_flux, flux_adapters):
+def server(start_server, tiny_flux, flux_adapters):
     modules = [f"{name}={flux_adapters[name]}" for name in ("style", "detail")]
-    started = Server(tiny_flux, "--served-model-name", "tiny-flux", "--lora-modules", *modules)
-    yield started
-    started.stop()
+    return start_server(tiny_flux, "--served-model-name", "tiny-flux", "--lora-modules", *modules)
 
 
 def _generate(server, **fields) -> np.ndarray:
