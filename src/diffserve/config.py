@@ -169,6 +169,17 @@ class DiffusionParallelConfig:
 PARALLEL_KEYS = _field_names(DiffusionParallelConfig)
 
 
+def check_lora_modules(modules: Any) -> None:
+    """{name: path}: names a request (and `model="base:name"` on the server) can use, existing paths."""
+    if not isinstance(modules, dict):
+        raise ValueError(f"lora_modules must be a dict {{name: path to a .safetensors file}}, got {modules!r}")
+    for name, path in modules.items():
+        if not isinstance(name, str) or not name or any(c in name for c in ":= \t\n"):
+            raise ValueError(f"LoRA adapter name {name!r} must be a non-empty string without ':', '=' or spaces")
+        if not isinstance(path, str) or not os.path.exists(path):
+            raise ValueError(f"LoRA adapter {name!r}: {path!r} does not exist")
+
+
 @dataclass
 class OmniDiffusionConfig:
     """Everything the engine needs to build and run one model."""
@@ -201,6 +212,9 @@ class OmniDiffusionConfig:
     disable_progress_bar: bool = ENV_DISABLE_PROGRESS_BAR
     # Where start_profile()/stop_profile() write traces; None: ./diffserve_profiles.
     profile_dir: str | None = None
+    # LoRA adapters loaded at start, {name: path to a .safetensors file}; a request picks some with
+    # the sampling parameter lora={name: scale} (diffserve.lora).
+    lora_modules: dict[str, str] = field(default_factory=dict)
 
     # Filled from model_index.json by the registry; not user settings.
     model_class_name: str | None = field(default=None, init=False)
@@ -237,6 +251,7 @@ class OmniDiffusionConfig:
         _check_positive_int("max_batch_size", self.max_batch_size)
         if self.quantization not in (None, "fp8"):
             raise ValueError(f"quantization must be None or 'fp8', got {self.quantization!r}")
+        check_lora_modules(self.lora_modules)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "OmniDiffusionConfig":

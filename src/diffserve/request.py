@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -21,6 +22,20 @@ def _check_optional_positive(name: str, value: Any, kind: type = int) -> None:
         raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _checked_lora(lora: Any) -> dict[str, float] | None:
+    """A copy of {adapter name: finite scale}; {} is None (no adapter)."""
+    if lora is None:
+        return None
+    if not isinstance(lora, dict):
+        raise ValueError(f"lora must be a dict {{adapter name: scale}}, got {lora!r}")
+    for name, scale in lora.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"lora adapter names must be non-empty strings, got {name!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"lora scale of {name!r} must be a finite number, got {scale!r}")
+    return dict(lora) or None
 
 
 @dataclass
@@ -67,8 +82,12 @@ class OmniDiffusionSamplingParams:
     skip_layer_guidance_scale: float | None = None
     skip_layer_guidance_start: float | None = None
     skip_layer_guidance_stop: float | None = None
+    # LoRA adapters loaded by the engine (lora_modules) to apply, {name: scale}; several stack. Scale
+    # 0 is the same as leaving the adapter out. None: no adapter.
+    lora: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
+        self.lora = _checked_lora(self.lora)
         for name in ("height", "width", "num_inference_steps", "max_sequence_length", "num_frames", "fps", "max_area"):
             _check_optional_positive(name, getattr(self, name))
         for name in ("guidance_scale", "guidance_scale_2", "audio_start_in_s", "audio_end_in_s"):

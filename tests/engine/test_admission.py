@@ -34,6 +34,7 @@ VALUES = {
     "skip_layer_guidance_scale": 2.0,
     "skip_layer_guidance_start": 0.1,
     "skip_layer_guidance_stop": 0.5,
+    "lora": {"style": 1.0},
     "image": None,  # stands for an input image
 }
 # Skip-layer guidance: only SD3 takes it.
@@ -61,6 +62,8 @@ UNUSED = {
             ["true_cfg_scale", "num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2", "strength", "image",
              *EDIT_SIZING]),
 }
+# Every family takes `lora` only when the engine loaded LoRA adapters (tests/lora).
+UNUSED = {arch: (model, [*params, "lora"]) for arch, (model, params) in UNUSED.items()}
 CASES = [(arch, param) for arch, (_, params) in UNUSED.items() for param in params]
 
 

@@ -55,6 +55,32 @@ def check_used_params(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
                                   "negative_prompt")
 
 
+def check_lora(spec: SamplingSpec, sp: OmniDiffusionSamplingParams) -> None:
+    """Adapters a request names must be loaded (a misspelt one would silently run without it)."""
+    if sp.lora is None:
+        return
+    if not spec.lora_adapters:
+        raise InvalidRequestError(
+            f"lora={sp.lora!r} is not used by {spec.model}: no LoRA adapters are loaded; load them at start "
+            "with lora_modules={name: path} (serve --lora-modules name=path)",
+            "lora",
+        )
+    unknown = sorted(set(sp.lora) - spec.lora_adapters)
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown LoRA adapter(s) {', '.join(map(repr, unknown))}; the loaded adapters are: "
+            f"{', '.join(sorted(spec.lora_adapters))}",
+            "lora",
+        )
+
+
+def active_lora(lora: dict[str, float] | None) -> dict[str, float] | None:
+    """The adapters that change the output, by name: scale 0 is no adapter, so such a request
+    batches with (and equals) one without it."""
+    active = {name: scale for name, scale in sorted((lora or {}).items()) if scale != 0}
+    return active or None
+
+
 def check_images(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
     from PIL import Image
 
@@ -122,6 +148,8 @@ def resolve_params(spec: SamplingSpec, req: OmniDiffusionRequest) -> OmniDiffusi
         if spec.images is not None and name in spec.images.params and not has_images:
             continue
         filled[name] = default
+    if active_lora(sp.lora) != sp.lora:
+        filled["lora"] = active_lora(sp.lora)
     return dataclasses.replace(sp, **filled) if filled else sp
 
 
@@ -256,6 +284,7 @@ def admit(spec: SamplingSpec, req: OmniDiffusionRequest) -> OmniDiffusionRequest
     """The request with resolved sampling parameters, or InvalidRequestError."""
     if not req.prompts:
         raise InvalidRequestError("a request needs at least one prompt", "prompt")
+    check_lora(spec, req.sampling_params)
     check_used_params(spec, req)
     check_images(spec, req)
     resolved = dataclasses.replace(req, sampling_params=resolve_params(spec, req))
@@ -265,7 +294,8 @@ def admit(spec: SamplingSpec, req: OmniDiffusionRequest) -> OmniDiffusionRequest
 
 def batch_key(spec: SamplingSpec, req: OmniDiffusionRequest) -> tuple:
     """Admitted requests with equal keys give each prompt the same output alone and batched: the key
-    holds every resolved parameter but the per-prompt ones, whether CFG runs, and the sizes at which
+    holds every resolved parameter but the per-prompt ones (so the LoRA adapters and their scales: one
+    batch runs one adapter set), whether CFG runs, and the sizes at which
     the model uses each prompt's input images (their own sizes where it declares no rule: editing
     models derive shapes from them)."""
     sp = req.sampling_params

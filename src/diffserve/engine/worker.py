@@ -22,6 +22,7 @@ from diffserve.engine.errors import RequestAborted
 from diffserve.layers.attention import select_attention_backend, set_attention_backend
 from diffserve.layers.quantization import check_fp8_supported, quantize_linear_layers
 from diffserve.loader import DiffusersPipelineLoader
+from diffserve.lora import LoRAManager
 from diffserve.models.interface import discover_components, is_repeated_block
 from diffserve.models.outputs import POST_PROCESS
 from diffserve.models.spec import SamplingSpec
@@ -77,6 +78,10 @@ class DiffusionWorker:
         self.pipeline = DiffusersPipelineLoader(od_config).load_model(load_device)
         if use_hsdp:
             apply_hsdp(self.pipeline, ps.get_hsdp_mesh(), self.device)
+        # Adapters attach to the linear layers before compile sees them (in the activations' dtype,
+        # which quantized weights are not).
+        self.lora = (LoRAManager(self.pipeline, od_config.lora_modules, od_config.torch_dtype)
+                     if od_config.lora_modules else None)
         self.apply_features()
         self.pre_process = get_pre_process_func(od_config)
         self.post_process = get_post_process_func(od_config) or POST_PROCESS[self.sampling_spec().modality]
@@ -169,6 +174,8 @@ class DiffusionWorker:
                 req = self.pre_process(req)
             if self.cache_backend is not None:
                 self.cache_backend.refresh(self.pipeline, req.sampling_params.num_inference_steps)
+            if self.lora is not None:
+                self.lora.activate(req.sampling_params.lora)
             try:
                 output = self.pipeline(req)
             finally:

@@ -48,11 +48,39 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def name_value(value_type):
+    """An argparse type for NAME=VALUE items (VALUE converted by `value_type`)."""
+
+    def parse(item: str) -> tuple[str, Any]:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {item!r}")
+        try:
+            return name, value_type(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: {value!r} is not a {value_type.__name__}") from None
+
+    return parse
+
+
+def pairs_to_dict(pairs: list[tuple[str, Any]] | None, flag: str) -> dict[str, Any] | None:
+    if pairs is None:
+        return None
+    names = [name for name, _ in pairs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{flag} names {', '.join(repeated)} more than once")
+    return dict(pairs)
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     for flag, _, typ, help_text in ENGINE_FLAGS:
         group.add_argument(flag, type=typ, default=None, help=help_text)
     group.add_argument("--cache-config", type=json.loads, default=None, help="cache options as JSON")
+    group.add_argument("--lora-modules", type=name_value(str), nargs="+", default=None, metavar="NAME=PATH",
+                       help="LoRA adapters to load (.safetensors, diffusers/PEFT or kohya FLUX); requests pick them "
+                            "by name (docs/lora.md)")
     for flag, _, help_text in ENGINE_SWITCHES:
         group.add_argument(flag, action="store_true", default=None, help=help_text)
 
@@ -60,7 +88,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Only the flags the user gave: everything else keeps the config's default."""
     keys = [key for _, key, _, _ in ENGINE_FLAGS] + [key for _, key, _ in ENGINE_SWITCHES] + ["cache_config"]
-    return {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
+    kwargs = {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
+    if getattr(args, "lora_modules", None) is not None:
+        kwargs["lora_modules"] = pairs_to_dict(args.lora_modules, "--lora-modules")
+    return kwargs
 
 
 def output_paths(output: str, count: int) -> list[str]:
@@ -127,6 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         skip_layer_guidance_scale=args.skip_layer_guidance_scale,
         skip_layer_guidance_start=args.skip_layer_guidance_start,
         skip_layer_guidance_stop=args.skip_layer_guidance_stop,
+        lora=pairs_to_dict(args.lora, "--lora"),
     )
     from diffserve.media import check_output_path
 
@@ -257,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fraction of the steps where it starts (model default 0.01)")
     slg.add_argument("--skip-layer-guidance-stop", type=float, default=None,
                      help="fraction of the steps where it stops (model default 0.2)")
+    gen.add_argument("--lora", type=name_value(float), nargs="+", default=None, metavar="NAME=SCALE",
+                     help="apply LoRA adapters loaded with --lora-modules, each at its scale")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 

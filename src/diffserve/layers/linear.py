@@ -3,6 +3,9 @@
 Each layer allocates only this rank's shard and attaches a `weight_loader` to every parameter that
 narrows the full checkpoint tensor to that shard (and, for fused layers, to the sub-block named by
 a shard id). Model code never slices. At tp=1 every layer is a plain linear.
+
+LoRA adapters attach to a layer from outside (`layer.lora`, diffserve.layers.lora): every matmul
+adds the active adapters' low-rank update of this rank's shard, before any gather or reduction.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ def divide(numerator: int, denominator: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
+    # Resident LoRA adapters (a diffserve.layers.lora.LoRAStack) once the engine loads some; None: none.
+    lora = None
+
     def __init__(self, input_size: int, output_size: int, bias: bool, prefix: str = ""):
         super().__init__()
         self.input_size = input_size
@@ -49,8 +55,10 @@ class LinearBase(nn.Module):
         default_weight_loader(param, loaded)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """This rank's x @ weight.T (+ bias), through the layer's compute method."""
-        return self.quant_method.apply(self, x, bias)
+        """This rank's x @ weight.T (+ bias), through the layer's compute method, plus the active LoRA
+        adapters' update of this shard."""
+        y = self.quant_method.apply(self, x, bias)
+        return y if self.lora is None else self.lora.add_delta(x, y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -117,9 +125,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int | str | None = None) -> None:
         if shard_id is None:  # an already fused checkpoint tensor
             for i, full in enumerate(loaded.split(self.output_sizes, dim=0)):
-                self.weight_loader(param, full, i)
+                self._load_part(param, full, i, i)
             return
-        offset, size = self._shard_offset_and_size(self._shard_index(shard_id))
+        self._load_part(param, loaded, self._shard_index(shard_id), shard_id)
+
+    def _load_part(self, param: torch.Tensor, loaded: torch.Tensor, index: int, shard_id: int | str) -> None:
+        offset, size = self._shard_offset_and_size(index)
         if loaded.shape[0] != size * self.tp_size:
             raise WeightLoadingError(
                 f"{self.prefix or 'merged layer'} shard {shard_id!r}: checkpoint tensor has {loaded.shape[0]} "
@@ -227,6 +238,7 @@ class RowParallelLinear(LinearBase):
             return self.matmul(x, self.bias)
         if not self.input_is_parallel:
             x = torch.cat([b.chunk(self.tp_size, dim=-1)[self.tp_rank] for b in x.split(self.input_partition_sizes, -1)], -1)
+        # A LoRA update of this rank's input columns is a partial sum too: it joins the reduction.
         y = self.matmul(x, None)
         if self.reduce_results:
             y = self.tp_group.all_reduce(y)

@@ -9,7 +9,7 @@ one-pass loader transformers use: a rename table maps diffusers names to ours, a
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
+from typing import Container, Iterable
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,24 @@ def _call_loader(param: torch.Tensor, tensor: torch.Tensor, name: str, *shard) -
         raise WeightLoadingError(f"{name}: {exc}") from None
 
 
+def map_checkpoint_name(
+    ckpt_name: str,
+    params: Container[str],
+    stacked_params_mapping: StackedMapping = (),
+    renames: list[tuple[str, str]] = (),
+) -> tuple[str, int | str | None] | None:
+    """Our parameter name for a checkpoint name, with the shard id where it fills one part of a fused
+    parameter (None otherwise); None where no parameter of `params` matches. The LoRA loader maps
+    adapter targets through the same tables."""
+    name = ckpt_name
+    for old, new in renames:
+        name = name.replace(old, new)
+    for fused, part, shard_id in stacked_params_mapping:
+        if part in name and name.replace(part, fused) in params:
+            return name.replace(part, fused), shard_id
+    return (name, None) if name in params else None
+
+
 def load_weights_with_mapping(
     module: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
@@ -42,23 +60,18 @@ def load_weights_with_mapping(
     loaded: set[str] = set()
     unexpected: list[str] = []
     for ckpt_name, tensor in weights:
-        name = ckpt_name
-        for old, new in renames:
-            name = name.replace(old, new)
-        for fused, part, shard_id in stacked_params_mapping:
-            if part in name:
-                fused_name = name.replace(part, fused)
-                if fused_name in params:
-                    _call_loader(params[fused_name], tensor, ckpt_name, shard_id)
-                    # A fused parameter counts as loaded once every shard has come.
-                    loaded.add(f"{fused_name}#{shard_id}")
-                    break
+        target = map_checkpoint_name(ckpt_name, params, stacked_params_mapping, renames)
+        if target is None:
+            unexpected.append(ckpt_name)
+            continue
+        name, shard_id = target
+        if shard_id is None:
+            _call_loader(params[name], tensor, ckpt_name)
+            loaded.add(name)
         else:
-            if name in params:
-                _call_loader(params[name], tensor, ckpt_name)
-                loaded.add(name)
-            else:
-                unexpected.append(ckpt_name)
+            _call_loader(params[name], tensor, ckpt_name, shard_id)
+            # A fused parameter counts as loaded once every shard has come.
+            loaded.add(f"{name}#{shard_id}")
     if unexpected:
         raise WeightLoadingError(
             f"{type(module).__name__}: unexpected checkpoint key(s) with no matching parameter: "

@@ -65,7 +65,10 @@ class DiffusionPipelineBase(nn.Module, CFGParallelMixin, ProgressBarMixin, Suppo
                 f"{self.od_config.model}: model_index.json {DEFAULTS_KEY} sets {unknown}, which {name} does not "
                 f"take; it takes: {', '.join(sorted(spec.accepted_params))}"
             )
-        return spec.replace(model=spec.model or name, defaults={**spec.defaults, **overrides})
+        spec = spec.replace(model=spec.model or name, defaults={**spec.defaults, **overrides})
+        if self.od_config.lora_modules:  # every model built from our linear layers takes adapters
+            spec = spec.replace(params=spec.params | {"lora"}, lora_adapters=frozenset(self.od_config.lora_modules))
+        return spec
 
     # -- shared input handling ----------------------------------------------------------------------
 

@@ -109,6 +109,9 @@ class SamplingSpec:
     # Parameters the model takes but this engine configuration cannot run, each with the reason the
     # admission error gives (a step cache cannot follow skip-layer guidance's extra transformer call).
     unavailable: Mapping[str, str] = field(default_factory=dict)
+    # Names of the LoRA adapters the engine loaded (the parameter `lora` picks among them); filled
+    # by DiffusionPipelineBase.spec, which then adds `lora` to `params`.
+    lora_adapters: frozenset[str] = frozenset()
     # The pipeline class, for messages (filled by DiffusionPipelineBase.spec).
     model: str = ""
 
@@ -119,6 +122,9 @@ class SamplingSpec:
             raise ValueError(f"cfg must be one of {CFG_MODES}, got {self.cfg!r}")
         object.__setattr__(self, "params", frozenset(self.params))
         object.__setattr__(self, "cfg_only_params", frozenset(self.cfg_only_params))
+        object.__setattr__(self, "lora_adapters", frozenset(self.lora_adapters))
+        if self.lora_adapters and "lora" not in self.params:
+            raise ValueError(f"{self.model}: LoRA adapters are loaded but the parameter lora is not taken")
         extra = set(self.defaults) - self.accepted_params
         if extra:
             raise ValueError(f"{self.model}: defaults for parameters it does not take: {sorted(extra)}")

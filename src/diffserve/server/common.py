@@ -60,11 +60,29 @@ def admit(state: ServerState, req: OmniDiffusionRequest, max_seconds: float | No
         raise as_api_error(exc) from None
 
 
-def check_model(state: ServerState, model: str | None) -> None:
+def adapter_model_names(state: ServerState) -> list[str]:
+    """The model ids that select a LoRA adapter: "<served name>:<adapter>" (vLLM's convention)."""
+    return [f"{state.config.served_model_name}:{adapter}" for adapter in state.config.lora_adapters]
+
+
+def check_model(state: ServerState, model: str | None) -> str | None:
+    """404 for a model not served here; the LoRA adapter a "<model>:<adapter>" id selects, else None."""
     names = state.config.served_model_names
-    if model is not None and model not in names:
-        raise APIError(404, f"model {model!r} is not served here; available: {', '.join(names)}", "model",
-                       "model_not_found")
+    if model is None or model in names:
+        return None
+    base, _, adapter = model.rpartition(":")
+    if base in names and adapter in state.config.lora_adapters:
+        return adapter
+    available = ", ".join([*names, *adapter_model_names(state)])
+    raise APIError(404, f"model {model!r} is not served here; available: {available}", "model", "model_not_found")
+
+
+def request_lora(adapter: str | None, lora: dict[str, float] | None) -> dict[str, float] | None:
+    """The body's `lora` plus the adapter a "<model>:<adapter>" id selected, at scale 1 unless the body
+    gives it another."""
+    if adapter is None:
+        return lora
+    return {adapter: 1.0, **(lora or {})}
 
 
 def require_modality(state: ServerState, modality: str, endpoint: str) -> None:

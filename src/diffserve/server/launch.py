@@ -38,6 +38,7 @@ def build_server(model: str = DEMO_MODEL, engine_kwargs: dict[str, Any] | None =
     od_config = OmniDiffusionConfig.from_kwargs(model, **engine_kwargs)
     resolve_model(od_config)
     config.served_model_names = served_names(model, od_config.model, config.served_model_names)
+    config.lora_adapters = sorted(od_config.lora_modules)
     jobs = VideoJobStore(config.jobs_dir or os.path.abspath("diffserve_jobs"), ttl_s=config.job_ttl_s)
 
     def load() -> DiffusionEngine:

@@ -6,6 +6,7 @@ ignored, so the official client works unchanged; anything else unknown is a 400 
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -49,6 +50,16 @@ def _integer(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+def _form_json(value: Any, info: ValidationInfo) -> Any:
+    """An object field arrives as JSON text in a multipart form."""
+    if isinstance(value, str) and info.context and info.context.get("form"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"must be a JSON object, got {value!r}") from None
+    return value
+
+
 Number = Annotated[float, BeforeValidator(_number)]
 Integer = Annotated[int, BeforeValidator(_integer)]
 
@@ -76,6 +87,8 @@ class GenerationExtensions(BaseModel):
     guidance_scale: Annotated[Number, Field(ge=0, le=100)] | None = None
     true_cfg_scale: Annotated[Number, Field(ge=0, le=100)] | None = None
     seed: Annotated[Integer, Field(ge=0, le=MAX_SEED)] | None = None
+    # LoRA adapters the server loaded (--lora-modules) and their scales, {"name": scale}.
+    lora: Annotated[dict[str, Number] | None, BeforeValidator(_form_json)] = None
 
 
 class ImageGenerationRequest(GenerationExtensions):

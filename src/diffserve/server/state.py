@@ -18,6 +18,9 @@ class ServerConfig:
     # The names clients may send as `model`, first the one /v1/models lists first; empty: the
     # checkpoint folder's name and the model argument as given.
     served_model_names: list[str] = field(default_factory=list)
+    # The engine's LoRA adapters (its lora_modules): listed by /v1/models as "<model>:<adapter>", a
+    # name that selects the adapter at scale 1. Filled by build_server.
+    lora_adapters: list[str] = field(default_factory=list)
     api_key: str | None = None
     max_queue: int = 256
     batch_wait_ms: float = 5.0

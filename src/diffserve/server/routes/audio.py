@@ -8,7 +8,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from diffserve.audio_io import encode_audio
-from diffserve.server.common import build_request, check_model, require_modality, run_request
+from diffserve.server.common import build_request, check_model, request_lora, require_modality, run_request
 from diffserve.server.errors import APIError
 from diffserve.server.protocol import AudioClipFields, AudioGenerationRequest, SpeechRequest
 from diffserve.server.state import ServerState
@@ -20,7 +20,7 @@ def router(state: ServerState) -> APIRouter:
     api = APIRouter()
 
     async def generate(request: Request, endpoint: str, prompt: str, body: AudioClipFields) -> Response:
-        check_model(state, body.model)
+        adapter = check_model(state, body.model)
         require_modality(state, "audio", endpoint)
         try:
             clip = body.clip_params()
@@ -29,7 +29,7 @@ def router(state: ServerState) -> APIRouter:
         req = build_request(
             prompt, **clip, num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
             true_cfg_scale=body.true_cfg_scale or 1.0, negative_prompt=body.negative_prompt, seed=body.seed,
-            output_type="np",
+            output_type="np", lora=request_lora(adapter, body.lora),
         )
         out = await run_request(state, request, req)
         data = await run_in_threadpool(encode_audio, out.audio[0], out.sample_rate, body.response_format)

@@ -17,6 +17,7 @@ from diffserve.server.common import (
     form_fields,
     read_form,
     read_upload,
+    request_lora,
     require_modality,
     run_request,
     validate_body,
@@ -45,7 +46,7 @@ def router(state: ServerState) -> APIRouter:
             "seed": out.seed,
         }
 
-    def sampling_params(body: ImageGenerationRequest) -> dict:
+    def sampling_params(body: ImageGenerationRequest, adapter: str | None) -> dict:
         if body.n > config.max_n:
             raise APIError(400, f"n={body.n} is too large; at most {config.max_n} images per request", "n")
         height, width = parse_size(body.size)
@@ -53,14 +54,14 @@ def router(state: ServerState) -> APIRouter:
             height=height, width=width, num_inference_steps=body.num_inference_steps,
             guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale or 1.0,
             negative_prompt=body.negative_prompt, seed=body.seed, num_outputs_per_prompt=body.n,
-            strength=body.strength,
+            strength=body.strength, lora=request_lora(adapter, body.lora),
         )
 
     @api.post("/v1/images/generations")
     async def images_generations(body: ImageGenerationRequest, request: Request):
-        check_model(state, body.model)
+        adapter = check_model(state, body.model)
         require_modality(state, "image", "/v1/images/generations")
-        req = build_request(body.prompt, **sampling_params(body))
+        req = build_request(body.prompt, **sampling_params(body, adapter))
         return await respond(await run_request(state, request, req), body)
 
     @api.post("/v1/images/edits")
@@ -70,7 +71,7 @@ def router(state: ServerState) -> APIRouter:
         if form.get("mask") is not None:
             raise APIError(400, "mask is not supported: the edit applies to the whole image", "mask")
         body = validate_body(ImageGenerationRequest, form_fields(form, skip=("image", "image[]")), form=True)
-        check_model(state, body.model)
+        adapter = check_model(state, body.model)
         if not state.spec.takes_images:
             raise APIError(400, f"{config.served_model_name!r} does not take input images, so it cannot edit; "
                                 f"use {ENDPOINTS_BY_MODALITY.get(state.spec.modality)}", "model",
@@ -80,7 +81,7 @@ def router(state: ServerState) -> APIRouter:
             raise APIError(400, "at least one 'image' file is required", "image")
         if len(uploads) > config.max_images_per_edit:
             raise APIError(400, f"{len(uploads)} images given; at most {config.max_images_per_edit}", "image")
-        params = sampling_params(body)
+        params = sampling_params(body, adapter)
         images = [await read_upload(u, "image") for u in uploads]
         req = build_request({"prompt": body.prompt, "images": images}, **params)
         return await respond(await run_request(state, request, req), body)

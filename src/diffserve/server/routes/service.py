@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from diffserve.server.common import check_model
+from diffserve.server.common import adapter_model_names, check_model
 from diffserve.server.state import ServerState
 
 
@@ -13,11 +13,15 @@ def router(state: ServerState) -> APIRouter:
     api = APIRouter()
 
     def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "diffserve", "modality": state.spec.modality}
+        card = {"id": name, "object": "model", "created": 0, "owned_by": "diffserve", "modality": state.spec.modality}
+        if check_model(state, name) is not None:  # a LoRA adapter on the served model
+            card["parent"] = state.config.served_model_name
+        return card
 
     @api.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [model_card(name) for name in state.config.served_model_names]}
+        names = [*state.config.served_model_names, *adapter_model_names(state)]
+        return {"object": "list", "data": [model_card(name) for name in names]}
 
     @api.get("/v1/models/{model_id:path}")
     async def model(model_id: str):

@@ -24,6 +24,7 @@ from diffserve.server.common import (
     form_fields,
     read_form,
     read_upload,
+    request_lora,
     require_modality,
     validate_body,
 )
@@ -93,7 +94,7 @@ def router(state: ServerState) -> APIRouter:
         store = jobs()
         store.expire()
         body, reference = await read_body(request)
-        check_model(state, body.model)
+        adapter = check_model(state, body.model)
         if reference is not None and not state.spec.takes_images:
             raise APIError(400, f"{config.served_model_name!r} is text-to-video; it takes no input_reference",
                            "input_reference")
@@ -109,6 +110,7 @@ def router(state: ServerState) -> APIRouter:
             prompt, height=height, width=width, num_frames=num_frames, fps=body.fps,
             num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
             guidance_scale_2=body.guidance_scale_2, negative_prompt=body.negative_prompt, seed=body.seed,
+            lora=request_lora(adapter, body.lora),
         )
         progress = JobProgress(store)
         try:  # admitted and queued now: a request the model cannot run is this call's error, with no job
