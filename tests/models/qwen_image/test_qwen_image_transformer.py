@@ -137,6 +137,19 @@ def test_declares_engine_attributes():
     assert set(cls._sp_plan[""]) == {"hidden_states"}
 
 
+def test_teacache_signal_is_the_first_blocks_modulated_image(transformer_folder):
+    """The signal the TeaCache backend reads, called with the first block's arguments as the model
+    passes them (with zero_cond_t: per-token modulation, reference tokens at timestep 0)."""
+    model = load_ours(transformer_folder("qwen-image-edit-plus"))
+    calls = []
+    model.transformer_blocks[0].register_forward_pre_hook(lambda module, args: calls.append(args))
+    with torch.no_grad():
+        model(**random_inputs("qwen-image-edit-plus"))
+        signal = model._teacache_modulated_input(model.transformer_blocks[0], *calls[0])
+    hidden_states = calls[0][0]
+    assert signal.shape == hidden_states.shape and not torch.equal(signal, hidden_states)
+
+
 def test_sp_plan_splits_agree_on_the_image_tokens():
     """Every tensor the plan splits along the image sequence has one entry per image token, at the
     dim and rank the plan declares."""
@@ -165,7 +178,8 @@ def test_every_diffusers_config_key_is_accepted(transformer_folder):
 
     with open(f"{transformer_folder('layered')}/config.json") as f:
         keys = {k for k in json.load(f) if not k.startswith("_")}
-    assert keys == set(QwenImageTransformerConfig.__dataclass_fields__)
+    # diffusers 0.42.1's keys, plus the one its released config still carries.
+    assert keys | {"pooled_projection_dim"} == set(QwenImageTransformerConfig.__dataclass_fields__)
 
 
 @pytest.mark.parametrize(
@@ -180,11 +194,38 @@ def test_unsupported_config_values_are_errors(overrides, message):
         QwenImageTransformerConfig(**overrides)
 
 
-@pytest.mark.parametrize("layered, expected", [(False, 20_430_401_088), (True, 20_430_407_232)])
-def test_real_qwen_image_config_has_20b_parameters(layered, expected):
+# transformer/config.json of Qwen/Qwen-Image as released (written by diffusers 0.34.0.dev0, whose class
+# still took pooled_projection_dim); Qwen-Image-Edit-2511 adds zero_cond_t, Qwen-Image-Layered the
+# additional timestep condition and layer RoPE.
+RELEASED_QWEN_IMAGE_CONFIG = {
+    "_class_name": "QwenImageTransformer2DModel",
+    "_diffusers_version": "0.34.0.dev0",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": False,
+    "in_channels": 64,
+    "joint_attention_dim": 3584,
+    "num_attention_heads": 24,
+    "num_layers": 60,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 768,
+}
+
+
+@pytest.mark.parametrize(
+    "variant, expected",
+    [
+        ({}, 20_430_401_088),
+        ({"zero_cond_t": True}, 20_430_401_088),
+        ({"use_additional_t_cond": True, "use_layer3d_rope": True}, 20_430_407_232),
+    ],
+    ids=["qwen-image", "edit-2511", "layered"],
+)
+def test_released_configs_build_on_meta_with_20b_parameters(variant, expected):
     """The released shape (60 layers, 24 heads x 128, text 3584) builds on meta with diffusers' exact
     parameter count, 20.4B; Qwen-Image-Layered adds its 2 x 3072 condition embedding."""
-    config = QwenImageTransformerConfig(use_additional_t_cond=layered, use_layer3d_rope=layered)
+    config = QwenImageTransformerConfig.from_dict({**RELEASED_QWEN_IMAGE_CONFIG, **variant})
     with torch.device("meta"):
         model = QwenImageTransformer2DModel(config)
     assert sum(p.numel() for p in model.parameters()) == expected

@@ -48,6 +48,9 @@ class QwenImageTransformerConfig(ModelConfig):
     zero_cond_t: bool = False
     use_additional_t_cond: bool = False
     use_layer3d_rope: bool = False
+    # Written by the diffusers version Qwen/Qwen-Image was released with; no layer uses it (diffusers
+    # now ignores it too).
+    pooled_projection_dim: int | None = None
 
     def __post_init__(self):
         if self.guidance_embeds:
