@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None, help="image width (model default if unset)")
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (model default if unset)")
     gen.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (model default if unset)")
-    gen.add_argument("--true-cfg-scale", type=float, default=1.0, help="true CFG scale; > 1 enables it")
+    gen.add_argument("--true-cfg-scale", type=float, default=None,
+                     help="true CFG scale; > 1 with --negative-prompt enables it (unset: the model's default)")
     gen.add_argument("--seed", type=int, default=None, help="random seed (random if unset; printed)")
     gen.add_argument("--num-outputs", type=int, default=1, help="images per prompt")
     gen.add_argument("--max-sequence-length", type=int, default=None, help="text encoder token limit")
