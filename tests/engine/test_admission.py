@@ -6,10 +6,11 @@ CLI and the server."""
 import dataclasses
 
 import pytest
+from PIL import Image
 
 from diffserve import Omni, OmniDiffusionSamplingParams
-from diffserve.engine.admission import InvalidRequestError, admit
-from diffserve.models.spec import UNIVERSAL_PARAMS, SamplingSpec
+from diffserve.engine.admission import InvalidRequestError, admit, batch_key, cfg_enabled
+from diffserve.models.spec import UNIVERSAL_PARAMS, ImageInputSpec, SamplingSpec, size_at_area
 from diffserve.request import OmniDiffusionRequest, PromptInput
 from diffserve.testing.conformance import sample_image
 
@@ -61,9 +62,17 @@ UNUSED = {
     "sd3": ("StableDiffusion3Pipeline",
             ["true_cfg_scale", "num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2", "strength", "image",
              *EDIT_SIZING]),
+    "qwen-image": ("QwenImagePipeline", ["guidance_scale", "num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2",
+                                         "strength", "image", *EDIT_SIZING, *SLG]),
+    # The edit models take the whole prompt (no max_sequence_length) and size their output with max_area.
+    **{arch: (model, ["guidance_scale", "max_sequence_length", "num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2",
+                      "strength", "auto_resize", *SLG])
+       for arch, model in (("qwen-image-edit", "QwenImageEditPipeline"),
+                           ("qwen-image-edit-plus", "QwenImageEditPlusPipeline"))},
 }
 # Every family takes `lora` only when the engine loaded LoRA adapters (tests/lora).
 UNUSED = {arch: (model, [*params, "lora"]) for arch, (model, params) in UNUSED.items()}
+NEEDS_IMAGE = ("wan2.1-i2v", "qwen-image-edit", "qwen-image-edit-plus")
 CASES = [(arch, param) for arch, (_, params) in UNUSED.items() for param in params]
 
 
@@ -83,7 +92,7 @@ def engines(tiny_checkpoint):
 
 def _prompt(arch: str, with_image: bool) -> dict:
     prompt = {"prompt": "a red circle"}
-    if with_image or arch == "wan2.1-i2v":  # image-to-video always needs its first frame
+    if with_image or arch in NEEDS_IMAGE:  # image-to-video needs its first frame, editing its image
         prompt["image"] = sample_image(32, 32, 0)
     return prompt
 

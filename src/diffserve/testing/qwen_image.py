@@ -14,23 +14,25 @@ tokens the prompt templates use. The edit checkpoints' VAE compresses 16x instea
 
 torchvision is not installed beside the CPU torch build, and transformers' `Qwen2VLProcessor` then
 cannot be built, saved or loaded: its `__init__` lists a video processor, which needs torchvision.
-The processor is built and saved through a subclass without that attribute, then the folder is named
-and completed as a released one (`_complete_processor_folder`). Load it with `load_qwen2vl_processor`
-(which works with or without torchvision, also on released checkpoints) and hand it to the pipeline:
+The processor is built and saved through the image-and-text subclass of
+diffserve.models.qwen_image.processor, then the folder is named and completed as a released one
+(`_complete_processor_folder`). Load it with that module's `load_qwen2vl_processor` (which works
+with or without torchvision, also on released checkpoints), and hand it to diffusers' pipeline:
 `QwenImageEditPipeline.from_pretrained(path, processor=load_qwen2vl_processor(f"{path}/processor"))`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
 import torch
 
-from diffserve.testing.flux import perturb_
+from diffserve.models.qwen_image.processor import qwen2vl_image_text_processor_class
+from diffserve.testing.components import perturb_
 
 HEADS, HEAD_DIM = 2, 16
+QK_NORM_SCALE = 3.0
 AXES_DIMS_ROPE = (4, 6, 6)  # (frame, row, column) widths; they sum to HEAD_DIM
 TEXT_DIM = 32  # the text encoder's hidden size = the transformer's joint_attention_dim
 VAE_CHANNELS = 16  # the released VAE's z_dim; its latents_mean/std below are the released ones
@@ -100,23 +102,6 @@ def build_qwen2_tokenizer():
     return tokenizer
 
 
-@functools.cache
-def _qwen2vl_processor_class():
-    from transformers import Qwen2VLProcessor
-
-    class Qwen2VLImageTextProcessor(Qwen2VLProcessor):
-        """Qwen2VLProcessor for images and text only: transformers takes a processor's sub-processors
-        from its `__init__` signature, so leaving `video_processor` out of it means no video processor
-        is built, checked, saved or loaded (and torchvision is not needed). A saved video processor
-        config, if any, is ignored."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            kwargs.pop("video_processor", None)
-            super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-    return Qwen2VLImageTextProcessor
-
-
 def build_qwen2vl_processor(tokenizer):
     from transformers import Qwen2VLImageProcessorPil
 
@@ -127,13 +112,7 @@ def build_qwen2vl_processor(tokenizer):
         temporal_patch_size=VISION_TEMPORAL_PATCH,
         merge_size=VISION_MERGE,
     )
-    return _qwen2vl_processor_class()(image_processor=image_processor, tokenizer=tokenizer)
-
-
-def load_qwen2vl_processor(folder: str):
-    """Load a Qwen2-VL `processor/` folder (a released checkpoint's or a tiny one) without its video
-    processor, so that it loads without torchvision."""
-    return _qwen2vl_processor_class().from_pretrained(folder)
+    return qwen2vl_image_text_processor_class()(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def _update_json(path: str, update) -> None:
@@ -217,13 +196,17 @@ def _vae(seed: int, for_editing: bool):
     if for_editing:
         # The edit pipelines encode every input image at about 1024 x 1024 pixels, whatever its size.
         # With one more 2x downsampling (16x, where the released VAE has 8x) and no residual blocks on
-        # the encoder's way down, a tiny VAE encodes that in 0.25 s instead of 1.3 s (one CPU thread);
-        # the pipelines take their sizes from the VAE config, as diffusers' do.
-        temporal_downsample, num_res_blocks = [False, True, True, False], 0
+        # the encoder's way down, a tiny VAE encodes that in about 0.5 s (one CPU thread); the
+        # pipelines take their sizes from the VAE config, as diffusers' do. 8 channels, perturbed by
+        # 0.05: with 4 channels and 0.1 the decoder amplified a latent difference up to 300-fold
+        # (measured), turning float32 rounding into 2e-4 pixel differences; this one amplifies it
+        # 5- to 15-fold and its output still depends strongly on the latents.
+        temporal_downsample, num_res_blocks, base_dim, perturbation = [False, True, True, False], 0, 8, 0.05
     else:
-        temporal_downsample, num_res_blocks = [False, True, True], 1  # the released 8x compression
+        # The released 8x compression.
+        temporal_downsample, num_res_blocks, base_dim, perturbation = [False, True, True], 1, 4, 0.1
     vae = AutoencoderKLQwenImage(
-        base_dim=4,
+        base_dim=base_dim,
         z_dim=VAE_CHANNELS,
         dim_mult=[1] * (len(temporal_downsample) + 1),
         num_res_blocks=num_res_blocks,
@@ -233,7 +216,7 @@ def _vae(seed: int, for_editing: bool):
     )
     # Freshly initialised, the tiny decoder barely depends on its input; perturbed, latent
     # differences reach the pixels.
-    perturb_(vae, 0.1, torch.Generator().manual_seed(seed + 2))
+    perturb_(vae, perturbation, torch.Generator().manual_seed(seed + 2))
     return vae.eval()
 
 
@@ -257,6 +240,13 @@ def build_tiny_transformer(seed: int, zero_cond_t: bool = False, layered: bool =
         use_layer3d_rope=layered,
     )
     perturb_(transformer, 0.05, torch.Generator().manual_seed(seed + 1))
+    # q/k are RMS-normalised, so at unit norm weights the tiny heads' attention is nearly uniform over
+    # the (often more than a thousand) keys and the text and reference tokens barely steer the image.
+    # Larger q/k scales sharpen it: an error in what the pipelines feed the transformer shows.
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight", "norm_added_q.weight", "norm_added_k.weight")):
+                param.mul_(QK_NORM_SCALE)
     return transformer.eval()
 
 

@@ -14,10 +14,9 @@ from diffserve.models.qwen_image.qwen_image_transformer import (
 )
 from diffserve.testing.qwen_image import build_tiny_transformer
 
-# fp32 on CPU. Measured max-abs difference: 2.6e-6 (Qwen-Image), 2.3e-6 (zero_cond_t), 3.3e-6
-# (layered), on outputs of mean magnitude ~0.5. Not 0 because our RoPE tables are computed in float64
-# (diffusers': float32, up to 1e-5 apart at these positions) and the timestep sinusoid multiplies by
-# 1000 in another order; with diffusers' two formulas swapped in, the difference is 3e-7 to 7e-7.
+# fp32 on CPU. Measured max-abs difference (2026-12-01): 4.8e-7 (Qwen-Image), 5.4e-7 (zero_cond_t),
+# 1.8e-6 (layered), on outputs of mean magnitude ~0.55: float32 rounding (the RoPE phases are computed
+# in float32 and the timestep sinusoid in diffusers' order, as the reference does).
 TOLERANCE = 1e-5
 
 TEXT_DIM, LATENT_CHANNELS = 32, 64
@@ -133,8 +132,11 @@ def test_declares_engine_attributes():
     for name in cls._sp_plan:
         model.get_submodule(name)  # raises if the plan names a missing submodule
     assert isinstance(cls._sp_plan["proj_out"], SequenceParallelOutput)
-    # Only the image stream is split: the text (and its mask) stay whole on every rank.
-    assert set(cls._sp_plan[""]) == {"hidden_states"}
+    # Both streams are split: the image on entry, the text (padded, masked) at the first block, after
+    # its RoPE table was computed from the whole prompt; the text mask on entry, as the text's mask.
+    assert set(cls._sp_plan[""]) == {"hidden_states", "encoder_hidden_states_mask"}
+    assert cls._sp_plan[""]["encoder_hidden_states_mask"].mask_of == "encoder_hidden_states"
+    assert cls._sp_plan["transformer_blocks.0"]["encoder_hidden_states"].pad
 
 
 def test_teacache_signal_is_the_first_blocks_modulated_image(transformer_folder):
@@ -150,22 +152,21 @@ def test_teacache_signal_is_the_first_blocks_modulated_image(transformer_folder)
     assert signal.shape == hidden_states.shape and not torch.equal(signal, hidden_states)
 
 
-def test_sp_plan_splits_agree_on_the_image_tokens():
-    """Every tensor the plan splits along the image sequence has one entry per image token, at the
+def test_sp_plan_splits_agree_on_the_token_counts():
+    """Every tensor the plan splits has one entry per image token (or, padded, per text token), at the
     dim and rank the plan declares."""
     model = tiny_model(zero_cond_t=True)
     shapes = tuple(IMAGE_SHAPES["qwen-image-edit-plus"])
-    image_len = sum(f * h * w for f, h, w in shapes)
+    image_len, text_len = sum(f * h * w for f, h, w in shapes), 7
     outputs = {
-        "pos_embed": model.pos_embed(shapes, 7, torch.device("cpu")),
+        "pos_embed": model.pos_embed(shapes, text_len, torch.device("cpu")),
         "reference_tokens": (model.reference_tokens(shapes, torch.device("cpu")),),
     }
     for name, tensors in outputs.items():
         for index, spec in QwenImageTransformer2DModel._sp_plan[name].items():
             assert spec.split_output and tensors[index].dim() == spec.expected_dims
-            assert tensors[index].shape[spec.split_dim] == image_len
-    text_cos = outputs["pos_embed"][2]
-    assert text_cos.shape == (7, 16)
+            assert tensors[index].shape[spec.split_dim] == (text_len if spec.pad else image_len)
+    assert [spec.pad for spec in QwenImageTransformer2DModel._sp_plan["pos_embed"].values()] == [False, False, True, True]
 
 
 def test_unknown_config_key_is_an_error():

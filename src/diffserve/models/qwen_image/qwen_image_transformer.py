@@ -94,7 +94,8 @@ class QwenImageRoPE(nn.Module):
 
     def __init__(self, axes_dim: Sequence[int], layered: bool = False, theta: float = 10000.0):
         super().__init__()
-        self.rope = MultiAxisRoPE(theta=theta, axes_dim=axes_dim)
+        # Phases in float32, as Qwen-Image's reference computes them (and the model was trained with).
+        self.rope = MultiAxisRoPE(theta=theta, axes_dim=axes_dim, freq_dtype=torch.float32)
         self.layered = layered
 
     def _image_positions(self, image_shapes: tuple[ImageShape, ...], device: torch.device) -> torch.Tensor:
@@ -252,22 +253,29 @@ class QwenImageTransformerBlock(nn.Module):
 class QwenImageTransformer2DModel(nn.Module):
     _repeated_blocks = ["QwenImageTransformerBlock"]
     _layerwise_offload_blocks_attrs = ["transformer_blocks"]
-    # Sequence parallel: the image tokens are split along the sequence, with their RoPE tables and
-    # reference-token flags; the text tokens (and their mask and RoPE table) stay whole on every rank
-    # and the output is gathered before the final projection. Each attention then sees q/k/v as
-    # [whole text; this rank's image tokens] and a key mask [B, S_txt + S_img / P] whose image part is
-    # all True. What sequence-parallel attention needs for this: treat the first S_txt tokens as
-    # replicated (exchange only the image part, e.g. with Ulysses give each rank its heads of the text
-    # as they are), and build the mask of the gathered keys from the text mask alone (every image key
-    # is valid). Until it does, Ulysses/ring refuse the mask; without a mask they would treat the
-    # replicated text as P copies, so this plan needs that support before it is used.
+    # Sequence parallel: both streams are split along the sequence, as for FLUX: each rank attends
+    # [its text part; its image part] and the attention layer gathers (Ulysses) or passes around (ring)
+    # the keys with their mask. The image tokens are split on entry with their RoPE tables and
+    # reference-token flags, and gathered before the final projection. The text is split at the first
+    # block, after its RoPE table was computed from the whole prompt; the text mask is split on entry
+    # (the joint key mask is built from it and the local image length). A text length that does not
+    # divide by the degree is padded with masked positions (`pad`, `mask_of`): padded keys are never
+    # attended and the text stream is never gathered.
     _sp_plan = {
-        "": {"hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3)},
+        "": {
+            "hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3),
+            "encoder_hidden_states_mask": SequenceParallelInput(
+                split_dim=1, expected_dims=2, mask_of="encoder_hidden_states"
+            ),
+        },
         "pos_embed": {
             0: SequenceParallelInput(split_dim=0, expected_dims=2, split_output=True),
             1: SequenceParallelInput(split_dim=0, expected_dims=2, split_output=True),
+            2: SequenceParallelInput(split_dim=0, expected_dims=2, split_output=True, pad=True),
+            3: SequenceParallelInput(split_dim=0, expected_dims=2, split_output=True, pad=True),
         },
         "reference_tokens": {0: SequenceParallelInput(split_dim=0, expected_dims=1, split_output=True)},
+        "transformer_blocks.0": {"encoder_hidden_states": SequenceParallelInput(split_dim=1, expected_dims=3, pad=True)},
         "proj_out": SequenceParallelOutput(gather_dim=1, expected_dims=3),
     }
 
