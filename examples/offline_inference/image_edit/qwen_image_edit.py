@@ -50,9 +50,9 @@ def main() -> None:
     if args.image:
         images = [Image.open(path) for path in args.image]  # converted to RGB by the engine
     else:
-        from diffserve.testing.conformance import test_image
+        from diffserve.testing.conformance import sample_image
 
-        images = [test_image(64, 48, 0), test_image(48, 64, 1)]
+        images = [sample_image(64, 48, 0), sample_image(48, 64, 1)]
 
     params = OmniDiffusionSamplingParams(
         height=args.height or (96 if tiny else None),
