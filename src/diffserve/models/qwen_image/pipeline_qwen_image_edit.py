@@ -104,7 +104,7 @@ class QwenImageEditPipeline(QwenImagePipeline, SupportImageInput):
 
     def prepare_references(self, req: OmniDiffusionRequest):
         """(the images the text encoder sees, prompt-major; the packed reference latents [P*k, S_ref, C];
-        their patch grids). Admission gave every prompt images of the same sizes."""
+        their patch grids). Admission made every prompt's images used at the same sizes."""
         sp = req.sampling_params
         per_prompt = [p.images for p in req.prompts]
         vision_images, latents, shapes = [], [], []
