@@ -1,6 +1,6 @@
 """/v1/images/edits on an editing model (tiny Qwen-Image-Edit-Plus): the official openai client with
-several images per prompt, and input images checked against the model (count, mode, size, aspect
-ratio) with 400s that name `image`."""
+several images per prompt, and input images checked against the model (count, mode, size, pixels,
+the size they would be used at) with 400s that name `image`."""
 
 import base64
 import io
@@ -65,7 +65,9 @@ BAD_IMAGES = [
     ("four_images", [SMALL] * 4, "takes at most 3 input image(s) per prompt, got 4"),
     ("sixteen_bit", [png(Image.new("I;16", (64, 48)))], "mode 'I;16' (more than 8 bits per channel) is not supported"),
     ("side_too_long", [png(Image.new("RGB", (4100, 8)))], "input image is 4100x8; each side must be between 1 and 4096"),
-    ("aspect_ratio", [png(Image.new("RGB", (3000, 10)))], "takes aspect ratios (long side / short side) of at most 200"),
+    ("too_many_pixels", [png(Image.new("RGB", (4096, 4097)))], "image is 4096x4097; at most 16777216 pixels"),
+    # At about 1024 x 1024 pixels a 300:1 image would be 17728 pixels wide.
+    ("used_at_too_wide", [png(Image.new("RGB", (3000, 10)))], "would be used at 17728x64; its sides must be between"),
     ("not_an_image", [b"GIF89a-but-not-really"], "image is not a readable image"),
     ("empty_file", [b""], "image is empty"),
 ]
