@@ -30,6 +30,9 @@ _DIFFUSION_MODELS: dict[str, tuple[str, str, str]] = {
     "WanImageToVideoPipeline": ("wan", "pipeline_wan_i2v", "WanImageToVideoPipeline"),
     "DiffservePixelDiTPipeline": ("demo_dit", "pipeline_demo_dit", "DiffservePixelDiTPipeline"),
     "StableAudioPipeline": ("stable_audio", "pipeline_stable_audio", "StableAudioPipeline"),
+    "QwenImagePipeline": ("qwen_image", "pipeline_qwen_image", "QwenImagePipeline"),
+    "QwenImageEditPipeline": ("qwen_image", "pipeline_qwen_image_edit", "QwenImageEditPipeline"),
+    "QwenImageEditPlusPipeline": ("qwen_image", "pipeline_qwen_image_edit", "QwenImageEditPlusPipeline"),
 }
 
 # _class_name -> "module.path:ClassName", for models registered at runtime (register_model).

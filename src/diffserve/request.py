@@ -52,8 +52,9 @@ class OmniDiffusionSamplingParams:
     num_inference_steps: int | None = None
     # Distilled guidance (FLUX guidance embedding) or classic CFG scale, per the model.
     guidance_scale: float | None = None
-    # True classifier-free guidance with a negative prompt; > 1 turns it on.
-    true_cfg_scale: float = 1.0
+    # True classifier-free guidance with a negative prompt; > 1 turns it on. None: the model's default,
+    # which applies only when a negative prompt is given (Qwen-Image: 4.0; FLUX: none, so no CFG).
+    true_cfg_scale: float | None = None
     negative_prompt: str | None = None
     seed: int | None = None
     num_outputs_per_prompt: int = 1
@@ -90,7 +91,7 @@ class OmniDiffusionSamplingParams:
         self.lora = _checked_lora(self.lora)
         for name in ("height", "width", "num_inference_steps", "max_sequence_length", "num_frames", "fps", "max_area"):
             _check_optional_positive(name, getattr(self, name))
-        for name in ("guidance_scale", "guidance_scale_2", "audio_start_in_s", "audio_end_in_s"):
+        for name in ("guidance_scale", "guidance_scale_2", "true_cfg_scale", "audio_start_in_s", "audio_end_in_s"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{name} must be a number, got {value!r}")
@@ -103,10 +104,6 @@ class OmniDiffusionSamplingParams:
         if self.auto_resize is not None and not isinstance(self.auto_resize, bool):
             raise ValueError(f"auto_resize must be True or False, got {self.auto_resize!r}")
         self._check_skip_layer_guidance()
-        if isinstance(self.true_cfg_scale, bool) or not isinstance(self.true_cfg_scale, (int, float)):
-            raise ValueError(f"true_cfg_scale must be a number, got {self.true_cfg_scale!r}")
-        if self.true_cfg_scale < 0:
-            raise ValueError(f"true_cfg_scale must be >= 0, got {self.true_cfg_scale!r}")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED
         ):

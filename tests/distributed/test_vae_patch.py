@@ -2,7 +2,7 @@
 
 Single-process cases compare against diffusers' own `enable_tiling()` decode of the same VAE. Measured
 max-abs differences (fp32, CPU, 2026-11-26): AutoencoderKL 0.0, Wan2.1 VAE 1.2e-7, Wan2.2 VAE (2x2
-patchify) 0.0; tolerance 1e-5. The multi-rank cases run the whole engine: VAE patch parallel over 2 or
+patchify) 0.0, Qwen-Image VAE 3.0e-8 (2026-12-01); tolerance 1e-5. The multi-rank cases run the whole engine: VAE patch parallel over 2 or
 4 ranks (with Ulysses / CFG parallel for the transformer) against the single-process tiled output,
 measured 1.4e-6 / 1.1e-6 (tiny FLUX) and 2.9e-6 (tiny Wan2.1), the transformer's parallel rounding;
 tolerance 1e-5.
@@ -41,6 +41,13 @@ def _wan_vae(wan22: bool):
                             out_channels=12, patch_size=2, scale_factor_spatial=16)
 
 
+def _qwen_image_vae():
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                  temperal_downsample=[False, True, True])
+
+
 # (name, VAE builder, tiling arguments for enable_tiling, latent shape spanning several uneven tiles)
 VAES = [
     ("autoencoder_kl", _flux_vae, {}, (1, 4, 37, 26)),
@@ -50,6 +57,9 @@ VAES = [
     ("wan2.2", lambda: _wan_vae(True), dict(tile_sample_min_height=128, tile_sample_min_width=128,
                                             tile_sample_stride_height=96, tile_sample_stride_width=96),
      (1, 4, 2, 19, 11)),
+    ("qwen-image", _qwen_image_vae, dict(tile_sample_min_height=64, tile_sample_min_width=64,
+                                         tile_sample_stride_height=48, tile_sample_stride_width=40),
+     (1, 16, 1, 17, 13)),
 ]
 
 
@@ -117,10 +127,13 @@ ENGINE_CASES = [
      {"vae_patch_parallel_size": 4, "cfg_parallel_size": 2, "ulysses_degree": 2}),
     ("wan2.1-t2v", dict(height=272, width=32, num_frames=5, guidance_scale=4.0),
      {"vae_patch_parallel_size": 2, "cfg_parallel_size": 2}),
+    # tiny Qwen-Image: the same 256-pixel tiles; true CFG at its default scale (a negative prompt is given).
+    ("qwen-image", dict(height=272, width=32), {"vae_patch_parallel_size": 2, "ulysses_degree": 2}),
 ]
 
 
-@pytest.mark.parametrize("arch, size, parallel", ENGINE_CASES, ids=["flux-vae2", "flux-vae4", "wan-vae2"])
+@pytest.mark.parametrize("arch, size, parallel", ENGINE_CASES,
+                         ids=["flux-vae2", "flux-vae4", "wan-vae2", "qwen-image-vae2"])
 def test_vae_patch_parallel_equals_single_process_tiling(tiny_checkpoint, arch, size, parallel):
     path = tiny_checkpoint(arch)
     params = OmniDiffusionSamplingParams(num_inference_steps=2, seed=3, output_type="pt", max_sequence_length=16,

@@ -6,10 +6,11 @@ CLI and the server."""
 import dataclasses
 
 import pytest
+from PIL import Image
 
 from diffserve import Omni, OmniDiffusionSamplingParams
-from diffserve.engine.admission import InvalidRequestError, admit
-from diffserve.models.spec import UNIVERSAL_PARAMS, SamplingSpec
+from diffserve.engine.admission import InvalidRequestError, admit, batch_key, cfg_enabled
+from diffserve.models.spec import UNIVERSAL_PARAMS, ImageInputSpec, SamplingSpec, size_at_area
 from diffserve.request import OmniDiffusionRequest, PromptInput
 from diffserve.testing.conformance import sample_image
 
@@ -61,9 +62,17 @@ UNUSED = {
     "sd3": ("StableDiffusion3Pipeline",
             ["true_cfg_scale", "num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2", "strength", "image",
              *EDIT_SIZING]),
+    "qwen-image": ("QwenImagePipeline", ["guidance_scale", "num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2",
+                                         "strength", "image", *EDIT_SIZING, *SLG]),
+    # The edit models take the whole prompt (no max_sequence_length) and size their output with max_area.
+    **{arch: (model, ["guidance_scale", "max_sequence_length", "num_frames", "fps", *AUDIO_WINDOW, "guidance_scale_2",
+                      "strength", "auto_resize", *SLG])
+       for arch, model in (("qwen-image-edit", "QwenImageEditPipeline"),
+                           ("qwen-image-edit-plus", "QwenImageEditPlusPipeline"))},
 }
 # Every family takes `lora` only when the engine loaded LoRA adapters (tests/lora).
 UNUSED = {arch: (model, [*params, "lora"]) for arch, (model, params) in UNUSED.items()}
+NEEDS_IMAGE = ("wan2.1-i2v", "qwen-image-edit", "qwen-image-edit-plus")
 CASES = [(arch, param) for arch, (_, params) in UNUSED.items() for param in params]
 
 
@@ -83,7 +92,7 @@ def engines(tiny_checkpoint):
 
 def _prompt(arch: str, with_image: bool) -> dict:
     prompt = {"prompt": "a red circle"}
-    if with_image or arch == "wan2.1-i2v":  # image-to-video always needs its first frame
+    if with_image or arch in NEEDS_IMAGE:  # image-to-video needs its first frame, editing its image
         prompt["image"] = sample_image(32, 32, 0)
     return prompt
 
@@ -258,3 +267,106 @@ def test_skip_guidance_layers_become_a_tuple_for_the_batch_key():
     sp = OmniDiffusionSamplingParams(skip_guidance_layers=[7, 8, 9])
     assert sp.skip_guidance_layers == (7, 8, 9)
     hash(sp.batch_key())
+# -- input images and the true-CFG default, against a declared spec (no model loaded) ---------------
+
+# An editing model as Qwen-Image-Edit-Plus declares it: output size from the last image's aspect ratio
+# at max_area pixels, inputs used at about 1024 x 1024 pixels (sides rounded to 32), multiples of 16;
+# with a small input pixel limit to test it.
+EDIT_SPEC = SamplingSpec(
+    modality="image",
+    params=frozenset({"height", "width", "num_inference_steps", "true_cfg_scale"}),
+    defaults={"num_inference_steps": 50, "true_cfg_scale": 4.0, "max_area": 1024 * 1024},
+    cfg="true_cfg",
+    images=ImageInputSpec(max_per_prompt=3, required=True, params=frozenset({"max_area"}), size_from_image=True,
+                          size_from_aspect_ratio=True, size_image=-1, area_rounding=32, input_area=1024 * 1024,
+                          max_input_pixels=1000 * 1000),
+    size_multiple=16,
+    model="EditModel",
+)
+
+
+def request(*prompts, **params) -> OmniDiffusionRequest:
+    sp = OmniDiffusionSamplingParams(**params)
+    return OmniDiffusionRequest(prompts=[PromptInput.from_user(p, sp) for p in prompts], sampling_params=sp)
+
+
+def rgb(width=64, height=48):
+    return Image.new("RGB", (width, height), "red")
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ({"prompt": "x"}, "EditModel needs an input image with every prompt"),
+        ({"prompt": "x", "image": [rgb()] * 4}, "takes at most 3 input image\\(s\\) per prompt, got 4"),
+        ({"prompt": "x", "image": "cat.png"}, "input images must be PIL images, got str"),
+        ({"prompt": "x", "image": Image.new("I;16", (64, 48))}, "mode 'I;16' \\(more than 8 bits per channel\\)"),
+        ({"prompt": "x", "image": Image.new("F", (64, 48))}, "mode 'F'"),
+        ({"prompt": "x", "image": rgb(4097, 8)}, "input image is 4097x8; each side must be between 1 and 4096"),
+        ({"prompt": "x", "image": rgb(1001, 1000)}, "1001x1000 = 1001000 pixels; at most 1000000 are allowed"),
+        # Used at about 1024 x 1024 pixels, a 100:1 image would be 10240 pixels wide.
+        ({"prompt": "x", "image": rgb(2000, 20)}, "would be used at 10240x96; its sides must be between 16 and 4096"),
+    ],
+    ids=["missing", "too_many", "not_pil", "16_bit", "float", "side", "pixels", "used_at_too_wide"],
+)
+def test_bad_input_images_are_refused_naming_image(prompt, message):
+    with pytest.raises(InvalidRequestError, match=message) as error:
+        admit(EDIT_SPEC, request(prompt))
+    assert error.value.param == "image"
+
+
+def test_prompts_of_one_request_must_use_their_images_at_one_size():
+    with pytest.raises(InvalidRequestError, match="uses the input images of this request at different sizes"):
+        admit(EDIT_SPEC, request({"prompt": "a", "image": rgb(64, 48)}, {"prompt": "b", "image": rgb(48, 64)}))
+    # 64x48 and 640x480: one aspect ratio, both used at 1184x896.
+    admitted = admit(EDIT_SPEC, request({"prompt": "a", "image": rgb(64, 48)}, {"prompt": "b", "image": rgb(640, 480)}))
+    assert len(admitted.prompts) == 2
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "LA", "CMYK", "1"])
+def test_8_bit_images_are_converted_to_rgb(mode):
+    image = Image.new(mode, (64, 48))
+    admitted = admit(EDIT_SPEC, request({"prompt": "x", "image": [rgb(), image]}))
+    assert [i.mode for i in admitted.prompts[0].images] == ["RGB", "RGB"]
+    assert image.mode == mode  # the caller's image is left as it was
+
+
+def test_output_size_from_the_sizing_image_at_max_area():
+    """The last image (48x64, 3:4) at about 1024 x 1024 pixels: 896x1184 (sides rounded to 32, as the
+    reference computes them), then down to multiples of 16; max_area or an explicit size win."""
+    admitted = admit(EDIT_SPEC, request({"prompt": "x", "image": [rgb(64, 48), rgb(48, 64)]}))
+    assert (admitted.sampling_params.width, admitted.sampling_params.height) == (896, 1184)
+    admitted = admit(EDIT_SPEC, request({"prompt": "x", "image": rgb(64, 48)}, max_area=256 * 256))
+    assert (admitted.sampling_params.width, admitted.sampling_params.height) == (288, 224)
+    admitted = admit(EDIT_SPEC, request({"prompt": "x", "image": rgb(64, 48)}, height=512, width=256))
+    assert (admitted.sampling_params.width, admitted.sampling_params.height) == (256, 512)
+
+
+def test_size_at_area_rounds_as_each_reference():
+    assert size_at_area(64, 48, 1024 * 1024, 32) == (1184, 896)  # Qwen-Image-Edit: to multiples of 32
+    assert size_at_area(300, 100, 1024 * 1024, 32) == (1760, 576)
+    assert size_at_area(64, 48, 1024 * 1024) == (1182, 887)  # FLUX.1 Kontext: to whole pixels
+
+
+def test_true_cfg_default_applies_only_with_a_negative_prompt():
+    image = rgb()
+    without = admit(EDIT_SPEC, request({"prompt": "x", "image": image}))
+    assert without.sampling_params.true_cfg_scale is None and not cfg_enabled(EDIT_SPEC, without.sampling_params)
+    with_negative = admit(EDIT_SPEC, request({"prompt": "x", "image": image, "negative_prompt": "blurry"}))
+    assert with_negative.sampling_params.true_cfg_scale == 4.0 and cfg_enabled(EDIT_SPEC, with_negative.sampling_params)
+    explicit = admit(EDIT_SPEC, request({"prompt": "x", "image": image, "negative_prompt": " "}, true_cfg_scale=2.0))
+    assert explicit.sampling_params.true_cfg_scale == 2.0
+    with pytest.raises(InvalidRequestError, match="negative_prompt is used only with true_cfg_scale > 1"):
+        admit(EDIT_SPEC, request({"prompt": "x", "image": image, "negative_prompt": "a"}, true_cfg_scale=1.0))
+    with pytest.raises(InvalidRequestError, match="true_cfg_scale=3.0 needs a negative_prompt"):
+        admit(EDIT_SPEC, request({"prompt": "x", "image": image}, true_cfg_scale=3.0))
+
+
+def test_batch_key_holds_the_sizes_the_images_are_used_at():
+    def key(*sizes):
+        return batch_key(EDIT_SPEC, admit(EDIT_SPEC, request({"prompt": "x", "image": [rgb(*s) for s in sizes]},
+                                                             height=256, width=256)))
+
+    assert key((64, 48)) == key((640, 480))  # both used at 1184x896
+    assert key((64, 48)) != key((48, 64))
+    assert key((64, 48), (32, 32)) != key((64, 48))

@@ -2,8 +2,8 @@
 the diffusers pipeline on the same weights and seeds (fp32, CPU).
 
 Measured max-abs differences (2026-11-26): 0.0 for every FLUX scenario; tolerance 1e-4 per case;
-Wan (video): 0.0 to 4.5e-6, SD3 / SD3.5 0.0 (skip-layer guidance included), noted per case in
-diffserve/testing/conformance.py.
+Wan (video): 0.0 to 4.5e-6, SD3 / SD3.5 0.0 (skip-layer guidance included); Qwen-Image and its edit
+models (2026-12-01): 4.5e-6 to 1.0e-5; each noted per case in diffserve/testing/conformance.py.
 """
 
 import pytest

@@ -41,3 +41,18 @@ def test_audio_speech_example(start_server, tiny_checkpoint, tmp_path):
     assert run.returncode == 0, run.stderr + run.stdout
     audio, rate = decode_audio(out.read_bytes())
     assert rate == 60 and audio.shape == (2, 30)
+
+
+def test_image_edit_example(start_server, tiny_checkpoint, tmp_path):
+    from diffserve.testing.conformance import sample_image as picture
+
+    server = start_server(tiny_checkpoint("qwen-image-edit-plus"))
+    for i, size in enumerate([(64, 48), (48, 64)]):
+        picture(*size, i).save(tmp_path / f"{i}.png")
+    out = tmp_path / "edited.png"
+    run = subprocess.run([sys.executable, str(EXAMPLES / "image_edit/openai_edit.py"), "--url", f"{server.url}/v1",
+                          "--image", str(tmp_path / "0.png"), "--image", str(tmp_path / "1.png"), "--size", "128x96",
+                          "--steps", "2", "--negative-prompt", " ", "--output", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr + run.stdout
+    assert Image.open(out).size == (128, 96)

@@ -24,7 +24,8 @@ def main() -> None:
     parser.add_argument("--model", default="demo", help="checkpoint folder, hub id, or demo (the default)")
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--true-cfg-scale", type=float, default=1.0, help="FLUX: true CFG with a negative prompt")
+    parser.add_argument("--true-cfg-scale", type=float, default=None,
+                        help="FLUX: true CFG with a negative prompt (unset: the model's default)")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)

@@ -31,6 +31,17 @@ def merge_partial(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part
     return out * keep + part * take, total
 
 
+def merge_masked_partial(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor):
+    """merge_partial for partials over masked keys: a partial whose keys were all masked has lse -inf
+    and weighs nothing, also when every partial so far had none (where merge_partial would take
+    exp(-inf - -inf) = NaN)."""
+    total = torch.logaddexp(lse, part_lse)
+    reference = torch.where(torch.isinf(total), torch.zeros_like(total), total)
+    keep = torch.exp(lse - reference).transpose(1, 2).unsqueeze(-1)
+    take = torch.exp(part_lse - reference).transpose(1, 2).unsqueeze(-1)
+    return out * keep + part * take, total
+
+
 class _KVRing:
     """Sends this rank's packed k/v to the next rank and receives the previous rank's, asynchronously."""
 
@@ -66,21 +77,37 @@ def ring_attention(
     scale: float,
     group: GroupCoordinator,
     backend: type[AttentionBackend] = TorchSDPABackend,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of this rank's queries over the keys/values of every rank in `group`. [B, S, H, D]."""
-    if not backend.supports_lse:
+    """Attention of this rank's queries over the keys/values of every rank in `group`. [B, S, H, D].
+
+    `key_mask` [B, S_kv] (True: attend) masks this rank's keys; each shard is attended with its own
+    part of the mask (every rank's part is gathered once, up front: it is small).
+    """
+    if not backend.supports_lse or (key_mask is not None and not backend.supports_mask):
         backend = TorchSDPABackend
+    masks = None
+    if key_mask is not None:
+        # [R, B, S_kv]: the mask of ring rank r's keys at index r.
+        masks = group.all_gather(key_mask.to(torch.uint8).unsqueeze(0), dim=0).bool()
     ring = _KVRing(group)
     kv = torch.stack((key, value)).contiguous()  # one message per round instead of two
     out = lse = None
     for step in range(group.world_size):
         incoming = ring.start(kv) if step < group.world_size - 1 else None
-        part, part_lse = backend.forward_with_lse(query, kv[0], kv[1], scale)
+        if masks is None:
+            part, part_lse = backend.forward_with_lse(query, kv[0], kv[1], scale)
+        else:
+            # After `step` rounds this rank holds the keys of ring rank (rank - step).
+            shard_mask = masks[(group.rank_in_group - step) % group.world_size]
+            part, part_lse = backend.forward_with_lse(query, kv[0], kv[1], scale, key_mask=shard_mask)
         part = part.float()
         if out is None:
             out, lse = part, part_lse
-        else:
+        elif masks is None:
             out, lse = merge_partial(out, lse, part, part_lse)
+        else:
+            out, lse = merge_masked_partial(out, lse, part, part_lse)
         if incoming is not None:
             ring.wait()
             kv = incoming

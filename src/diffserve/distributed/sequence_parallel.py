@@ -66,25 +66,39 @@ def heads_to_sequence(x: torch.Tensor, group: GroupCoordinator) -> torch.Tensor:
     return x.permute(1, 2, 0, 3, 4).reshape(b, s, p * h_local, d)
 
 
+def gather_key_mask(mask: torch.Tensor, group: GroupCoordinator) -> torch.Tensor:
+    """[B, S/P] key mask of this rank's keys -> [B, S], the mask of the keys sequence_to_heads gathers."""
+    # As bytes: collectives do not all take bool tensors.
+    return group.all_gather(mask.to(torch.uint8), dim=1).bool()
+
+
 class SequenceParallelAttention:
-    """Wraps an Attention layer's computation with the Ulysses exchange and/or the ring (holds no weights)."""
+    """Wraps an Attention layer's computation with the Ulysses exchange and/or the ring (holds no weights).
+
+    A key mask [B, S_kv] (True: attend) belongs to the keys this rank holds and travels with them:
+    Ulysses gathers it as it gathers the keys, the ring hands each key/value shard's part along.
+    """
 
     def __init__(self, ulysses: GroupCoordinator, ring: GroupCoordinator):
         self.ulysses = ulysses
         self.ring = ring
 
     def __call__(self, attention: Attention, query, key, value, attn_mask):
-        if attn_mask is not None:
+        if attn_mask is not None and (attn_mask.dim() != 2 or attn_mask.shape != key.shape[:2]):
             raise ValueError(
-                f"{attention.prefix or 'attention'}: an attention mask is not supported with sequence "
-                f"parallelism (the mask would have to be split along the sequence)"
+                f"{attention.prefix or 'attention'}: with sequence parallelism the attention mask must be a key "
+                f"mask [B, S_kv] = {tuple(key.shape[:2])} (True: attend), got shape {tuple(attn_mask.shape)}"
             )
+        if attn_mask is not None:
+            attn_mask = attn_mask.bool()
         if self.ulysses.world_size > 1:
             query, key, value = (sequence_to_heads(t, self.ulysses) for t in (query, key, value))
+            if attn_mask is not None:
+                attn_mask = gather_key_mask(attn_mask, self.ulysses)
         if self.ring.world_size > 1:
-            out = ring_attention(query, key, value, attention.softmax_scale, self.ring, attention.backend)
+            out = ring_attention(query, key, value, attention.softmax_scale, self.ring, attention.backend, attn_mask)
         else:
-            out = attention.compute(query, key, value, None)
+            out = attention.compute(query, key, value, attn_mask)
         if self.ulysses.world_size > 1:
             out = heads_to_sequence(out, self.ulysses)
         return out
@@ -93,7 +107,7 @@ class SequenceParallelAttention:
 # -- the plan's hooks --------------------------------------------------------------------------------
 
 
-def _split(x: Any, spec: SequenceParallelInput, group: GroupCoordinator, where: str) -> torch.Tensor:
+def _check_tensor(x: Any, spec: SequenceParallelInput, where: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"sequence parallel plan: {where} is {type(x).__name__}, expected a tensor")
     if spec.expected_dims is not None and x.dim() != spec.expected_dims:
@@ -101,6 +115,23 @@ def _split(x: Any, spec: SequenceParallelInput, group: GroupCoordinator, where: 
             f"sequence parallel plan: {where} has {x.dim()} dims (shape {tuple(x.shape)}), the plan expects "
             f"{spec.expected_dims}"
         )
+    return x
+
+
+def pad_to_multiple(x: torch.Tensor, dim: int, multiple: int, value: float | bool = 0) -> torch.Tensor:
+    """`x` with `value` appended along `dim` up to the next multiple of `multiple`."""
+    missing = -x.shape[dim] % multiple
+    if not missing:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)
+
+
+def _split(x: Any, spec: SequenceParallelInput, group: GroupCoordinator, where: str) -> torch.Tensor:
+    x = _check_tensor(x, spec, where)
+    if spec.pad:
+        x = pad_to_multiple(x, spec.split_dim, group.world_size)
     length = x.shape[spec.split_dim]
     if length % group.world_size:
         raise ValueError(
@@ -110,10 +141,66 @@ def _split(x: Any, spec: SequenceParallelInput, group: GroupCoordinator, where: 
     return x.chunk(group.world_size, dim=spec.split_dim)[group.rank_in_group].contiguous()
 
 
+def _split_key_mask(
+    mask: Any, sequence: Any, spec: SequenceParallelInput, group: GroupCoordinator, where: str
+) -> torch.Tensor | None:
+    """Split a [B, S] key mask like the sequence it masks, padding it with False where that sequence is
+    padded; None (attend everywhere) stays None unless padding makes a mask necessary."""
+    if not isinstance(sequence, torch.Tensor):
+        raise ValueError(f"sequence parallel plan: {where} masks input {spec.mask_of!r}, which is not a tensor")
+    batch, length = sequence.shape[0], sequence.shape[spec.split_dim]
+    if mask is None:
+        if length % group.world_size == 0:
+            return None
+        mask = torch.ones(batch, length, dtype=torch.bool, device=sequence.device)
+    mask = _check_tensor(mask, spec, where)
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(
+            f"sequence parallel plan: {where} has shape {tuple(mask.shape)}, but {spec.mask_of!r} holds "
+            f"{batch} sequences of {length} tokens"
+        )
+    mask = pad_to_multiple(mask, 1, group.world_size, value=False)
+    return mask.chunk(group.world_size, dim=1)[group.rank_in_group].contiguous()
+
+
 def _positions(module: nn.Module) -> dict[str, int]:
     """Name -> positional index of a module's forward parameters."""
     params = list(inspect.signature(module.forward).parameters)
     return {name: i for i, name in enumerate(params)}
+
+
+class _ModuleInputs:
+    """A forward call's inputs, by name or position, to read and replace."""
+
+    def __init__(self, module: nn.Module, name: str, args: tuple, kwargs: dict, positions: dict[str, int]):
+        self.module, self.name, self.args, self.kwargs, self.positions = module, name, list(args), kwargs, positions
+
+    def where(self, key) -> str:
+        return f"{self.name or type(self.module).__name__} input {key!r}"
+
+    def _index(self, key) -> int | None:
+        index = key if isinstance(key, int) else self.positions.get(key)
+        return index if index is not None and index < len(self.args) else None
+
+    def get(self, key, required: bool = True):
+        """The input's value; an input not passed is an error, or None if not `required` (its default)."""
+        if key in self.kwargs:
+            return self.kwargs[key]
+        index = self._index(key)
+        if index is None:
+            if required or isinstance(key, int) or key not in self.positions:
+                raise ValueError(
+                    f"sequence parallel plan: {self.where(key)} was not passed to {type(self.module).__name__}"
+                )
+            return None
+        return self.args[index]
+
+    def set(self, key, value) -> None:
+        index = None if key in self.kwargs else self._index(key)
+        if index is None:
+            self.kwargs[key] = value
+        else:
+            self.args[index] = value
 
 
 def _install_input_split(module: nn.Module, name: str, specs: dict, group: GroupCoordinator) -> list:
@@ -124,19 +211,19 @@ def _install_input_split(module: nn.Module, name: str, specs: dict, group: Group
 
     if input_specs:
         def split_inputs(mod, args, kwargs):
-            args = list(args)
-            for key, spec in input_specs.items():
-                where = f"{name or type(mod).__name__} input {key!r}"
-                if key in kwargs:
-                    if kwargs[key] is not None:
-                        kwargs[key] = _split(kwargs[key], spec, group, where)
+            inputs = _ModuleInputs(mod, name, args, kwargs, positions)
+            # Masks first: they read the length of their sequence before it is split here too.
+            for key, spec in sorted(input_specs.items(), key=lambda item: item[1].mask_of is None):
+                if spec.mask_of is not None:  # may be left to its default, None
+                    mask = _split_key_mask(
+                        inputs.get(key, required=False), inputs.get(spec.mask_of), spec, group, inputs.where(key)
+                    )
+                    inputs.set(key, mask)
                     continue
-                index = key if isinstance(key, int) else positions.get(key)
-                if index is None or index >= len(args):
-                    raise ValueError(f"sequence parallel plan: {where} was not passed to {type(mod).__name__}")
-                if args[index] is not None:
-                    args[index] = _split(args[index], spec, group, where)
-            return tuple(args), kwargs
+                value = inputs.get(key)
+                if value is not None:
+                    inputs.set(key, _split(value, spec, group, inputs.where(key)))
+            return tuple(inputs.args), inputs.kwargs
 
         handles.append(module.register_forward_pre_hook(split_inputs, with_kwargs=True))
 

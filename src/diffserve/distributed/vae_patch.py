@@ -7,7 +7,8 @@ its time by up to P. Every rank then receives all tiles (one all-gather) and sti
 so the result does not depend on P: it is the single-process tiled decode.
 
 The tile geometry, the per-tile decode and the blend are the VAE's own (diffusers' `tiled_decode` for
-AutoencoderKL and AutoencoderKLWan), so outputs equal `vae.enable_tiling(); vae.decode(z)`. The
+AutoencoderKL, AutoencoderKLWan and AutoencoderKLQwenImage), so outputs equal
+`vae.enable_tiling(); vae.decode(z)`. The
 engine swaps each pipeline VAE's `decode` for the tiled one (`apply_vae_tiling`); pipelines still call
 `vae.decode` and change nothing. Latents no larger than one tile decode untiled, as in diffusers.
 """
@@ -59,31 +60,31 @@ def _autoencoder_kl_layout(vae) -> TileLayout:
                       vae.tile_sample_min_size // tile, (blend, blend), (keep, keep))
 
 
-def _autoencoder_kl_wan_layout(vae) -> TileLayout:
-    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
-    ratio = vae.spatial_compression_ratio
-    patch = vae.config.patch_size or 1  # Wan2.2's VAE decodes to 2x2-patchified pixels
-    tile_h, tile_w = vae.tile_sample_min_height, vae.tile_sample_min_width
-    stride_h, stride_w = vae.tile_sample_stride_height, vae.tile_sample_stride_width
+def _frame_by_frame_decode(vae, first_chunk: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A causal video VAE's decode of one latent tile: frame by frame with its feature cache, as its
+    untiled decode does, but without the final clamp (tiles are blended first). `first_chunk`: the
+    decoder takes that flag (Wan's), Qwen-Image's does not."""
 
     def decode_tile(z):
-        # Frame by frame with the causal feature cache, as the untiled decode does, but without its
-        # final clamp: tiles are blended first and clamped once at the end.
         vae.clear_cache()
         frames = []
         for k in range(z.shape[2]):
             vae._conv_idx = [0]
             x = vae.post_quant_conv(z[:, :, k : k + 1])
-            frames.append(vae.decoder(x, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=k == 0))
+            flag = {"first_chunk": k == 0} if first_chunk else {}
+            frames.append(vae.decoder(x, feat_cache=vae._feat_map, feat_idx=vae._conv_idx, **flag))
         vae.clear_cache()
         return torch.cat(frames, dim=2)
 
-    def finish(x):
-        if vae.config.patch_size is not None:
-            x = unpatchify(x, patch_size=vae.config.patch_size)
-        return x.clamp(-1.0, 1.0)
+    return decode_tile
 
+
+def _video_vae_layout(vae, decode_tile, finish, patch: int) -> TileLayout:
+    """The tiling of the Wan-style VAEs, set in decoder-output pixels by their tile_sample_* attributes;
+    `patch`: the decoder's output is patchified by this factor (unpatchified in `finish`)."""
+    ratio = vae.spatial_compression_ratio
+    tile_h, tile_w = vae.tile_sample_min_height, vae.tile_sample_min_width
+    stride_h, stride_w = vae.tile_sample_stride_height, vae.tile_sample_stride_width
     return TileLayout(
         decode_tile,
         finish,
@@ -95,10 +96,28 @@ def _autoencoder_kl_wan_layout(vae) -> TileLayout:
     )
 
 
+def _autoencoder_kl_wan_layout(vae) -> TileLayout:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    def finish(x):
+        if vae.config.patch_size is not None:  # Wan2.2's VAE decodes to 2x2-patchified pixels
+            x = unpatchify(x, patch_size=vae.config.patch_size)
+        return x.clamp(-1.0, 1.0)
+
+    return _video_vae_layout(vae, _frame_by_frame_decode(vae, first_chunk=True), finish, vae.config.patch_size or 1)
+
+
+def _autoencoder_kl_qwen_image_layout(vae) -> TileLayout:
+    # diffusers' tiled decode of this VAE does not clamp (its untiled one does); the pipelines clamp
+    # their images anyway.
+    return _video_vae_layout(vae, _frame_by_frame_decode(vae, first_chunk=False), lambda x: x, 1)
+
+
 # diffusers VAE class name -> its tile layout.
 TILE_LAYOUTS: dict[str, Callable[[nn.Module], TileLayout]] = {
     "AutoencoderKL": _autoencoder_kl_layout,
     "AutoencoderKLWan": _autoencoder_kl_wan_layout,
+    "AutoencoderKLQwenImage": _autoencoder_kl_qwen_image_layout,
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from diffserve.models.spec import UNIVERSAL_PARAMS, SamplingSpec
+from diffserve.models.spec import HIGH_BIT_DEPTH_MODES, UNIVERSAL_PARAMS, SamplingSpec, size_at_area
 from diffserve.request import OmniDiffusionRequest, OmniDiffusionSamplingParams
 
 # Never part of a batch key: per prompt (seed, negative prompt) or not about numerics.
@@ -104,6 +104,7 @@ def check_images(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
         for image in prompt.images or ():
             if not isinstance(image, Image.Image):
                 raise InvalidRequestError(f"input images must be PIL images, got {type(image).__name__}", "image")
+            check_image(spec, image)
     if not any(counts):
         for name in sorted(images.params):
             if getattr(req.sampling_params, name) is not None:
@@ -116,14 +117,47 @@ def check_images(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
         )
 
 
+def check_image(spec: SamplingSpec, image) -> None:
+    """One input image against the spec's limits: mode, sides, pixels."""
+    width, height = image.size
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        raise InvalidRequestError(
+            f"input image mode {image.mode!r} (more than 8 bits per channel) is not supported; send an 8-bit "
+            "RGB, RGBA, grayscale or palette image",
+            "image",
+        )
+    if min(width, height) < 1 or max(width, height) > spec.max_side:
+        raise InvalidRequestError(
+            f"input image is {width}x{height}; each side must be between 1 and {spec.max_side} pixels", "image"
+        )
+    limit = spec.images.max_input_pixels
+    if width * height > limit:
+        raise InvalidRequestError(
+            f"input image is {width}x{height} = {width * height} pixels; at most {limit} are allowed", "image"
+        )
+
+
+def with_rgb_images(req: OmniDiffusionRequest) -> OmniDiffusionRequest:
+    """The request with every input image in RGB (an alpha channel is dropped, a palette or grey
+    expanded), as the pipelines take them; a request whose images are all RGB comes back unchanged."""
+    if all(image.mode == "RGB" for p in req.prompts for image in p.images or ()):
+        return req
+    prompts = [
+        dataclasses.replace(p, images=[i if i.mode == "RGB" else i.convert("RGB") for i in p.images])
+        if p.images
+        else p
+        for p in req.prompts
+    ]
+    return dataclasses.replace(req, prompts=prompts)
+
+
 def _size_from_image(spec: SamplingSpec, req: OmniDiffusionRequest) -> dict[str, int]:
-    """The first input image's size (scaled down to the default pixel budget), or its aspect ratio at
-    max_area pixels; rounded down to the size multiple and clamped to the limits."""
-    width, height = req.prompts[0].images[0].size
+    """The size of the spec's sizing input image (scaled down to the default pixel budget), or its
+    aspect ratio at max_area pixels; rounded down to the size multiple and clamped to the limits."""
+    width, height = req.prompts[0].images[spec.images.size_image].size
     if spec.images.size_from_aspect_ratio:
         area = req.sampling_params.max_area or spec.defaults["max_area"]
-        ratio = width / height
-        width, height = round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
+        width, height = size_at_area(width, height, area, spec.images.area_rounding)
     else:
         scale = min(1.0, (spec.images.default_max_pixels / (width * height)) ** 0.5)
         width, height = int(width * scale), int(height * scale)
@@ -145,12 +179,21 @@ def resolve_params(spec: SamplingSpec, req: OmniDiffusionRequest) -> OmniDiffusi
     for name, default in spec.defaults.items():
         if name in filled or getattr(sp, name) is not None:
             continue
-        if spec.images is not None and name in spec.images.params and not has_images:
-            continue
-        filled[name] = default
+        if _default_applies(spec, req, name, has_images):
+            filled[name] = default
     if active_lora(sp.lora) != sp.lora:
         filled["lora"] = active_lora(sp.lora)
     return dataclasses.replace(sp, **filled) if filled else sp
+
+
+def _default_applies(spec: SamplingSpec, req: OmniDiffusionRequest, name: str, has_images: bool) -> bool:
+    if spec.images is not None and name in spec.images.params and not has_images:
+        return False
+    if name == "true_cfg_scale":
+        # As in the reference pipelines: the default true-CFG scale is used when the prompts bring a
+        # negative prompt; without one the model runs without CFG.
+        return any(p.negative_prompt is not None for p in req.prompts)
+    return True
 
 
 def check_resolved(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
@@ -259,12 +302,13 @@ def check_cfg(spec: SamplingSpec, req: OmniDiffusionRequest) -> None:
                 f"{name} is used only with classifier-free guidance ({rule}), which this request does not run", name
             )
     if spec.cfg == "true_cfg":
-        if any(has_negative) and not sp.true_cfg_scale > 1:
+        scale = sp.true_cfg_scale if sp.true_cfg_scale is not None else 1.0
+        if any(has_negative) and not scale > 1:
             raise InvalidRequestError(
                 "negative_prompt is used only with true_cfg_scale > 1 (true classifier-free guidance)",
                 "negative_prompt",
             )
-        if sp.true_cfg_scale > 1 and not all(has_negative):
+        if scale > 1 and not all(has_negative):
             raise InvalidRequestError(
                 f"true_cfg_scale={sp.true_cfg_scale} needs a negative_prompt (use ' ' for an empty one)",
                 "true_cfg_scale",
@@ -276,7 +320,8 @@ def cfg_enabled(spec: SamplingSpec, sp: OmniDiffusionSamplingParams) -> bool:
     if spec.cfg == "guidance":
         return sp.guidance_scale is not None and sp.guidance_scale > 1
     if spec.cfg == "true_cfg":
-        return sp.true_cfg_scale > 1  # admission made sure every prompt has a negative prompt
+        # Admission made sure every prompt has a negative prompt.
+        return sp.true_cfg_scale is not None and sp.true_cfg_scale > 1
     return False
 
 
@@ -287,6 +332,7 @@ def admit(spec: SamplingSpec, req: OmniDiffusionRequest) -> OmniDiffusionRequest
     check_lora(spec, req.sampling_params)
     check_used_params(spec, req)
     check_images(spec, req)
+    req = with_rgb_images(req)
     resolved = dataclasses.replace(req, sampling_params=resolve_params(spec, req))
     check_resolved(spec, resolved)
     return resolved

@@ -102,11 +102,15 @@ def output_paths(output: str, count: int) -> list[str]:
 
 
 def load_image_arg(path: str):
+    """The image file as decoded; its mode and size are checked (and it is converted to RGB) when the
+    request is admitted."""
     from PIL import Image
 
     try:
-        return Image.open(path).convert("RGB")
-    except (OSError, ValueError) as exc:
+        image = Image.open(path)
+        image.load()
+        return image
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read --image {path!r}: {exc}") from exc
 
 
@@ -137,7 +141,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from diffserve.logger import configure_logging
 
     configure_logging()
-    prompt = {"prompt": args.prompt, "image": load_image_arg(args.image)} if args.image else args.prompt
+    prompt = {"prompt": args.prompt, "image": [load_image_arg(p) for p in args.image]} if args.image else args.prompt
     params = OmniDiffusionSamplingParams(
         height=args.height,
         width=args.width,
@@ -263,12 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None, help="image width (model default if unset)")
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (model default if unset)")
     gen.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (model default if unset)")
-    gen.add_argument("--true-cfg-scale", type=float, default=1.0, help="true CFG scale; > 1 enables it")
+    gen.add_argument("--true-cfg-scale", type=float, default=None,
+                     help="true CFG scale; > 1 with --negative-prompt enables it (unset: the model's default)")
     gen.add_argument("--seed", type=int, default=None, help="random seed (random if unset; printed)")
     gen.add_argument("--num-outputs", type=int, default=1, help="images per prompt")
     gen.add_argument("--max-sequence-length", type=int, default=None, help="text encoder token limit")
-    gen.add_argument("--image", default=None,
-                     help="input image file (image-to-video: the first frame; FLUX: image-to-image)")
+    gen.add_argument("--image", action="append", default=None,
+                     help="input image file; repeat it for models that take several (Qwen-Image-Edit-Plus). "
+                          "Editing models edit it, image-to-video starts from it, FLUX: image-to-image")
     gen.add_argument("--strength", type=float, default=None,
                      help="image-to-image: share of the schedule the input is re-noised to, (0, 1]")
     gen.add_argument("--num-frames", type=int, default=None, help="video frames, 4k+1 for Wan (model default if unset)")

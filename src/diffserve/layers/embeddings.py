@@ -25,7 +25,7 @@ def timestep_embedding(
     half = dim // 2
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
     freqs = torch.exp(exponent / (half - downscale_freq_shift))
-    args = scale * timesteps[:, None].float() * freqs[None, :]
+    args = scale * (timesteps[:, None].float() * freqs[None, :])  # in diffusers' order: bit-equal to it
     emb = torch.cat([args.cos(), args.sin()] if flip_sin_to_cos else [args.sin(), args.cos()], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))

@@ -44,18 +44,27 @@ def grid_positions(*sizes: int, device: torch.device | None = None) -> torch.Ten
 class MultiAxisRoPE(nn.Module):
     """One RoPE table per position axis (e.g. text/frame, row, column), concatenated along dim."""
 
-    def __init__(self, theta: float, axes_dim: list[int] | tuple[int, ...], interleaved: bool = True):
+    def __init__(
+        self,
+        theta: float,
+        axes_dim: list[int] | tuple[int, ...],
+        interleaved: bool = True,
+        freq_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.theta = theta
         self.axes_dim = list(axes_dim)
         self.interleaved = interleaved
+        # None: rope_cos_sin's default (float64); torch.float32 for models trained with float32 tables.
+        self.freq_dtype = freq_dtype
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ids: [S, n_axes] positions -> (cos, sin), each [S, sum(axes_dim)]."""
         if ids.shape[-1] != len(self.axes_dim):
             raise ValueError(f"position ids have {ids.shape[-1]} axes, RoPE expects {len(self.axes_dim)}")
         tables = [
-            rope_cos_sin(dim, ids[:, i].float(), self.theta, self.interleaved) for i, dim in enumerate(self.axes_dim)
+            rope_cos_sin(dim, ids[:, i].float(), self.theta, self.interleaved, self.freq_dtype)
+            for i, dim in enumerate(self.axes_dim)
         ]
         return torch.cat([c for c, _ in tables], dim=-1), torch.cat([s for _, s in tables], dim=-1)
 

@@ -82,11 +82,11 @@ class DiffusionPipelineBase(nn.Module, CFGParallelMixin, ProgressBarMixin, Suppo
         """Each prompt's negative prompt; "" (the unconditional caption) where it has none."""
         return [n or "" for n in req.negative_prompt_texts]
 
-    def tokenize(self, tokenizer, prompts: list[str], max_length: int, **kwargs: Any):
-        """Pad/truncate to `max_length` tokens (a BatchEncoding of tensors on the CPU), warning when a
-        prompt loses tokens."""
+    def tokenize(self, tokenizer, prompts: list[str], max_length: int, padding: str = "max_length", **kwargs: Any):
+        """Truncate to `max_length` tokens and pad (to `max_length`, or with padding="longest" to the
+        longest prompt): a BatchEncoding of tensors on the CPU. Warns when a prompt loses tokens."""
         encoded = tokenizer(
-            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt", **kwargs
+            prompts, padding=padding, max_length=max_length, truncation=True, return_tensors="pt", **kwargs
         )
         lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, **kwargs).input_ids]
         if max(lengths) > max_length:

@@ -29,6 +29,15 @@ def seeded_noise(
     return torch.cat(blocks).to(device)
 
 
+def vae_latent_statistics(vae, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the latents of a VAE whose config lists them per channel (Wan, Qwen-Image), as
+    float32 [1, C, 1, 1, 1] on `device`."""
+    config = vae.config
+    mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(device, torch.float32)
+    std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(device, torch.float32)
+    return mean, std
+
+
 def denormalize_images(images: torch.Tensor) -> torch.Tensor:
     """VAE output in [-1, 1] -> float32 [0, 1]."""
     return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -13,6 +13,7 @@ No torch here: the spec crosses process boundaries and the server reads it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -32,6 +33,25 @@ DEFAULTS_KEY = "_diffserve_defaults"
 UNIVERSAL_PARAMS = frozenset({"seed", "num_outputs_per_prompt", "output_type"})
 
 
+# Input images in these modes hold more than 8 bits per channel: converting them to RGB would clip
+# them, so they are refused rather than silently changed.
+HIGH_BIT_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def size_at_area(width: int, height: int, area: int, rounding: int | None = None) -> tuple[int, int]:
+    """(width, height) of about `area` pixels at the aspect ratio of a width x height image.
+
+    rounding None: each side to the nearest pixel (FLUX.1 Kontext's reference); N: the width to the
+    nearest multiple of N and the height, derived from it, too (Qwen-Image-Edit's reference, N = 32).
+    """
+    ratio = width / height
+    if rounding is None:
+        return round((area * ratio) ** 0.5), round((area / ratio) ** 0.5)
+    fit_width = math.sqrt(area * ratio)
+    fit_height = fit_width / ratio
+    return round(fit_width / rounding) * rounding, round(fit_height / rounding) * rounding
+
+
 @dataclass(frozen=True)
 class ImageInputSpec:
     """Input images, per prompt.
@@ -48,6 +68,15 @@ class ImageInputSpec:
     Inputs that end up the same size share a batch; with neither rule declared, only equal sizes do.
     `tokens_in_sequence`: the inputs' latent tokens join the denoiser's sequence (an editing model's
     reference tokens), so the work estimate counts them.
+
+    `size_image`: which input image sizes the output (0: the first, -1: the last, as Qwen-Image-Edit-
+    Plus). `area_rounding`: how sides fitted to an area are rounded (see `size_at_area`), for the
+    output (size_from_aspect_ratio) and for `input_area`. `input_area`: each input is resized to about
+    that many pixels at its own aspect ratio before use (Qwen-Image-Edit's reference images: 1024 *
+    1024); inputs resized to one size share a batch.
+
+    Every input image is converted to RGB (a high-bit-depth one is refused) and must have sides of
+    at most the model's `max_side` and at most `max_input_pixels` pixels.
     """
 
     max_per_prompt: int = 1
@@ -61,8 +90,14 @@ class ImageInputSpec:
     default_max_pixels: int = 1024 * 1024
     preferred_sizes: tuple[tuple[int, int], ...] = ()
     tokens_in_sequence: bool = False
+    size_image: int = 0
+    area_rounding: int | None = None
+    input_area: int | None = None
+    max_input_pixels: int = 4096 * 4096
 
     def __post_init__(self) -> None:
+        if self.input_area is not None and (self.resized_to_output or self.preferred_sizes):
+            raise ValueError("inputs are resized to one rule: input_area, resized_to_output or preferred_sizes")
         if self.size_from_aspect_ratio and not self.size_from_image:
             raise ValueError("size_from_aspect_ratio needs size_from_image")
         if self.resized_to_output and self.preferred_sizes:
@@ -159,6 +194,8 @@ class SamplingSpec:
         images = self.images
         if images.resized_to_output:
             return sp.width, sp.height
+        if images.input_area is not None:
+            return size_at_area(*size, images.input_area, images.area_rounding)
         if not images.preferred_sizes:
             return None
         m = self.size_multiple

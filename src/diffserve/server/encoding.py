@@ -30,7 +30,9 @@ INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 def decode_image(data: bytes, param: str = "image") -> Image.Image:
-    """An uploaded image; anything that is not a readable PNG, JPEG or WebP of sane size is a 400."""
+    """An uploaded image, as decoded (its mode, size and count are checked against the model at
+    admission, which converts it to RGB); anything that is not a readable PNG, JPEG or WebP of sane
+    size is a 400."""
     if not data:
         raise APIError(400, f"{param} is empty", param)
     try:
@@ -44,7 +46,7 @@ def decode_image(data: bytes, param: str = "image") -> Image.Image:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise APIError(400, f"{param} is not a readable image (png, jpeg or webp): {exc}", param) from None
-    return image.convert("RGB")
+    return image
 
 
 def decode_base64_image(data: str, param: str = "image") -> Image.Image:

@@ -76,6 +76,10 @@ _register("stable-audio", "stable_audio", "build_tiny_stable_audio", TINY_AUDIO_
 _register("sd3", "sd3", "build_tiny_sd3", TINY_IMAGE_DEFAULTS, variant="sd3.5-large")
 _register("sd3.5-medium", "sd3", "build_tiny_sd3", TINY_IMAGE_DEFAULTS, variant="sd3.5-medium")
 _register("sd3-medium", "sd3", "build_tiny_sd3", TINY_IMAGE_DEFAULTS, variant="sd3-medium")
+_register("qwen-image", "qwen_image", "build_tiny_qwen_image", TINY_IMAGE_DEFAULTS)
+# The edit models encode each input image at about 1024 x 1024 pixels whatever the defaults.
+_register("qwen-image-edit", "qwen_image", "build_tiny_qwen_image_edit", {"num_inference_steps": 4})
+_register("qwen-image-edit-plus", "qwen_image", "build_tiny_qwen_image_edit_plus", {"num_inference_steps": 4})
 
 
 def load_pipeline(path: str, **config):

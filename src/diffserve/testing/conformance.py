@@ -100,7 +100,7 @@ def run_flux_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor
     return pipe(
         prompt=prompts,
         negative_prompt=negatives or None,
-        true_cfg_scale=sp.true_cfg_scale,
+        true_cfg_scale=1.0 if sp.true_cfg_scale is None else sp.true_cfg_scale,  # unset: diffusers' 1.0
         height=sp.height,
         width=sp.width,
         num_inference_steps=sp.num_inference_steps,
@@ -165,7 +165,7 @@ def run_flux_kontext_reference(path: str, scenario: ConformanceScenario) -> torc
         image=images or None,
         prompt=[p["prompt"] for p in prompts],
         negative_prompt=negatives or None,
-        true_cfg_scale=sp.true_cfg_scale,
+        true_cfg_scale=1.0 if sp.true_cfg_scale is None else sp.true_cfg_scale,  # unset: diffusers' 1.0
         height=height,
         width=width,
         max_area=max_area,
@@ -631,5 +631,166 @@ CONFORMANCE_CASES.extend(
         ConformanceCase("sd3.5-medium", _sd3_scenarios(), run_sd3_reference, parallel_scenario="cfg_batch2_nonsquare"),
         # Measured: 0.0 on every scenario.
         ConformanceCase("sd3-medium", _sd3_scenarios(), run_sd3_reference, parallel_scenario="cfg_batch2_nonsquare"),
+    ]
+)
+
+
+# -- Qwen-Image, Qwen-Image-Edit, Qwen-Image-Edit-Plus -------------------------------------------------
+# The edit checkpoints' tiny VAE compresses 16x, so sizes are multiples of 32. Every input image is
+# encoded at about 1024 x 1024 pixels: a 64x48 input gives 1184x896 pixels, 37 x 28 = 1036 reference
+# tokens. Sizes are chosen so that the image tokens (output + references) divide by 4, the largest
+# sequence-parallel degree of tests/distributed/test_parallel.py (text lengths need not: the
+# sequence-parallel hooks pad the text with masked positions).
+
+
+def run_qwen_image_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
+    """diffusers' QwenImagePipeline / QwenImageEditPipeline / QwenImageEditPlusPipeline (from
+    model_index.json). Text-to-image runs the batch as one call; the edit pipelines run one call per
+    prompt, as their batch semantics differ (Edit-Plus takes one prompt; Edit gives a list of images
+    to the text encoder unresized), and a batch must equal its prompts run alone."""
+    import diffusers
+
+    from diffserve.models.qwen_image.processor import load_qwen2vl_processor
+    from diffserve.registry import read_model_index
+
+    class_name = read_model_index(path)["_class_name"]
+    components = {}
+    if class_name != "QwenImagePipeline":
+        components["processor"] = load_qwen2vl_processor(f"{path}/processor")
+    pipe = getattr(diffusers, class_name).from_pretrained(path, torch_dtype=torch.float32, **components)
+    pipe.set_progress_bar_config(disable=True)
+    sp = scenario.params
+    prompts = [p if isinstance(p, dict) else {"prompt": p} for p in scenario.prompts]
+    kwargs = dict(
+        height=sp.height,
+        width=sp.width,
+        num_inference_steps=sp.num_inference_steps,
+        num_images_per_prompt=sp.num_outputs_per_prompt,
+        output_type="pt",
+    )
+    if sp.true_cfg_scale is not None:  # else diffusers' default (4.0), used with a negative prompt
+        kwargs["true_cfg_scale"] = sp.true_cfg_scale
+    if sp.max_sequence_length is not None:
+        kwargs["max_sequence_length"] = sp.max_sequence_length
+
+    def call(group: list[dict], seeds: list[int]) -> torch.Tensor:
+        negatives = [p.get("negative_prompt") for p in group]
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        extra = {}
+        if "image" in group[0]:
+            image = group[0]["image"]
+            extra["image"] = image[0] if isinstance(image, list) and class_name == "QwenImageEditPipeline" else image
+        return pipe(
+            prompt=[p["prompt"] for p in group],
+            negative_prompt=negatives if any(n is not None for n in negatives) else None,
+            generator=gens[0] if len(gens) == 1 else gens,
+            **extra,
+            **kwargs,
+        ).images
+
+    if class_name == "QwenImagePipeline":
+        return call(prompts, scenario.seeds)
+    return torch.cat([call([p], [s]) for p, s in zip(prompts, scenario.seeds)])
+
+
+def _qwen_params(**kw) -> OmniDiffusionSamplingParams:
+    return OmniDiffusionSamplingParams(**{"num_inference_steps": 3, "output_type": "pt", **kw})
+
+
+def _qwen_image_scenarios() -> list[ConformanceScenario]:
+    return [
+        # Prompts of different lengths: the shorter is padded and masked.
+        ConformanceScenario(
+            "batch2_nonsquare", ["a red fox in snow", "a small blue car parked by the sea"],
+            _qwen_params(height=64, width=48), seeds=[0, 1],
+        ),
+        # true_cfg_scale left to the model: diffusers' 4.0, since the prompts bring negative prompts.
+        ConformanceScenario(
+            "default_true_cfg_batch2",
+            [
+                {"prompt": "a red fox in snow", "negative_prompt": "blurry"},
+                {"prompt": "a small blue car parked by the sea", "negative_prompt": "low quality, dark"},
+            ],
+            _qwen_params(height=48, width=64),
+            seeds=[3, 4],
+        ),
+        ConformanceScenario(
+            "true_cfg_scale_short_text_two_outputs",
+            [{"prompt": "a castle", "negative_prompt": " "}],
+            _qwen_params(height=32, width=32, true_cfg_scale=2.5, max_sequence_length=120, num_outputs_per_prompt=2),
+            seeds=[7],
+        ),
+    ]
+
+
+def _qwen_image_edit_scenarios() -> list[ConformanceScenario]:
+    first, second = sample_image(64, 48, 0), sample_image(64, 48, 1)
+    return [
+        ConformanceScenario(
+            "true_cfg_batch2_nonsquare",
+            [
+                {"prompt": "make the sky purple", "negative_prompt": "blurry", "image": first},
+                {"prompt": "add a small red boat", "negative_prompt": "low quality", "image": second},
+            ],
+            _qwen_params(height=96, width=128, true_cfg_scale=3.0),
+            seeds=[0, 1],
+        ),
+        ConformanceScenario(
+            "no_cfg_batch2", [{"prompt": "make it snow", "image": first}, {"prompt": "a cat", "image": second}],
+            _qwen_params(height=128, width=96), seeds=[2, 3],
+        ),
+        # No height/width: the input's aspect ratio at about 1024 x 1024 pixels (1184x896 here).
+        ConformanceScenario(
+            "size_from_image", [{"prompt": "turn it into a watercolor", "image": first}],
+            _qwen_params(num_inference_steps=2), seeds=[5],
+        ),
+    ]
+
+
+def _qwen_image_edit_plus_scenarios() -> list[ConformanceScenario]:
+    wide = [sample_image(64, 48, 0), sample_image(48, 64, 1)]
+    other = [sample_image(64, 48, 2), sample_image(48, 64, 3)]
+    return [
+        ConformanceScenario(
+            "two_images_true_cfg_batch2",
+            [
+                {"prompt": "the cat from picture 1 in picture 2", "negative_prompt": "blurry", "image": wide},
+                {"prompt": "swap the colours", "negative_prompt": "low quality", "image": other},
+            ],
+            _qwen_params(height=96, width=128),
+            seeds=[0, 1],
+        ),
+        ConformanceScenario(
+            "two_images_no_cfg_batch2",
+            [{"prompt": "combine them", "image": wide}, {"prompt": "picture 2 on the left", "image": other}],
+            _qwen_params(height=128, width=96), seeds=[2, 3],
+        ),
+        # No height/width: the last image sizes the output (48x64 -> 896x1184 pixels).
+        ConformanceScenario(
+            "size_from_last_image", [{"prompt": "make both red", "image": [sample_image(64, 64, 4), wide[1]]}],
+            _qwen_params(num_inference_steps=2), seeds=[5],
+        ),
+    ]
+
+
+# Measured max-abs differences (fp32, CPU, 2026-12-01) are noted per case: float32 rounding in the
+# transformer (below 1e-6 per call), amplified by the tiny VAE decoders.
+CONFORMANCE_CASES.extend(
+    [
+        # 4.5e-6 (batch2_nonsquare), 6.0e-6 (default_true_cfg_batch2), 4.5e-6 (short text, two outputs).
+        ConformanceCase(
+            "qwen-image", _qwen_image_scenarios(), run_qwen_image_reference,
+            parallel_scenario="default_true_cfg_batch2", family="qwen-image",
+        ),
+        # 5.2e-6 (true CFG), 5.3e-6 (no CFG), 1.0e-5 (size from the image, 896x1184).
+        ConformanceCase(
+            "qwen-image-edit", _qwen_image_edit_scenarios(), run_qwen_image_reference,
+            parallel_scenario="true_cfg_batch2_nonsquare", family="qwen-image-edit",
+        ),
+        # 5.8e-6 (two images, true CFG), 9.1e-6 (no CFG), 8.1e-6 (size from the last image).
+        ConformanceCase(
+            "qwen-image-edit-plus", _qwen_image_edit_plus_scenarios(), run_qwen_image_reference,
+            parallel_scenario="two_images_true_cfg_batch2", family="qwen-image-edit-plus",
+        ),
     ]
 )

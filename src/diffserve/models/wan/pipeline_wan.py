@@ -20,7 +20,7 @@ from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
 from diffserve.models.denoise import denoise
 from diffserve.models.flow_match import set_timesteps
-from diffserve.models.outputs import denormalize_images, seeded_noise
+from diffserve.models.outputs import denormalize_images, seeded_noise, vae_latent_statistics
 from diffserve.models.spec import SamplingSpec
 from diffserve.models.wan.wan_transformer import WanTI2VTransformer3DModel, WanTransformer3DModel, WanTransformerConfig
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
@@ -190,10 +190,8 @@ class WanPipeline(DiffusionPipelineBase):
     def latent_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1/std) of the VAE latents, [1, C, 1, 1, 1], computed as the reference does (it divides
         by the reciprocal, which is not bit-equal to multiplying by std)."""
-        config = self.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(self.device, torch.float32)
-        inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(self.device, torch.float32)
-        return mean, inv_std
+        mean, std = vae_latent_statistics(self.vae, self.device)
+        return mean, 1.0 / std
 
     def finalize_latents(self, latents: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         return latents

@@ -28,7 +28,7 @@ def router(state: ServerState) -> APIRouter:
             raise APIError(400, str(exc), "seconds") from None
         req = build_request(
             prompt, **clip, num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-            true_cfg_scale=body.true_cfg_scale or 1.0, negative_prompt=body.negative_prompt, seed=body.seed,
+            true_cfg_scale=body.true_cfg_scale, negative_prompt=body.negative_prompt, seed=body.seed,
             output_type="np", lora=request_lora(adapter, body.lora),
         )
         out = await run_request(state, request, req)

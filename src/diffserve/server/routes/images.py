@@ -52,7 +52,7 @@ def router(state: ServerState) -> APIRouter:
         height, width = parse_size(body.size)
         return dict(
             height=height, width=width, num_inference_steps=body.num_inference_steps,
-            guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale or 1.0,
+            guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale,
             negative_prompt=body.negative_prompt, seed=body.seed, num_outputs_per_prompt=body.n,
             strength=body.strength, lora=request_lora(adapter, body.lora),
         )

@@ -32,10 +32,16 @@ class AttentionBackend(ABC):
 
     @staticmethod
     def forward_with_lse(
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unmasked, non-causal attention that also returns the softmax log-sum-exp.
+        """Non-causal attention that also returns the softmax log-sum-exp.
 
+        `key_mask` [B, S_kv] bool (True: attend), only for backends with `supports_mask`. A row whose
+        keys are all masked gets output 0 and lse -inf (it adds nothing when partials are merged).
         Returns (out [B, S_q, H, D], lse [B, H, S_q] in float32).
         """
         raise NotImplementedError
