@@ -76,6 +76,10 @@ _register("stable-audio", "stable_audio", "build_tiny_stable_audio", TINY_AUDIO_
 _register("sd3", "sd3", "build_tiny_sd3", TINY_IMAGE_DEFAULTS, variant="sd3.5-large")
 _register("sd3.5-medium", "sd3", "build_tiny_sd3", TINY_IMAGE_DEFAULTS, variant="sd3.5-medium")
 _register("sd3-medium", "sd3", "build_tiny_sd3", TINY_IMAGE_DEFAULTS, variant="sd3-medium")
+# Pipelines diffserve serves through the diffusers adapter (no native port).
+_register("pixart-sigma", "pixart", "build_tiny_pixart_sigma", TINY_IMAGE_DEFAULTS)
+_register("ltx-video", "ltx", "build_tiny_ltx_video", {**TINY_VIDEO_DEFAULTS, "num_frames": 9})
+_register("audioldm2", "audioldm2", "build_tiny_audioldm2", TINY_AUDIO_DEFAULTS)
 
 
 def load_pipeline(path: str, **config):
