@@ -41,6 +41,22 @@ logger = logging.getLogger(__name__)
 DIFFUSERS_ATTENTION_BACKENDS = {"flash_attn": "flash"}
 
 
+def load_diffusers_pipeline(od_config: OmniDiffusionConfig):
+    """diffusers' pipeline for the checkpoint in the engine's dtype (on the CPU; the loader moves it),
+    with diffusers' loading bars off when diffserve's progress bars are."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    quiet = od_config.disable_progress_bar and diffusers_logging.is_progress_bar_enabled()
+    if quiet:
+        diffusers_logging.disable_progress_bar()
+    try:
+        return DiffusionPipeline.from_pretrained(od_config.model, dtype=od_config.torch_dtype)
+    finally:
+        if quiet:
+            diffusers_logging.enable_progress_bar()
+
+
 class DiffusersAdapterPipeline(DiffusionPipelineBase):
     # Filled per instance from the diffusers pipeline's components.
     _dit_modules: ClassVar[list[str]] = []
@@ -49,9 +65,7 @@ class DiffusersAdapterPipeline(DiffusionPipelineBase):
 
     def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
         super().__init__(od_config=od_config, prefix=prefix)
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(od_config.model, dtype=od_config.torch_dtype)
+        pipe = load_diffusers_pipeline(od_config)
         pipe.set_progress_bar_config(disable=True)  # diffserve reports progress itself
         self.diffusers_pipeline = pipe
         self.register_components(pipe)
