@@ -37,7 +37,13 @@ PARAM_NAMES: dict[str, tuple[str, ...]] = {
     "strength": ("strength",),
     "audio_start_in_s": ("audio_start_in_s",),
     "audio_end_in_s": ("audio_end_in_s", "audio_length_in_s", "audio_duration_s"),
+    "skip_guidance_layers": ("skip_guidance_layers",),
+    "skip_layer_guidance_scale": ("skip_layer_guidance_scale",),
+    "skip_layer_guidance_start": ("skip_layer_guidance_start",),
+    "skip_layer_guidance_stop": ("skip_layer_guidance_stop",),
 }
+# Skip-layer guidance (SD3): our parameters that only tune skip_guidance_layers.
+SLG_TUNING = ("skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop")
 # num_outputs_per_prompt, by modality's naming.
 OUTPUTS_PER_PROMPT = ("num_images_per_prompt", "num_videos_per_prompt", "num_waveforms_per_prompt",
                       "num_audios_per_prompt")
@@ -268,6 +274,7 @@ def derive_spec(pipe, plan: CallPlan) -> SamplingSpec:
         params.add("strength")
     multiple = (spatial_scale(pipe) or 1) * spatial_patch(denoiser)
     return SamplingSpec(
+        **skip_layer_guidance_rules(plan, denoiser),
         modality=plan.modality,
         params=frozenset(params),
         defaults=defaults,
@@ -278,6 +285,21 @@ def derive_spec(pipe, plan: CallPlan) -> SamplingSpec:
         fixed_tokens=audio_tokens(denoiser) if plan.modality == "audio" else None,
         model=type(pipe).__name__,
     )
+
+
+def skip_layer_guidance_rules(plan: CallPlan, denoiser) -> dict[str, Any]:
+    """Our rules for skip-layer guidance where the pipeline takes it (diffusers' SD3): its tuning
+    parameters need the layers, it runs only with CFG, and the layers are block indices."""
+    if "skip_guidance_layers" not in plan.param_names or plan.cfg is None:
+        return {}
+    rules: dict[str, Any] = {
+        "refines": {name: "skip_guidance_layers" for name in SLG_TUNING if name in plan.param_names},
+        "cfg_only_params": frozenset({"skip_guidance_layers"}),
+    }
+    layers = _config(denoiser).get("num_layers")
+    if concrete_number(layers):
+        rules["index_limits"] = {"skip_guidance_layers": int(layers)}
+    return rules
 
 
 # -- one call ----------------------------------------------------------------------------------------
@@ -321,7 +343,7 @@ def call_kwargs(plan: CallPlan, req: OmniDiffusionRequest, group: list[int]) -> 
     for ours, theirs in plan.param_names.items():
         value = getattr(sp, ours)
         if value is not None:
-            kwargs[theirs] = value
+            kwargs[theirs] = list(value) if isinstance(value, tuple) else value  # diffusers takes lists
     negatives = [p.negative_prompt for p in prompts]
     if any(n is not None for n in negatives):
         kwargs["negative_prompt"] = [plan.negative_fill if n is None else n for n in negatives for _ in range(repeat)]

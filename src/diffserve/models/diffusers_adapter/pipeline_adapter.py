@@ -123,7 +123,13 @@ class DiffusersAdapterPipeline(DiffusionPipelineBase):
             logger.info("%s (%s): diffusers' tiled decode", name, type(vae).__name__)
 
     def sampling_spec(self) -> SamplingSpec:
-        return derive_spec(self.diffusers_pipeline, self.plan)
+        spec = derive_spec(self.diffusers_pipeline, self.plan)
+        if self.od_config.cache_backend is not None and "skip_guidance_layers" in spec.params:
+            # As for the native SD3: a step cache cannot follow skip-layer guidance's extra transformer call.
+            spec = spec.replace(unavailable={"skip_guidance_layers": (
+                "skip-layer guidance makes an extra transformer call on some steps, which the step cache "
+                f"(cache_backend={self.od_config.cache_backend!r}) cannot follow; run without a cache to use it")})
+        return spec
 
     # -- the call -----------------------------------------------------------------------------------
 
