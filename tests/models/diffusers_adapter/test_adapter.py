@@ -197,6 +197,27 @@ def test_vae_tiling_uses_the_vaes_own(tiny_checkpoint):
     assert (tiled - untiled).abs().max().item() > 1e-3
 
 
+PERMISSIVE_CACHE_DIT = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 1,
+                        "max_continuous_cached_steps": -1, "residual_diff_threshold": 0.9}
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_cache_dit_through_the_adapter_uses_cache_dits_own_block_adapter(tiny_checkpoint, arch):
+    """diffusers' FLUX (cache-dit merges its two block lists into one) and SD3 through the adapter cache
+    steps. Measured (2026-11-30, 4 steps): flux 3 cached steps, rel. L2 0.021; sd3 3, 0.015."""
+    path = tiny_checkpoint(arch)
+    sp = OmniDiffusionSamplingParams(num_inference_steps=4, seed=0, output_type="pt")
+    with _omni(path, backend="diffusers") as omni:
+        expected = omni.generate("a fox", sp)[0].images
+    with _omni(path, backend="diffusers", cache_backend="cache_dit", cache_config=PERMISSIVE_CACHE_DIT) as omni:
+        out = omni.generate("a fox", sp)[0]
+        if arch == "sd3":  # as for the native SD3, skip-layer guidance's extra call defeats a step cache
+            with pytest.raises(ValueError, match="skip_guidance_layers cannot be used here: skip-layer guidance"):
+                omni.generate("a fox", OmniDiffusionSamplingParams(skip_guidance_layers=(1,), guidance_scale=5.0))
+    assert out.metrics["cache_backend"] == "cache_dit" and out.metrics["cached_steps"] > 0
+    assert 0 < ((out.images - expected).norm() / expected.norm()).item() <= 0.2
+
+
 def test_regional_compile_finds_the_diffusers_models_repeated_blocks(tiny_checkpoint):
     """The engine compiles `_repeated_blocks` of every denoiser on CUDA; LTX declares its blocks, PixArt
     none (its blocks run eagerly)."""

@@ -3,7 +3,8 @@
 cache-dit knows the block lists and forward patterns of many diffusers pipelines (its registered
 BlockAdapters, found by pipeline class name). The adapter reads them in two places:
 - at load, it declares them on each denoiser as `_cache_blocks` (diffserve.cache.blocks), so the
-  engine sees the same block lists a native transformer declares;
+  engine sees the same block lists a native transformer declares (where they are the transformer's
+  own lists: for FLUX cache-dit builds one list of both kinds of blocks, which no attribute holds);
 - with cache_backend="cache_dit", the enabler below (registered in CUSTOM_DIT_ENABLERS) installs
   cache-dit from that adapter, with a stand-in pipeline object as for native models (given the real
   pipeline, cache-dit would patch its class's __call__ for every instance in the process), and
@@ -78,12 +79,26 @@ def declare_cache_blocks(pipe, denoisers: list[str]) -> None:
         transformer._cache_blocks = declared
 
 
+def check_skippable(lists, config: "CacheDiTConfig") -> None:
+    """Fn + Bn blocks always run; at least one block of every list must be skippable. (cache-dit's lists
+    may be built for caching, e.g. FLUX's two block lists as one, so they are counted as it has them.)"""
+    always = config.Fn_compute_blocks + config.Bn_compute_blocks
+    for transformer, blocks in lists:
+        for blk, _ in blocks:
+            if always >= len(blk):
+                raise ValueError(
+                    f"Fn_compute_blocks ({config.Fn_compute_blocks}) + Bn_compute_blocks ({config.Bn_compute_blocks}) "
+                    f"must be below the {len(blk)} blocks of a block list of {type(transformer).__name__}, or no "
+                    "block could ever be skipped (small models need Fn_compute_blocks=1, Bn_compute_blocks=0)"
+                )
+
+
 def enable_cache_dit(pipeline: nn.Module, config: "CacheDiTConfig") -> "CacheDiTRefresh":
     """CUSTOM_DIT_ENABLERS entry of DiffusersAdapterPipeline."""
     from cache_dit.caching import FakeDiffusionPipeline
     from cache_dit.caching.block_adapters import BlockAdapterRegister
 
-    from diffserve.cache.cache_dit_backend import check_block_counts, db_cache_config, import_cache_dit
+    from diffserve.cache.cache_dit_backend import db_cache_config, import_cache_dit
 
     cache_dit = import_cache_dit()
     pipe = pipeline.diffusers_pipeline
@@ -94,8 +109,9 @@ def enable_cache_dit(pipeline: nn.Module, config: "CacheDiTConfig") -> "CacheDiT
             f"cache_backend='cache_dit': cache-dit does not support {type(pipe).__name__}, so the diffusers adapter "
             f"cannot cache it (cache-dit knows the families {', '.join(sorted(known))}); run without a step cache"
         )
-    transformers = [t for t, _ in block_lists(registered)]
-    check_block_counts({type(t).__name__: t for t in transformers}, config)
+    lists = block_lists(registered)
+    check_skippable(lists, config)
+    transformers = [t for t, _ in lists]
     adapter = dataclasses.replace(registered, pipe=FakeDiffusionPipeline(transformers[0]), skip_post_init=False)
     # diffserve's native pipelines batch their CFG branches; a diffusers pipeline may call its
     # transformer once per branch, which cache-dit then caches per branch.
