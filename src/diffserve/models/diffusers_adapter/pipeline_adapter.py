@@ -115,6 +115,8 @@ class DiffusersAdapterPipeline(DiffusionPipelineBase):
 
     def enable_vae_tiling(self) -> None:
         """vae_use_tiling: the VAEs' own tiled decode (the engine calls this instead of its own tiling)."""
+        if not self._vae_modules:
+            raise ValueError(f"vae_use_tiling: {self.spec.model} has no VAE component to tile; leave it off")
         for name in self._vae_modules:
             vae = getattr(self, name)
             if not hasattr(vae, "enable_tiling"):
