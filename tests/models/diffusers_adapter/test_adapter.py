@@ -166,7 +166,8 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("settings, named", REFUSED, ids=[n.split("=")[0] for _, n in REFUSED])
+@pytest.mark.parametrize("settings, named", REFUSED + [({"lora_modules": {"style": __file__}}, "lora_modules (style)")],
+                         ids=[n.split("=")[0].split(" ")[0] for _, n in REFUSED] + ["lora_modules"])
 def test_features_the_adapter_cannot_give_are_refused_at_start(tiny_checkpoint, settings, named):
     native = ", ".join(supported_models())
     with pytest.raises(ValueError) as err:

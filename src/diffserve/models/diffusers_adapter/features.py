@@ -3,8 +3,8 @@
 The adapter runs diffusers' own pipeline code, so the engine features that work by replacing model
 code cannot apply: tensor and sequence parallelism shard diffserve's layers, CFG parallel splits
 diffserve's denoise loop, HSDP and VAE patch parallel wrap diffserve's pipelines across ranks,
-TeaCache reads the modulated input that diffserve's transformers declare, and FP8 quantization swaps the
-compute method of diffserve's linear layers. Those settings are refused
+TeaCache reads the modulated input that diffserve's transformers declare, and FP8 quantization and
+LoRA adapters live in diffserve's linear layers. Those settings are refused
 here, naming the native pipelines (from the registry) that have them. What diffusers itself can do is
 mapped: regional compile, VAE tiling, Cache-DiT (for the pipelines cache-dit knows) and the attention
 backends sdpa and flash_attn.
@@ -28,7 +28,8 @@ ADAPTER_FEATURES = (
     "attention_backend sdpa or flash_attn (models on diffusers' attention dispatcher)",
     "batching, seeds, progress, abort between steps, the HTTP server and the CLI",
 )
-ADAPTER_REFUSED = "tensor/sequence/CFG parallel, HSDP, VAE patch parallel, tea_cache, fp8 quantization, sage_attn"
+ADAPTER_REFUSED = ("tensor/sequence/CFG parallel, HSDP, VAE patch parallel, tea_cache, fp8 quantization, "
+                   "LoRA adapters, sage_attn")
 
 
 def refused_settings(od_config: "OmniDiffusionConfig") -> list[str]:
@@ -46,6 +47,8 @@ def refused_settings(od_config: "OmniDiffusionConfig") -> list[str]:
         refused.append("cache_backend='tea_cache'")
     if od_config.quantization is not None:
         refused.append(f"quantization={od_config.quantization!r}")
+    if od_config.lora_modules:
+        refused.append(f"lora_modules ({', '.join(sorted(od_config.lora_modules))})")
     if od_config.attention_backend not in ADAPTER_ATTENTION_BACKENDS:
         refused.append(f"attention_backend={od_config.attention_backend!r}")
     return refused
