@@ -18,6 +18,7 @@ CASES = [
     ("image_edit/qwen_image_edit.py", ["--negative-prompt", " "], "qwen_image_edit.png"),
     ("text_to_audio/text_to_audio.py", [], "text_to_audio.wav"),
     ("lora/lora_adapters.py", [], "lora_stacked.png"),
+    ("diffusers_adapter/any_diffusers_pipeline.py", ["--steps", "2"], "any_diffusers_pipeline.png"),
     # 64x80 pixels, 9 frames: 60 video tokens, which split over 2 ring ranks.
     ("text_to_video/text_to_video.py", ["--ring-degree", "2", "--vae-patch-parallel-size", "2", "--height", "64"],
      "text_to_video.mp4"),
@@ -26,6 +27,7 @@ CASES = [
 
 @pytest.mark.parametrize("script, flags, output", CASES,
                          ids=["t2i", "cache", "t2v", "i2v", "flux-kontext", "qwen-image-edit", "t2a", "lora",
+                              "diffusers-adapter",
                               "t2v-ring2-vae2"])
 def test_example_runs_and_writes_its_output(tmp_path, script, flags, output):
     result = subprocess.run(

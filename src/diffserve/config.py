@@ -40,6 +40,9 @@ DTYPES = {
     "bf16": "bfloat16",
 }
 CACHE_BACKENDS = (None, "cache_dit", "tea_cache")
+# Which implementation serves a checkpoint: diffserve's own pipeline ("native") or diffusers' pipeline
+# through the adapter ("diffusers"); "auto" picks native when diffserve registers the pipeline class.
+BACKENDS = ("auto", "native", "diffusers")
 
 
 class UnknownKeyError(TypeError):
@@ -185,6 +188,9 @@ class OmniDiffusionConfig:
     """Everything the engine needs to build and run one model."""
 
     model: str
+    # "auto": the native pipeline if the registry has the checkpoint's class, else diffusers' pipeline
+    # through the adapter if diffusers has it; "native" or "diffusers" force one (see registry.py).
+    backend: str = "auto"
     # "auto": bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs).
     dtype: str = "auto"
     # "auto": cuda if available, else cpu.
@@ -221,10 +227,14 @@ class OmniDiffusionConfig:
     model_config: dict[str, Any] = field(default_factory=dict, init=False)
     # "module:ClassName" of the pipeline (built-in or registered), imported by every worker.
     pipeline_import_path: str | None = field(default=None, init=False)
+    # The backend the registry chose: "native" or "diffusers".
+    resolved_backend: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty path or hub id, got {self.model!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported. Allowed: auto, {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

@@ -160,22 +160,70 @@ def check_component_folders(path: str, index: dict[str, Any]) -> None:
             )
 
 
+# The pipeline that serves any diffusers pipeline class through the same engine (backend "diffusers").
+ADAPTER_IMPORT_PATH = "diffserve.models.diffusers_adapter.pipeline_adapter:DiffusersAdapterPipeline"
+
+
+def diffusers_pipeline_class(class_name: str):
+    """diffusers' pipeline class of that name, or None (diffusers missing, or no such pipeline)."""
+    try:
+        import diffusers
+        from diffusers import DiffusionPipeline
+
+        cls = getattr(diffusers, class_name, None)
+    except (ImportError, RuntimeError):  # diffusers' lazy imports raise RuntimeError for a broken extra
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, DiffusionPipeline) else None
+
+
+def choose_backend(class_name: str, backend: str, index_path: str) -> str:
+    """"native" or "diffusers" for a checkpoint's pipeline class under the configured backend.
+
+    A native pipeline is never replaced by the adapter unless backend="diffusers" asks for it."""
+    native = class_name in _DIFFUSION_MODELS or class_name in _EXTERNAL_MODELS
+    if backend == "native" or (backend == "auto" and native):
+        if not native:
+            raise ModelResolutionError(
+                f"pipeline class {class_name!r} (from {index_path}) has no native diffserve pipeline "
+                f"(backend='native'). Native: {', '.join(supported_models())}; backend='auto' or 'diffusers' "
+                "serves other diffusers pipelines through the adapter"
+            )
+        return "native"
+    if diffusers_pipeline_class(class_name) is not None:
+        return "diffusers"
+    if backend == "diffusers":
+        raise ModelResolutionError(
+            f"backend='diffusers' needs diffusers' pipeline class {class_name!r} (from {index_path}), which the "
+            "installed diffusers does not have"
+        )
+    raise ModelResolutionError(
+        f"pipeline class {class_name!r} (from {index_path}) is not supported: diffserve has no native pipeline "
+        f"for it and the installed diffusers has no pipeline of that name. Supported: {', '.join(supported_models())} "
+        "natively, and any pipeline class of the installed diffusers through the adapter"
+    )
+
+
 def resolve_model(od_config: "OmniDiffusionConfig") -> None:
-    """Fill od_config.model (local path), model_class_name and model_config from the checkpoint."""
+    """Fill od_config.model (local path), model_class_name, model_config, the chosen backend and the
+    pipeline's import path from the checkpoint. Settings the diffusers adapter cannot honour are
+    refused here, before any worker starts."""
     load_plugins()
     path = resolve_model_path(od_config.model, od_config.revision)
     index = read_model_index(path)
     class_name = index["_class_name"]
-    if class_name not in _DIFFUSION_MODELS and class_name not in _EXTERNAL_MODELS:
-        raise ModelResolutionError(
-            f"pipeline class {class_name!r} (from {os.path.join(path, MODEL_INDEX)}) is not supported. "
-            f"Supported: {', '.join(supported_models())}"
-        )
+    backend = choose_backend(class_name, od_config.backend, os.path.join(path, MODEL_INDEX))
     check_component_folders(path, index)
     od_config.model = path
     od_config.model_class_name = class_name
     od_config.model_config = index
-    od_config.pipeline_import_path = pipeline_import_path(class_name)
+    od_config.resolved_backend = backend
+    if backend == "diffusers":
+        from diffserve.models.diffusers_adapter.features import check_adapter_features
+
+        check_adapter_features(od_config)
+        od_config.pipeline_import_path = ADAPTER_IMPORT_PATH
+    else:
+        od_config.pipeline_import_path = pipeline_import_path(class_name)
 
 
 def _import(import_path: str):

@@ -1,7 +1,8 @@
 """Step caching on every conformance model, through the engine (fp32, CPU, tiny random weights).
 
-Every (model, backend) pair works; a new conformance case joins automatically (a model that
-declares only its blocks gets both caches: see diffserve.cache.blocks and the TeaCache defaults).
+Every (model, backend) pair a case takes (ConformanceCase.cache_backends: both for native models) works,
+and the others are a clear error; a new conformance case joins automatically (a model that declares only
+its blocks gets both caches: see diffserve.cache.blocks and the TeaCache defaults).
 Each pair shows, on the case's parallel scenario (CFG where the model has it; first prompt, the case's
 cache_steps, 4 unless it says otherwise):
 - a permissive threshold really skips: cached_steps > 0 and fewer block forwards (counted with
@@ -21,7 +22,10 @@ frame pixel, so the bound is on the relative L2 distance.) stable-audio, 8 steps
 solver re-noises every step; see its case): cache_dit 0.013 / 1 of 8 / 15 of 16, tea_cache 0.254 / 6 /
 4 of 16. SD3 (2026-11-30; 3 blocks): cache_dit sd3 0.025 / 3 / 6 of 12, sd3.5-medium 0.021 / 3 / 6,
 sd3-medium 0.021 / 3 / 6; tea_cache (uncalibrated: the raw relative L1 distance decides) sd3 0.029 /
-2 / 6, sd3.5-medium 0.024 / 2 / 6, sd3-medium 0.027 / 2 / 6.
+2 / 6, sd3.5-medium 0.024 / 2 / 6, sd3-medium 0.027 / 2 / 6. Through the diffusers adapter
+(2026-11-30, cache_dit from cache-dit's own block adapters): pixart-sigma 0.001 / 3 / 5 of 8, ltx-video
+0.016 / 3 / 5 of 8; tea_cache on them, and cache_dit on audioldm2 (a UNet cache-dit does not know), are
+refused.
 """
 
 import dataclasses
@@ -49,7 +53,9 @@ PERMISSIVE = {
     "tea_cache": {"rel_l1_thresh": 1000.0},
 }
 NEVER_SKIP = {"cache_dit": {"residual_diff_threshold": 0.0}, "tea_cache": {"rel_l1_thresh": 0.0}}
-SUPPORTED = [(c, b) for c in CONFORMANCE_CASES for b in BACKENDS]
+SUPPORTED = [(c, b) for c in CONFORMANCE_CASES for b in BACKENDS if b in c.cache_backends]
+# Pipelines served through the diffusers adapter get cache_dit where cache-dit knows them, never tea_cache.
+REFUSED = [(c, b) for c in CONFORMANCE_CASES for b in BACKENDS if b not in c.cache_backends]
 
 
 def _ids(pairs):
@@ -190,3 +196,10 @@ def test_user_coefficients_override_the_declared_ones(tiny_checkpoint):
               cache_config=config) as omni:
         out = omni.generate("a red circle above a blue square", sp)[0]
     assert out.metrics["cached_steps"] == 4  # every step but the first and the last
+
+
+@pytest.mark.parametrize("case, backend", REFUSED, ids=_ids(REFUSED))
+def test_a_cache_the_model_cannot_take_is_a_clear_error(tiny_checkpoint, case, backend):
+    class_name = read_model_index(tiny_checkpoint(case.arch))["_class_name"]
+    with pytest.raises(ValueError, match=rf"cache_backend='{backend}'.*{class_name}"):
+        _engine(tiny_checkpoint(case.arch), backend, PERMISSIVE[backend])

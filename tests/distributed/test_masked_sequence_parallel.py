@@ -5,7 +5,7 @@ with masked positions.
 
 A toy joint attention (text and image tokens, the text padded and masked per row) runs on 2 or 4 gloo
 processes against the same module in this process. Measured max-abs differences (fp32, CPU,
-2026-12-01): at most 1.0e-7 in every mode and text length; tolerance 1e-5. Qwen-Image itself is
+2026-11-30): at most 1.0e-7 in every mode and text length; tolerance 1e-5. Qwen-Image itself is
 covered by tests/distributed/test_parallel.py (its conformance cases pad prompts of unequal lengths).
 """
 
@@ -160,7 +160,7 @@ def test_fully_masked_shards_add_nothing_to_the_merge():
 def test_masked_attention_with_lse_on_cuda(dtype, tolerance):
     """The CUDA path (memory-efficient kernel with an additive bias, odd lengths): output and LSE equal
     masked attention in float32, rows without a valid key give 0 and -inf, and merged key shards equal
-    attention over all keys. Measured on an H200 (2026-12-01, torch 2.11): out 1.4e-6 / lse 2.1e-6
+    attention over all keys. Measured on an H200 (2026-11-30, torch 2.11): out 1.4e-6 / lse 2.1e-6
     (fp32), out 6.8e-3 / lse 1.2e-6 (bf16); see benchmarks/RESULTS.md."""
     q, k, v = (t.to("cuda", dtype) for t in _qkv(seed=2, s_q=70, s_kv=45, heads=3, dim=64))
     mask = torch.ones(2, 45, dtype=torch.bool, device="cuda")

@@ -35,9 +35,9 @@ MODES = {
 FOUR_PROCESS_MODES = ("tp2xcfg2", "ulysses2xcfg2", "ulysses2xring2")
 
 
-def _one_case_per_pipeline():
+def _one_case_per_pipeline(backend: str = "native"):
     seen, cases = set(), []
-    for case in CONFORMANCE_CASES:
+    for case in (c for c in CONFORMANCE_CASES if c.backend == backend):
         if case.pipeline_family not in seen:  # flux and flux-schnell share FluxPipeline
             seen.add(case.pipeline_family)
             cases.append(case)
@@ -99,6 +99,20 @@ def test_parallel_mode_matches_single_process(tiny_checkpoint, single_process, c
                 # which are a large share only at toy sizes (the real FLUX config is checked below;
                 # tiny Wan holds 0.74, its real 1.3B/14B configs 0.509/0.508, see tests/models/wan).
                 assert 0.49 < share < (0.51 if mode == "hsdp2" else 0.8), (mode, name, share)
+
+
+ADAPTER_PARAMS = [(case, mode) for case in _one_case_per_pipeline("diffusers") for mode in MODES]
+
+
+@pytest.mark.parametrize("case, mode", ADAPTER_PARAMS, ids=[f"{c.arch}-{m}" for c, m in ADAPTER_PARAMS])
+def test_parallel_mode_on_an_adapter_model_is_a_clear_error(tiny_checkpoint, case, mode):
+    """A pipeline served through the diffusers adapter runs diffusers' own code, which diffserve cannot
+    split over ranks: every parallel mode is refused at engine start, naming the native pipelines."""
+    class_name = read_model_index(tiny_checkpoint(case.arch))["_class_name"]
+    settings = "|".join(f"{k}={v}" for k, v in MODES[mode].items())
+    with pytest.raises(ValueError, match=rf"({settings}).*not available for {class_name} through the diffusers "
+                                         r"adapter.*native pipelines have these features: .*FluxPipeline"):
+        Omni(tiny_checkpoint(case.arch), dtype="float32", device="cpu", **MODES[mode])
 
 
 def test_tp2_real_flux_config_holds_half_the_bytes(monkeypatch):

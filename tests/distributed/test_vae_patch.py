@@ -2,7 +2,7 @@
 
 Single-process cases compare against diffusers' own `enable_tiling()` decode of the same VAE. Measured
 max-abs differences (fp32, CPU, 2026-11-26): AutoencoderKL 0.0, Wan2.1 VAE 1.2e-7, Wan2.2 VAE (2x2
-patchify) 0.0, Qwen-Image VAE 3.0e-8 (2026-12-01); tolerance 1e-5. The multi-rank cases run the whole engine: VAE patch parallel over 2 or
+patchify) 0.0, Qwen-Image VAE 3.0e-8 (2026-11-30); tolerance 1e-5. The multi-rank cases run the whole engine: VAE patch parallel over 2 or
 4 ranks (with Ulysses / CFG parallel for the transformer) against the single-process tiled output,
 measured 1.4e-6 / 1.1e-6 (tiny FLUX) and 2.9e-6 (tiny Wan2.1), the transformer's parallel rounding;
 tolerance 1e-5.

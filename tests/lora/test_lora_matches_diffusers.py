@@ -3,7 +3,7 @@
 diffusers reads them, and a whole kohya file as its PEFT source; and for SD3, whose port came after
 LoRA, with no change to it.
 
-Measured max-abs differences (fp32, CPU, 2026-12-01): FLUX one adapter 8.0e-7, two stacked 8.3e-7,
+Measured max-abs differences (fp32, CPU, 2026-11-30): FLUX one adapter 8.0e-7, two stacked 8.3e-7,
 kohya 6.9e-7, kohya (whole) vs its PEFT source 8.9e-7; Wan2.1 one adapter 2.4e-6, two stacked
 1.9e-6; SD3 9.2e-7. Every adapter moves the output by 0.1 or more, so the tolerance 1e-4 tells them apart.
 """

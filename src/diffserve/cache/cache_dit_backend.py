@@ -9,8 +9,9 @@ so Wan2.2's two experts, which run disjoint steps, never compare one expert's ou
 
 A model that a declaration cannot describe registers an enabler in CUSTOM_DIT_ENABLERS, keyed by its
 pipeline class name: `enabler(pipeline, config) -> refresh(pipeline, num_inference_steps)`; it
-installs cache-dit itself (e.g. with per-list ParamsModifiers or a PatchFunctor) and returns the
-function that gives its contexts a fresh state before each request.
+installs cache-dit itself (e.g. with per-list ParamsModifiers or a PatchFunctor, and its own handling
+of CFG branches) and returns the function that gives its contexts a fresh state before each request.
+The diffusers adapter registers one (diffserve.models.diffusers_adapter.cache).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def enable_cache_for_dit(pipeline: nn.Module, config: CacheDiTConfig) -> CacheDi
     from cache_dit import BlockAdapter, ForwardPattern
     from cache_dit.caching import FakeDiffusionPipeline
 
+    check_cfg_runs_in_one_call(pipeline, "cache_dit")
     transformers = denoisers(pipeline)
     check_block_counts(transformers, config)
     modules = list(transformers.values())
@@ -150,7 +152,6 @@ class CacheDiTBackend(CacheBackend):
         if self._enabled:
             raise RuntimeError("cache-dit is already enabled on this pipeline")
         import_cache_dit()
-        check_cfg_runs_in_one_call(pipeline, self.name)
         name = type(pipeline).__name__
         enabler = CUSTOM_DIT_ENABLERS.get(name, enable_cache_for_dit)
         transformers = list(denoisers(pipeline).values())
@@ -164,7 +165,9 @@ class CacheDiTBackend(CacheBackend):
             raise
         self._transformers = transformers
         self._enabled = True
-        logger.info("Cache-dit enabled successfully on %s (%s)", name, self.config.strify())
+        # The model's name (the diffusers adapter serves many pipeline classes).
+        model = getattr(getattr(pipeline, "spec", None), "model", None) or name
+        logger.info("Cache-dit enabled successfully on %s (%s)", model, self.config.strify())
 
     def refresh(self, pipeline: nn.Module, num_inference_steps: int | None) -> None:
         if not self._enabled:

@@ -90,6 +90,9 @@ def latent_tokens(spec: SamplingSpec, req: OmniDiffusionRequest) -> int:
 
 def estimate_flops(spec: SamplingSpec, profile: CostProfile, req: OmniDiffusionRequest) -> float:
     sp = req.sampling_params
+    sized = spec.fixed_tokens is not None or (sp.height is not None and sp.width is not None)
+    if not sized or sp.num_inference_steps is None:
+        return 0.0  # a size or step count the model decides itself (the diffusers adapter): unknown
     text = sp.max_sequence_length or 0
     tokens = latent_tokens(spec, req) + (text if profile.cross_attention_width == 0 else 0)
     per_forward = (2 * profile.params * tokens + 4 * tokens**2 * profile.self_attention_width

@@ -95,7 +95,11 @@ class DiffusionWorker:
         if self.od_config.parallel_config.sequence_parallel_size > 1:
             apply_sequence_parallel(self.pipeline, self.od_config.parallel_config)
         if self.od_config.vae_use_tiling or self.od_config.parallel_config.vae_patch_parallel_size > 1:
-            apply_vae_tiling(self.pipeline)
+            # A pipeline whose VAEs tile themselves (the diffusers adapter: diffusers' enable_tiling) says so.
+            if hasattr(self.pipeline, "enable_vae_tiling"):
+                self.pipeline.enable_vae_tiling()
+            else:
+                apply_vae_tiling(self.pipeline)
         if self.rank != 0 and hasattr(self.pipeline, "set_progress_bar_config"):
             self.pipeline.set_progress_bar_config(disable=True)
         if not self.od_config.enforce_eager:

@@ -14,6 +14,9 @@ from typing import Any
 
 # (flag, config key, type, help). One table so `generate`, and later `serve` and `bench`, share them.
 ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--backend", "backend", str,
+     "auto (diffserve's native pipeline if it has one, else diffusers' pipeline through the adapter), native or "
+     "diffusers"),
     ("--dtype", "dtype", str, "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
     ("--revision", "revision", str, "hub revision when MODEL is a hub id"),
@@ -228,9 +231,9 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from diffserve.registry import supported_models
+    from diffserve.models.diffusers_adapter.features import describe_models
 
-    print("\n".join(supported_models()))
+    print(describe_models())
     return 0
 
 
@@ -359,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
-    models = sub.add_parser("models", help="list the supported pipeline classes")
+    models = sub.add_parser("models", help="list the native pipeline classes and what the diffusers adapter serves")
     models.set_defaults(func=cmd_models)
     return parser
 

@@ -80,6 +80,10 @@ _register("qwen-image", "qwen_image", "build_tiny_qwen_image", TINY_IMAGE_DEFAUL
 # The edit models encode each input image at about 1024 x 1024 pixels whatever the defaults.
 _register("qwen-image-edit", "qwen_image", "build_tiny_qwen_image_edit", {"num_inference_steps": 4})
 _register("qwen-image-edit-plus", "qwen_image", "build_tiny_qwen_image_edit_plus", {"num_inference_steps": 4})
+# Pipelines diffserve serves through the diffusers adapter (no native port).
+_register("pixart-sigma", "pixart", "build_tiny_pixart_sigma", TINY_IMAGE_DEFAULTS)
+_register("ltx-video", "ltx", "build_tiny_ltx_video", {**TINY_VIDEO_DEFAULTS, "num_frames": 9})
+_register("audioldm2", "audioldm2", "build_tiny_audioldm2", TINY_AUDIO_DEFAULTS)
 
 
 def load_pipeline(path: str, **config):

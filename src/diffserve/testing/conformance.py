@@ -43,6 +43,11 @@ class ConformanceCase:
     # under their permissive settings.
     cache_steps: int = 4
     cache_max_rel_l2: float = 0.2
+    # "native": a diffserve pipeline; "diffusers": served through the diffusers adapter, whose parallel
+    # modes are refused at engine start (tests/distributed/test_parallel.py asserts the error).
+    backend: str = "native"
+    # The step caches the model takes; the cache tests assert a clear error for the others.
+    cache_backends: tuple[str, ...] = ("cache_dit", "tea_cache")
 
     @property
     def pipeline_family(self) -> str:
@@ -773,7 +778,7 @@ def _qwen_image_edit_plus_scenarios() -> list[ConformanceScenario]:
     ]
 
 
-# Measured max-abs differences (fp32, CPU, 2026-12-01) are noted per case: float32 rounding in the
+# Measured max-abs differences (fp32, CPU, 2026-11-30) are noted per case: float32 rounding in the
 # transformer (below 1e-6 per call), amplified by the tiny VAE decoders.
 CONFORMANCE_CASES.extend(
     [
@@ -792,5 +797,207 @@ CONFORMANCE_CASES.extend(
             "qwen-image-edit-plus", _qwen_image_edit_plus_scenarios(), run_qwen_image_reference,
             parallel_scenario="two_images_true_cfg_batch2", family="qwen-image-edit-plus",
         ),
+    ]
+)
+
+
+# -- Pipelines served through the diffusers adapter ----------------------------------------------------
+# diffserve has no native port of these: the checkpoint's _class_name is not registered, so the engine
+# serves diffusers' own pipeline (diffserve.models.diffusers_adapter). The reference calls diffusers
+# directly, as a user would: one CPU generator per prompt (a lone generator for one prompt), the
+# checkpoint's defaults (model_index.json's _diffserve_defaults) for unset parameters, diffusers' own
+# for the rest. A negative prompt that diffusers fills with its default ("" for PixArt) shares a call;
+# otherwise prompts with and without one run as one call each, which a batch must equal.
+
+
+def _prompt_dicts(scenario: ConformanceScenario) -> list[dict]:
+    return [p if isinstance(p, dict) else {"prompt": p} for p in scenario.prompts]
+
+
+def _checkpoint_value(path: str, sp: OmniDiffusionSamplingParams, name: str):
+    from diffserve.models.spec import DEFAULTS_KEY
+    from diffserve.registry import read_model_index
+
+    value = getattr(sp, name)
+    return value if value is not None else read_model_index(path).get(DEFAULTS_KEY, {}).get(name)
+
+
+def _diffusers_pipeline(path: str):
+    import diffusers
+
+    from diffserve.registry import read_model_index
+
+    pipe = getattr(diffusers, read_model_index(path)["_class_name"]).from_pretrained(path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run_per_negative_group(scenario: ConformanceScenario, call) -> torch.Tensor:
+    """`call(prompts, seeds)` once for all prompts if they all have a negative prompt or none does,
+    else once per prompt."""
+    prompts = _prompt_dicts(scenario)
+    if len({"negative_prompt" in p for p in prompts}) == 1:
+        return call(prompts, scenario.seeds)
+    return torch.cat([call([p], [s]) for p, s in zip(prompts, scenario.seeds)])
+
+
+def _reference_generators(seeds: list[int]):
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return gens[0] if len(gens) == 1 else gens
+
+
+def run_pixart_sigma_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
+    pipe = _diffusers_pipeline(path)
+    sp = scenario.params
+    prompts = _prompt_dicts(scenario)
+    return pipe(
+        prompt=[p["prompt"] for p in prompts],
+        # PixArt's own default negative prompt is "".
+        negative_prompt=[p.get("negative_prompt", "") for p in prompts],
+        height=_checkpoint_value(path, sp, "height"),
+        width=_checkpoint_value(path, sp, "width"),
+        num_inference_steps=_checkpoint_value(path, sp, "num_inference_steps"),
+        guidance_scale=4.5 if sp.guidance_scale is None else sp.guidance_scale,
+        num_images_per_prompt=sp.num_outputs_per_prompt,
+        generator=_reference_generators(scenario.seeds),
+        output_type="pt",
+    ).images
+
+
+def _adapter_image_scenarios() -> list[ConformanceScenario]:
+    def params(**kw):
+        return OmniDiffusionSamplingParams(**{"num_inference_steps": 3, "output_type": "pt", **kw})
+
+    return [
+        ConformanceScenario(
+            "cfg_batch2_nonsquare",
+            [{"prompt": "a red fox in snow", "negative_prompt": "blurry"},
+             {"prompt": "a blue car", "negative_prompt": "low quality"}],
+            params(height=32, width=48, guidance_scale=4.0),
+            seeds=[0, 1],
+        ),
+        # diffusers fills the missing negative prompt with its default (""): one call.
+        ConformanceScenario(
+            "cfg_mixed_negative_prompts",
+            [{"prompt": "a castle", "negative_prompt": "fog"}, "a lighthouse"],
+            params(height=48, width=32),
+            seeds=[3, 4],
+        ),
+        ConformanceScenario(
+            "no_cfg_two_outputs_per_prompt", ["a castle"], params(height=32, width=32, guidance_scale=1.0,
+                                                                   num_outputs_per_prompt=2), seeds=[7]
+        ),
+        # Size and steps from the checkpoint, guidance from PixArt's __call__ (4.5).
+        ConformanceScenario("model_defaults", ["a tree"], OmniDiffusionSamplingParams(output_type="pt"), seeds=[5]),
+    ]
+
+
+def run_ltx_video_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
+    pipe = _diffusers_pipeline(path)
+    sp = scenario.params
+
+    def call(prompts: list[dict], seeds: list[int]) -> torch.Tensor:
+        negatives = [p["negative_prompt"] for p in prompts if "negative_prompt" in p]
+        return pipe(
+            prompt=[p["prompt"] for p in prompts],
+            negative_prompt=negatives or None,
+            height=_checkpoint_value(path, sp, "height"),
+            width=_checkpoint_value(path, sp, "width"),
+            num_frames=_checkpoint_value(path, sp, "num_frames"),
+            num_inference_steps=_checkpoint_value(path, sp, "num_inference_steps"),
+            guidance_scale=3.0 if sp.guidance_scale is None else sp.guidance_scale,
+            frame_rate=25 if sp.fps is None else sp.fps,
+            num_videos_per_prompt=sp.num_outputs_per_prompt,
+            generator=_reference_generators(seeds),
+            output_type="pt",
+        ).frames
+
+    return _run_per_negative_group(scenario, call)
+
+
+def _adapter_video_scenarios() -> list[ConformanceScenario]:
+    def params(**kw):
+        return OmniDiffusionSamplingParams(**{"num_inference_steps": 3, "output_type": "pt", **kw})
+
+    return [
+        ConformanceScenario(
+            "cfg_batch2_nonsquare",
+            [{"prompt": "a cat surfing a wave", "negative_prompt": "blurry"},
+             {"prompt": "a red car at night", "negative_prompt": "low quality"}],
+            params(height=32, width=64, num_frames=9, guidance_scale=4.0),
+            seeds=[0, 1],
+        ),
+        # LTX takes no negative prompt for some prompts only: two diffusers calls.
+        ConformanceScenario(
+            "cfg_mixed_negative_prompts_fps",
+            [{"prompt": "waves roll in", "negative_prompt": "static"}, "a bird flies away"],
+            params(height=64, width=32, num_frames=5, fps=16),
+            seeds=[3, 4],
+        ),
+        ConformanceScenario(
+            "no_cfg_two_outputs_per_prompt", ["a dog running"],
+            params(guidance_scale=1.0, num_outputs_per_prompt=2), seeds=[7],
+        ),
+    ]
+
+
+def run_audioldm2_reference(path: str, scenario: ConformanceScenario) -> torch.Tensor:
+    pipe = _diffusers_pipeline(path)
+    sp = scenario.params
+
+    def call(prompts: list[dict], seeds: list[int]) -> torch.Tensor:
+        negatives = [p["negative_prompt"] for p in prompts if "negative_prompt" in p]
+        audio = pipe(
+            prompt=[p["prompt"] for p in prompts],
+            negative_prompt=negatives or None,
+            audio_length_in_s=sp.audio_end_in_s,
+            num_inference_steps=_checkpoint_value(path, sp, "num_inference_steps"),
+            guidance_scale=3.5 if sp.guidance_scale is None else sp.guidance_scale,
+            num_waveforms_per_prompt=sp.num_outputs_per_prompt,
+            generator=_reference_generators(seeds),
+            output_type="np",
+        ).audios
+        return torch.from_numpy(audio)[:, None]  # mono [N, samples] -> [N, 1, samples]
+
+    return _run_per_negative_group(scenario, call)
+
+
+def _adapter_audio_scenarios() -> list[ConformanceScenario]:
+    def params(**kw):
+        return OmniDiffusionSamplingParams(**{"num_inference_steps": 3, "output_type": "pt", **kw})
+
+    return [
+        ConformanceScenario(
+            "cfg_batch2",
+            [{"prompt": "a drum loop", "negative_prompt": "low quality"}, {"prompt": "rain", "negative_prompt": "hum"}],
+            params(guidance_scale=4.0),
+            seeds=[0, 1],
+        ),
+        # audio_end_in_s is AudioLDM2's audio_length_in_s; mixed negative prompts: two calls.
+        ConformanceScenario(
+            "cfg_mixed_negative_prompts_length",
+            [{"prompt": "a dog barking", "negative_prompt": "music"}, "birdsong"],
+            params(audio_end_in_s=1.28),
+            seeds=[5, 6],
+        ),
+        ConformanceScenario(
+            "no_cfg_two_outputs_per_prompt", ["a hammer hitting wood"],
+            params(guidance_scale=1.0, num_outputs_per_prompt=2), seeds=[7],
+        ),
+    ]
+
+
+# Measured (fp32, CPU, 2026-11-30): pixart-sigma 1.2e-7 (cfg_batch2_nonsquare, cfg_mixed_negative_prompts,
+# no_cfg_two_outputs_per_prompt), 0.0 (model_defaults); ltx-video 0.0 in every scenario; audioldm2 0.0 in
+# every scenario. Tolerance 1e-4.
+CONFORMANCE_CASES.extend(
+    [
+        ConformanceCase("pixart-sigma", _adapter_image_scenarios(), run_pixart_sigma_reference, backend="diffusers",
+                        cache_backends=("cache_dit",)),
+        ConformanceCase("ltx-video", _adapter_video_scenarios(), run_ltx_video_reference, backend="diffusers",
+                        cache_backends=("cache_dit",)),
+        # cache-dit knows no AudioLDM2 (a UNet): no step cache.
+        ConformanceCase("audioldm2", _adapter_audio_scenarios(), run_audioldm2_reference, backend="diffusers",
+                        cache_backends=()),
     ]
 )

@@ -31,3 +31,26 @@ def build_t5_tokenizer(max_length: int = 512):
     tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0)
     tokenizer.model_max_length = max_length
     return tokenizer
+
+
+def build_roberta_tokenizer(max_length: int = 77):
+    """A byte-level BPE tokenizer in RoBERTa's format (CLAP's), without merges: one token per character,
+    "Ġ" marking a leading space."""
+    import json
+    import tempfile
+
+    from transformers import RobertaTokenizer
+
+    vocab = {token: i for i, token in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])}
+    for prefix in ("", "\u0120"):
+        for c in CHARS:
+            vocab[prefix + c] = len(vocab)
+    vocab["\u0120"] = len(vocab)
+    with tempfile.TemporaryDirectory() as folder:
+        with open(f"{folder}/vocab.json", "w") as f:
+            json.dump(vocab, f)
+        with open(f"{folder}/merges.txt", "w") as f:
+            f.write("#version: 0.2\n")
+        tokenizer = RobertaTokenizer(vocab_file=f"{folder}/vocab.json", merges_file=f"{folder}/merges.txt")
+    tokenizer.model_max_length = max_length
+    return tokenizer

@@ -15,7 +15,7 @@ from diffserve.loader.weight_utils import weights_iterator
 from diffserve.models.qwen_image.qwen_image_transformer import QwenImageTransformer2DModel, QwenImageTransformerConfig
 from diffserve.models.qwen_image.processor import load_qwen2vl_processor
 
-# Measured (2026-12-01): the transformers' outputs differ by float32 rounding (below 1e-6) at every
+# Measured (2026-11-30): the transformers' outputs differ by float32 rounding (below 1e-6) at every
 # step of these runs, the images (in [0, 1]) by 1.1e-5 (qwen-image), 3.0e-6 (edit) and 3.6e-6
 # (edit-plus): the perturbed tiny VAE decoders amplify latent differences.
 PIPELINE_TOLERANCE = 5e-5
