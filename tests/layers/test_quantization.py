@@ -73,6 +73,7 @@ def test_fp8_on_the_gpu_matches_bf16():
     torch.manual_seed(0)
     layer = ColumnParallelLinear(1024, 2048).cuda().to(torch.bfloat16)
     layer.weight.data.normal_(0, 0.02)
+    layer.bias.data.normal_(0, 0.02)  # the layer leaves it uninitialised; the loader fills it
     x = torch.randn(8, 333, 1024, device="cuda", dtype=torch.bfloat16)
     expected = layer(x)
     layer.quant_method = Fp8LinearMethod()

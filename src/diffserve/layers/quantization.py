@@ -53,7 +53,9 @@ class Fp8LinearMethod(LinearMethod):
 
     def apply(self, layer, x, bias):
         shape = x.shape
-        x_q, x_scale = quantize_fp8_rows(x.reshape(-1, shape[-1]))
+        # cuBLASLt takes a row-major first operand; an activation that arrives as a transposed view
+        # (Stable Audio's) would otherwise keep its column-major strides through the quantization.
+        x_q, x_scale = quantize_fp8_rows(x.reshape(-1, shape[-1]).contiguous())
         # _scaled_mm wants its second operand column-major: the row-major [out, in] weight, transposed.
         y = torch._scaled_mm(x_q, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale,
                              bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
