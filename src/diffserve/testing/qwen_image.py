@@ -16,7 +16,7 @@ torchvision is not installed beside the CPU torch build, and transformers' `Qwen
 cannot be built, saved or loaded: its `__init__` lists a video processor, which needs torchvision.
 The processor is built and saved through the image-and-text subclass of
 diffserve.models.qwen_image.processor, then the folder is named and completed as a released one
-(`_complete_processor_folder`). Load it with that module's `load_qwen2vl_processor` (which works
+(`complete_processor_folder`). Load it with that module's `load_qwen2vl_processor` (which works
 with or without torchvision, also on released checkpoints), and hand it to diffusers' pipeline:
 `QwenImageEditPipeline.from_pretrained(path, processor=load_qwen2vl_processor(f"{path}/processor"))`.
 """
@@ -102,12 +102,14 @@ def build_qwen2_tokenizer():
     return tokenizer
 
 
-def build_qwen2vl_processor(tokenizer):
+def build_qwen2vl_processor(tokenizer, min_pixels: int = VISION_MIN_PIXELS, max_pixels: int = VISION_MAX_PIXELS):
+    """The image-and-text processor; `min_pixels`/`max_pixels` bound the images the vision tower sees
+    (the released processor: 56 * 56 and 12845056)."""
     from transformers import Qwen2VLImageProcessorPil
 
     image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=VISION_MIN_PIXELS,
-        max_pixels=VISION_MAX_PIXELS,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
         patch_size=VISION_PATCH,
         temporal_patch_size=VISION_TEMPORAL_PATCH,
         merge_size=VISION_MERGE,
@@ -124,14 +126,16 @@ def _update_json(path: str, update) -> None:
         f.write("\n")
 
 
-def _complete_processor_folder(path: str) -> None:
+def complete_processor_folder(
+    path: str, min_pixels: int = VISION_MIN_PIXELS, max_pixels: int = VISION_MAX_PIXELS
+) -> None:
     """The processor was saved by our image-and-text subclass. Name the class transformers ships, as
     released checkpoints do, and add the video processor config `Qwen2VLProcessor` saves beside the
     image processor's (class defaults otherwise), so that where torchvision is installed the folder
     loads with plain `Qwen2VLProcessor.from_pretrained` (not testable here: no torchvision)."""
     video_processor = dict(
         video_processor_type="Qwen2VLVideoProcessor",
-        size=dict(shortest_edge=VISION_MIN_PIXELS, longest_edge=VISION_MAX_PIXELS),
+        size=dict(shortest_edge=min_pixels, longest_edge=max_pixels),
         patch_size=VISION_PATCH,
         temporal_patch_size=VISION_TEMPORAL_PATCH,
         merge_size=VISION_MERGE,
@@ -149,7 +153,9 @@ def _complete_processor_folder(path: str) -> None:
     )
 
 
-def _text_encoder(tokenizer):
+def build_qwen25vl_text_encoder(tokenizer, text: dict | None = None, vision: dict | None = None):
+    """A Qwen2.5-VL for `tokenizer` (its vocabulary and special-token ids), tiny unless `text` and
+    `vision` override entries of its text and vision configs."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_SPECIAL_TOKENS}
@@ -168,7 +174,7 @@ def _text_encoder(tokenizer):
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
-        ),
+        ) | (text or {}),
         vision_config=dict(
             depth=2,
             hidden_size=16,
@@ -181,7 +187,7 @@ def _text_encoder(tokenizer):
             window_size=56,
             fullatt_block_indexes=[1],
             tokens_per_second=2,
-        ),
+        ) | (vision or {}),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -258,7 +264,7 @@ def _components(seed: int, for_editing: bool, zero_cond_t: bool = False) -> dict
     return dict(
         scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
         vae=_vae(seed, for_editing),
-        text_encoder=_text_encoder(tokenizer),
+        text_encoder=build_qwen25vl_text_encoder(tokenizer),
         tokenizer=tokenizer,
         transformer=build_tiny_transformer(seed + 10, zero_cond_t),
     )
@@ -275,7 +281,7 @@ def _save_edit_pipeline(pipeline_class, path: str, seed: int, zero_cond_t: bool 
     components = _components(seed, for_editing=True, zero_cond_t=zero_cond_t)
     processor = build_qwen2vl_processor(components["tokenizer"])
     pipeline_class(processor=processor, **components).save_pretrained(path, safe_serialization=True)
-    _complete_processor_folder(path)
+    complete_processor_folder(path)
     return path
 
 
