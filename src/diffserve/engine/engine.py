@@ -3,6 +3,7 @@ executor, isolates failures."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Callable
@@ -42,12 +43,22 @@ def check_features_available(od_config: OmniDiffusionConfig) -> None:
         raise ValueError(f"not available in this version of diffserve yet: {', '.join(unavailable)}")
 
 
+def replica_builders(od_config: OmniDiffusionConfig) -> list[Callable[[], "DiffusionEngine"]]:
+    """One function per data-parallel replica that builds its engine (for AsyncDiffusionEngine, which
+    calls each in that replica's runner thread)."""
+    return [functools.partial(DiffusionEngine, od_config, replica=replica)
+            for replica in range(od_config.parallel_config.data_parallel_size)]
+
+
 class DiffusionEngine:
-    def __init__(self, od_config: OmniDiffusionConfig, executor: Executor | None = None):
+    """One worker group (one data-parallel replica: `replica` is its index) and what runs on it."""
+
+    def __init__(self, od_config: OmniDiffusionConfig, executor: Executor | None = None, replica: int = 0):
         check_features_available(od_config)
         resolve_model(od_config)
         self.od_config = od_config
-        self.executor = executor or make_executor(od_config)
+        self.replica = replica
+        self.executor = executor or make_executor(od_config, replica)
         # What the loaded model takes: every request is admitted against it before it is queued.
         self.spec: SamplingSpec = self.executor.collective_rpc("sampling_spec")[0]
         self.cost: CostProfile = self.executor.collective_rpc("cost_profile")[0]
@@ -148,7 +159,7 @@ class DiffusionEngine:
             self.executor.shutdown()
         except Exception:
             logger.exception("shutting the failed workers down")
-        self.executor = make_executor(self.od_config)
+        self.executor = make_executor(self.od_config, self.replica)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

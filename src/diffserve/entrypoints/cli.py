@@ -27,6 +27,8 @@ ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--ring-degree", "ring_degree", int, "ring sequence parallel degree"),
     ("--cfg-parallel-size", "cfg_parallel_size", int, "1, or 2 to run the CFG branches on two ranks"),
     ("--vae-patch-parallel-size", "vae_patch_parallel_size", int, "ranks that share the tiled VAE decode"),
+    ("--data-parallel-size", "data_parallel_size", int,
+     "replicas of the model, each on its own devices (replica r of k ranks on GPUs r*k..(r+1)*k-1)"),
     ("--hsdp-shard-size", "hsdp_shard_size", int, "HSDP shard group size (-1: all ranks)"),
     ("--hsdp-replicate-size", "hsdp_replicate_size", int, "HSDP replica count"),
     ("--cache-backend", "cache_backend", str, "step cache: cache_dit or tea_cache (default none)"),

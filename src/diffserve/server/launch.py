@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -41,12 +42,17 @@ def build_server(model: str = DEMO_MODEL, engine_kwargs: dict[str, Any] | None =
     config.lora_adapters = sorted(od_config.lora_modules)
     jobs = VideoJobStore(config.jobs_dir or os.path.abspath("diffserve_jobs"), ttl_s=config.job_ttl_s)
 
-    def load() -> DiffusionEngine:
-        engine = DiffusionEngine(od_config)
-        logger.info("loaded %r (%s)", config.served_model_name, engine.spec.modality)
+    replicas = od_config.parallel_config.data_parallel_size
+
+    def load(replica: int) -> DiffusionEngine:
+        engine = DiffusionEngine(od_config, replica=replica)
+        logger.info("loaded %r (%s)%s", config.served_model_name, engine.spec.modality,
+                    f" on replica {replica} of {replicas}" if replicas > 1 else "")
         return engine
 
-    engine = AsyncDiffusionEngine(load, max_queue=config.max_queue, batch_wait_ms=config.batch_wait_ms,
+    # One scheduler, one runner per data-parallel replica: each batch goes to a free replica.
+    engine = AsyncDiffusionEngine([functools.partial(load, r) for r in range(replicas)],
+                                  max_queue=config.max_queue, batch_wait_ms=config.batch_wait_ms,
                                   step_timeout_s=config.step_timeout_s,
                                   warmup=(lambda e: warm_up(e, config.warmup)) if config.warmup else None)
     state = ServerState(engine, config, jobs)
