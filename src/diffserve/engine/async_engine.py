@@ -5,10 +5,12 @@ Callers (the HTTP server) `await generate(request)`: the request is admitted aga
 at once (InvalidRequestError: a 400; over the work budget: a 400 naming the limit), refused when the
 queue is full (QueueFullError: 429) or no replica can take work (EngineUnavailable: 503), and queued.
 A replica's runner thread, whenever its replica is free, starts a batch with the oldest request, waits
-up to `batch_wait_ms` for compatible ones, runs it, and resolves each caller's future; so each batch
-goes to a replica that is idle, and a busy replica takes nothing. One replica (the default) is the
-same mechanism with one runner. `run_all` is the offline form (Omni with data parallelism): it queues
-a list of requests and blocks for their outputs.
+up to `batch_wait_ms` for compatible ones, runs it, and resolves each caller's future. So each batch
+goes to the least-loaded replica: one that runs nothing, and of several such the one idle longest
+(light traffic alternates over the replicas). A busy replica takes nothing: requests wait in the one
+shared queue, where they can still join a batch, never behind another replica's batch. One replica
+(the default) is the same mechanism with one runner. `run_all` is the offline form (Omni with data
+parallelism): it queues a list of requests and blocks for their outputs.
 
 Nothing accepted is lost or left hanging:
 - a caller that goes away leaves the queue at once; if it was running and every caller of its batch
@@ -109,7 +111,10 @@ class Replica:
         self.running: list[ScheduledRequest] = []
         self.last_progress = time.monotonic()
         self.restart_times: list[float] = []
+        self.restarts = 0
         self.completed_steps = 0
+        # When it last became free to take a batch; None while it runs one (or is not waiting).
+        self.idle_since: float | None = None
         self.thread: threading.Thread | None = None
 
     @property
@@ -345,7 +350,8 @@ class AsyncDiffusionEngine:
         if stopped:  # shut down while this replica loaded: nobody else will stop its workers
             engine.shutdown()
             return
-        logger.info("replica %d of %d is serving", replica.index, len(self.replicas))
+        if len(self.replicas) > 1:
+            logger.info("replica %d of %d is serving", replica.index, len(self.replicas))
         self._loop(replica)
 
     def _load_failed(self, replica: Replica, exc: Exception) -> None:
@@ -390,13 +396,20 @@ class AsyncDiffusionEngine:
     def _next_batch(self, replica: Replica) -> Batch | None:
         """The next batch for this (free) replica; None when the engine stops or the replica failed."""
         with self._cond:
+            replica.idle_since = time.monotonic()
             batch = None
             while batch is None:
-                while self._running and replica.status != "failed" and not len(self.scheduler):
+                while self._running and replica.status != "failed" and not (
+                        len(self.scheduler) and self._first_in_line(replica)):
                     self._cond.wait()
                 if not self._running or replica.status == "failed":
+                    replica.idle_since = None
+                    self._cond.notify_all()  # the next idle replica in line takes over
                     return None
                 batch = self.scheduler.start_batch()
+            replica.idle_since = None
+            # What is left in the queue is now the next idle replica's to take.
+            self._cond.notify_all()
             deadline = time.monotonic() + self.batch_wait_s
             while batch.num_prompts < self.scheduler.max_batch_size and self._running:
                 remaining = deadline - time.monotonic()
@@ -412,6 +425,12 @@ class AsyncDiffusionEngine:
             replica.last_progress = now
             replica.status = "busy"
             return Batch(batch.key, live)
+
+    def _first_in_line(self, replica: Replica) -> bool:
+        """Whether `replica` takes the next batch: of the replicas waiting for work (all equally
+        loaded: they run nothing), the one that has waited longest."""
+        idle = [r for r in self.replicas if r.idle_since is not None and r.status != "failed"]
+        return min(idle, key=lambda r: (r.idle_since, r.index)) is replica
 
     def _run(self, replica: Replica, batch: Batch) -> None:
         live = batch.entries
@@ -477,6 +496,7 @@ class AsyncDiffusionEngine:
             return
         with self._cond:
             replica.status = "recovering"
+            replica.restarts += 1
         logger.warning("replica %d: restarting its worker group", replica.index)
         try:
             replica.engine.restart()

@@ -195,7 +195,7 @@ class MultiprocExecutor(Executor):
             proc = ctx.Process(
                 target=worker_main,
                 args=(od_config, rank, self.world_size, port, child_conn, self._abort, first_device),
-                name=f"diffserve-worker-{rank}" if pc.data_parallel_size == 1 else f"diffserve-r{replica}-worker-{rank}",
+                name=f"diffserve-worker-{rank}" if pc.data_parallel_size == 1 else f"diffserve-r{replica}-w{rank}",
                 daemon=True,
             )
             with _spawn_lock, _main_module_hidden():

@@ -56,6 +56,8 @@ class ServerMetrics:
                                    ["replica"], registry=self.registry)
         self.replica_requests = Counter("diffserve_replica_requests", "requests the replica answered, by outcome",
                                         ["replica", "outcome"], registry=self.registry)
+        self.replica_restarts = Gauge("diffserve_replica_restarts", "times the replica's worker group was restarted",
+                                      ["replica"], registry=self.registry)
         self.replicas_healthy = Gauge("diffserve_replicas_healthy", "replicas that can take work",
                                       registry=self.registry)
 
@@ -76,6 +78,7 @@ class ServerMetrics:
                 self.replica_state.labels(replica=label, state=name).set(1 if replica.status == name else 0)
             self.replica_running.labels(replica=label).set(len(replica.running))
             self.replica_steps.labels(replica=label).set(replica.completed_steps)
+            self.replica_restarts.labels(replica=label).set(replica.restarts)
 
     def observe_batch(self, requests, outputs, elapsed_s: float) -> None:
         self.batch_size.observe(sum(len(r.prompts) for r in requests))
