@@ -16,7 +16,7 @@ from diffserve.engine.executor import Executor, make_executor
 from diffserve.engine.scheduler import Scheduler, merge_requests, split_output
 from diffserve.models.spec import SamplingSpec
 from diffserve.registry import resolve_model
-from diffserve.request import DiffusionOutput, OmniDiffusionRequest
+from diffserve.request import DiffusionOutput, OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
 
 logger = logging.getLogger(__name__)
 
@@ -163,3 +163,18 @@ class DiffusionEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def warm_up(engine: DiffusionEngine, shapes: list[tuple[int, int, int]]) -> None:
+    """One short request per shape before serving: compilation (per resolution and batch size) is paid
+    here, and its time logged, instead of by the first clients."""
+    for height, width, batch in shapes:
+        start = time.perf_counter()
+        params = OmniDiffusionSamplingParams(height=height, width=width, num_inference_steps=2, seed=0)
+        req = engine.admit(OmniDiffusionRequest(
+            prompts=[PromptInput(prompt="warm-up", seed=i) for i in range(batch)], sampling_params=params))
+        out = engine.run_batch([req])[0]
+        if out.error is not None:
+            raise ValueError(f"warm-up {width}x{height}:{batch} failed: {out.error}")
+        logger.info("warm-up %dx%d, batch %d: %.1f s (compilation included)", width, height, batch,
+                    time.perf_counter() - start)
