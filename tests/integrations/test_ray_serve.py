@@ -93,7 +93,7 @@ def options(application) -> dict:
 def test_flags_become_placement_and_autoscaling(tiny_checkpoint):
     model = tiny_checkpoint("demo-dit")
     # A replica of Ulysses 2 on GPUs: one bundle of 2 GPUs (one machine), its actor holding both.
-    gpu = options(build_application(app_parser().parse_args(
+    gpu = options(build_application(app_parser("test").parse_args(
         [model, "--ulysses-degree", "2", "--max-batch-size", "2", "--min-replicas", "1", "--max-replicas", "4"])))
     assert gpu["bundles"] == [{"CPU": 1.0, "GPU": 2}] and gpu["actor"]["num_gpus"] == 2
     assert gpu["autoscaling"] == (1, 4, 2) and gpu["max_ongoing_requests"] == 4
@@ -103,6 +103,7 @@ def test_flags_become_placement_and_autoscaling(tiny_checkpoint):
     for flags, message in ((["--data-parallel-size", "2"], "Ray runs the replicas"),
                            (["--num-replicas", "2", "--max-replicas", "3"], "not both"),
                            (["--target-ongoing-requests", "3"], "needs --max-replicas"),
+                           (["--num-replicas", "0"], "--num-replicas must be positive"),
                            (["--device", "cuda:1"], "not a numbered GPU")):
         with pytest.raises(ValueError, match=message):
-            build_application(app_parser().parse_args([model, *flags]))
+            build_application(app_parser("test").parse_args([model, *flags]))

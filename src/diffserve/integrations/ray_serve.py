@@ -94,7 +94,7 @@ def add_replica_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves for each replica")
 
 
-def app_parser(prog: str = "diffserve-ray") -> argparse.ArgumentParser:
+def app_parser(prog: str) -> argparse.ArgumentParser:
     """The flags of one deployed app: `diffserve serve`'s (but where to listen) and the replicas'."""
     from diffserve.entrypoints.cli import HelpFormatter
 
@@ -120,6 +120,12 @@ def deployment_options(args: argparse.Namespace, od_config: OmniDiffusionConfig,
                        on_gpus: bool) -> dict:
     """Ray Serve options of the deployment: its placement (one bundle per replica), count or
     autoscaling, how many requests a replica takes at once, and its shutdown grace."""
+    for flag, value, least in (("--num-replicas", args.num_replicas, 1), ("--max-replicas", args.max_replicas, 1),
+                               ("--max-ongoing-requests", args.max_ongoing_requests, 1),
+                               ("--target-ongoing-requests", args.target_ongoing_requests, 1e-9),
+                               ("--cpus-per-replica", args.cpus_per_replica, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be {'positive' if least else '>= 0'}, got {value}")
     pc = od_config.parallel_config
     if pc.data_parallel_size > 1:
         raise ValueError("--data-parallel-size is for `diffserve serve`; under Ray Serve, Ray runs the replicas: "
@@ -146,9 +152,8 @@ def deployment_options(args: argparse.Namespace, od_config: OmniDiffusionConfig,
     if args.num_replicas is not None:
         raise ValueError("give either --num-replicas (a fixed count) or --max-replicas (autoscaling), not both")
     low = 1 if args.min_replicas is None else args.min_replicas
-    if not 0 <= low <= args.max_replicas or args.max_replicas < 1:
-        raise ValueError(f"need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got {low} and "
-                         f"{args.max_replicas}")
+    if not 0 <= low <= args.max_replicas:
+        raise ValueError(f"--min-replicas must be between 0 and --max-replicas ({args.max_replicas}), got {low}")
     options["autoscaling_config"] = {
         "min_replicas": low,
         "max_replicas": args.max_replicas,
