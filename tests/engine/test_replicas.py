@@ -39,8 +39,8 @@ class StandInExecutor(Executor):
         return [{"sampling_spec": SPEC, "cost_profile": COST}[method]]
 
     def request_abort(self): ...
-    def start_profile(self, trace_dir): ...
-    def stop_profile(self): return []
+    def start_profile(self, trace_dir): self.trace_dir = trace_dir
+    def stop_profile(self): return [f"{self.trace_dir}/trace_rank0.json"]
     def is_healthy(self): return self.healthy
     def kill(self): return True
     def shutdown(self): self.healthy = False
@@ -199,3 +199,14 @@ def test_when_no_replica_can_serve_queued_work_is_answered(od_config):
         engine.shutdown()
     assert all(o.error is not None for o in outs)
     assert outs[2].error_type == "unavailable" and "could not recover" in outs[2].error
+
+
+def test_each_replica_profiles_into_its_own_folder(od_config):
+    """Every replica has a rank 0: their traces must not land on the same names."""
+    engine = AsyncDiffusionEngine(replicas(od_config, []), max_queue=None, batch_wait_ms=0, step_timeout_s=None)
+    try:
+        engine.start_profile("/traces")
+        paths = engine.stop_profile()
+    finally:
+        engine.shutdown()
+    assert paths == ["/traces/replica0/trace_rank0.json", "/traces/replica1/trace_rank0.json"]

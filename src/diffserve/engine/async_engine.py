@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from typing import Callable, Sequence
@@ -606,9 +607,11 @@ class AsyncDiffusionEngine:
         logger.info("draining: admission stopped; running batches get %.0f s to finish", grace_s)
 
     def start_profile(self, trace_dir: str) -> None:
-        """Profile every replica's workers (call while no request runs)."""
+        """Profile every replica's workers (call while no request runs); with several replicas each
+        writes its traces under trace_dir/replica<N> (their ranks have the same numbers)."""
         for replica in self.replicas:
-            self._replica_engine(replica).start_profile(trace_dir)
+            where = trace_dir if len(self.replicas) == 1 else os.path.join(trace_dir, f"replica{replica.index}")
+            self._replica_engine(replica).start_profile(where)
 
     def stop_profile(self) -> list[str]:
         return [path for replica in self.replicas for path in self._replica_engine(replica).stop_profile()]
