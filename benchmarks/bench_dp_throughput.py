@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import tempfile
 import time
@@ -106,6 +107,9 @@ def main() -> None:
     path = checkpoint(args)
     rows, images = [], []
     for replicas in (1, args.replicas):
+        if torch.cuda.is_available():  # the first mode's cached blocks on GPU 0 are the next one's
+            gc.collect()
+            torch.cuda.empty_cache()
         row, outs = run_mode(path, replicas, args)
         rows.append(row)
         images.append(outs)
