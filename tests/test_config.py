@@ -29,12 +29,14 @@ def test_flat_keys_and_parallel_config_together_is_an_error():
         ({"cfg_parallel_size": 3}, "cfg_parallel_size must be 1 or 2"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size must be a positive integer"),
         ({"use_hsdp": True, "tensor_parallel_size": 2}, "cannot be combined"),
-        ({"use_hsdp": True, "ulysses_degree": 4, "hsdp_shard_size": 3}, "must equal the world size"),
+        ({"use_hsdp": True, "ulysses_degree": 4, "hsdp_shard_size": 3}, r"must equal the ranks of one replica \(4\)"),
         ({"hsdp_shard_size": 2}, "only meaningful with use_hsdp"),
         ({"use_hsdp": True}, "HSDP on its own needs hsdp_shard_size"),
-        ({"vae_patch_parallel_size": 3, "ulysses_degree": 4}, "must divide the world size"),
-        ({"vae_patch_parallel_size": 8, "ulysses_degree": 4}, "cannot exceed the world size"),
-        ({"data_parallel_size": 2}, "data_parallel_size > 1 is not supported yet"),
+        ({"vae_patch_parallel_size": 3, "ulysses_degree": 4}, "must divide the ranks of one replica"),
+        ({"vae_patch_parallel_size": 8, "ulysses_degree": 4}, "cannot exceed the ranks of one replica"),
+        # The VAE is decoded inside one replica: replicas never communicate.
+        ({"vae_patch_parallel_size": 2, "data_parallel_size": 2}, r"cannot exceed the ranks of one replica \(1\)"),
+        ({"data_parallel_size": 0}, "data_parallel_size must be a positive integer"),
     ],
 )
 def test_parallel_config_rejects_bad_values(kwargs, message):
@@ -47,6 +49,19 @@ def test_parallel_config_world_size_and_hsdp_default_shard():
     cfg = DiffusionParallelConfig(ulysses_degree=4, use_hsdp=True, hsdp_replicate_size=2)
     assert cfg.sequence_parallel_size == 4 and cfg.world_size == 4
     assert cfg.resolved_hsdp_shard_size == 2
+
+
+def test_world_size_is_the_replica_ranks_times_data_parallel_replicas():
+    cfg = DiffusionParallelConfig(ulysses_degree=2, data_parallel_size=4)  # DP 4 x Ulysses 2 on 8 GPUs
+    assert cfg.replica_world_size == 2 and cfg.world_size == 8
+    hsdp = DiffusionParallelConfig(use_hsdp=True, hsdp_shard_size=2, data_parallel_size=2)
+    assert hsdp.replica_world_size == 2 and hsdp.world_size == 4 and hsdp.resolved_hsdp_shard_size == 2
+    assert DiffusionParallelConfig(data_parallel_size=3).replica_world_size == 1
+
+
+def test_data_parallel_refuses_one_named_gpu():
+    with pytest.raises(ValueError, match="names one GPU, but data_parallel_size=2"):
+        OmniDiffusionConfig.from_kwargs("m", device="cuda:1", data_parallel_size=2)
 
 
 def test_standalone_hsdp_sets_the_world_size():

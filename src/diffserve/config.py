@@ -70,11 +70,14 @@ def _check_positive_int(name: str, value: Any) -> None:
 
 @dataclass
 class DiffusionParallelConfig:
-    """How the world of processes is split. world_size = tp * ulysses * ring * cfg * dp.
+    """How the processes are split. world_size = replica_world_size * data_parallel_size.
 
-    Process groups are ordered tp -> sp (ulysses x ring) -> cfg -> dp. HSDP shards the transformer's
-    weights across that world (it cannot be combined with TP, which shards the same weights); on its
-    own (no SP/CFG) it needs hsdp_shard_size and then sets the world size itself.
+    One replica is a worker group of replica_world_size = tp * ulysses * ring * cfg ranks, whose
+    process groups are ordered tp -> sp (ulysses x ring) -> cfg. HSDP shards the transformer's weights
+    across a replica (it cannot be combined with TP, which shards the same weights); on its own (no
+    SP/CFG) it needs hsdp_shard_size and then sets the replica's size itself. data_parallel_size
+    replicas each run whole requests on their own devices (replica r on ranks [r * k, (r + 1) * k) of
+    k = replica_world_size); they never communicate, so dp is not a dimension of any process group.
     """
 
     tensor_parallel_size: int = 1
@@ -83,7 +86,7 @@ class DiffusionParallelConfig:
     cfg_parallel_size: int = 1
     data_parallel_size: int = 1
     use_hsdp: bool = False
-    # -1: world_size // hsdp_replicate_size.
+    # -1: replica_world_size // hsdp_replicate_size.
     hsdp_shard_size: int = -1
     hsdp_replicate_size: int = 1
     vae_patch_parallel_size: int = 1
@@ -107,39 +110,34 @@ class DiffusionParallelConfig:
             raise ValueError(f"use_hsdp must be a bool, got {self.use_hsdp!r}")
         if self.hsdp_shard_size != -1:
             _check_positive_int("hsdp_shard_size", self.hsdp_shard_size)
-        if self.data_parallel_size > 1:
-            raise ValueError(
-                "data_parallel_size > 1 is not supported yet (it needs a request router); run one engine per "
-                "replica instead"
-            )
         if self.use_hsdp:
             if self.tensor_parallel_size > 1:
                 raise ValueError(
                     "use_hsdp cannot be combined with tensor_parallel_size > 1: HSDP shards the same "
                     "weights TP does. Use one or the other."
                 )
-            if self._base_world_size == 1 and self.hsdp_shard_size == -1:
+            if self._model_parallel_size == 1 and self.hsdp_shard_size == -1:
                 raise ValueError(
                     "HSDP on its own needs hsdp_shard_size (how many ranks share the weights, e.g. 2); "
-                    "with SP or CFG parallel it defaults to the whole world"
+                    "with SP or CFG parallel it defaults to the whole replica"
                 )
             shard = self.resolved_hsdp_shard_size
-            if shard * self.hsdp_replicate_size != self.world_size:
+            if shard * self.hsdp_replicate_size != self.replica_world_size:
                 raise ValueError(
                     f"hsdp_shard_size ({shard}) x hsdp_replicate_size ({self.hsdp_replicate_size}) must equal "
-                    f"the world size ({self.world_size})"
+                    f"the ranks of one replica ({self.replica_world_size})"
                 )
         elif self.hsdp_shard_size != -1 or self.hsdp_replicate_size != 1:
             raise ValueError("hsdp_shard_size / hsdp_replicate_size are only meaningful with use_hsdp=True")
-        if self.vae_patch_parallel_size > self.world_size:
+        if self.vae_patch_parallel_size > self.replica_world_size:
             raise ValueError(
-                f"vae_patch_parallel_size ({self.vae_patch_parallel_size}) cannot exceed the world size "
-                f"({self.world_size})"
+                f"vae_patch_parallel_size ({self.vae_patch_parallel_size}) cannot exceed the ranks of one "
+                f"replica ({self.replica_world_size})"
             )
-        if self.world_size % self.vae_patch_parallel_size:
+        if self.replica_world_size % self.vae_patch_parallel_size:
             raise ValueError(
-                f"vae_patch_parallel_size ({self.vae_patch_parallel_size}) must divide the world size "
-                f"({self.world_size}): the ranks decode in groups of that size"
+                f"vae_patch_parallel_size ({self.vae_patch_parallel_size}) must divide the ranks of one replica "
+                f"({self.replica_world_size}): the ranks decode in groups of that size"
             )
 
     @property
@@ -147,20 +145,26 @@ class DiffusionParallelConfig:
         return self.ulysses_degree * self.ring_degree
 
     @property
-    def _base_world_size(self) -> int:
-        return self.tensor_parallel_size * self.sequence_parallel_size * self.cfg_parallel_size * self.data_parallel_size
+    def _model_parallel_size(self) -> int:
+        return self.tensor_parallel_size * self.sequence_parallel_size * self.cfg_parallel_size
+
+    @property
+    def replica_world_size(self) -> int:
+        """Processes of one replica (one worker group, one process group). HSDP on its own adds ranks
+        that share the weights and repeat the same work."""
+        if self.use_hsdp and self._model_parallel_size == 1 and self.hsdp_shard_size != -1:
+            return self.hsdp_shard_size * self.hsdp_replicate_size
+        return self._model_parallel_size
 
     @property
     def world_size(self) -> int:
-        """Processes needed. HSDP on its own adds ranks that share the weights and repeat the same work."""
-        if self.use_hsdp and self._base_world_size == 1 and self.hsdp_shard_size != -1:
-            return self.hsdp_shard_size * self.hsdp_replicate_size
-        return self._base_world_size
+        """Processes (devices) needed in all: every replica's ranks."""
+        return self.replica_world_size * self.data_parallel_size
 
     @property
     def resolved_hsdp_shard_size(self) -> int:
         if self.hsdp_shard_size == -1:
-            return self.world_size // self.hsdp_replicate_size
+            return self.replica_world_size // self.hsdp_replicate_size
         return self.hsdp_shard_size
 
     @classmethod
@@ -239,6 +243,14 @@ class OmniDiffusionConfig:
             raise ValueError(f"dtype {self.dtype!r} is not supported. Allowed: auto, {', '.join(DTYPES)}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if isinstance(self.parallel_config, dict):
+            self.parallel_config = DiffusionParallelConfig.from_dict(self.parallel_config)
+        if self.parallel_config.data_parallel_size > 1 and self.device.startswith("cuda:"):
+            raise ValueError(
+                f"device {self.device!r} names one GPU, but data_parallel_size="
+                f"{self.parallel_config.data_parallel_size} places replica r on GPUs [r*k, (r+1)*k) of the visible "
+                "ones; use device 'cuda' or 'auto' (choose the GPUs with CUDA_VISIBLE_DEVICES)"
+            )
         if self.device.startswith("cuda"):
             import torch
 
@@ -247,8 +259,6 @@ class OmniDiffusionConfig:
                     f"device {self.device!r} was asked for but CUDA is not available (torch {torch.__version__} "
                     "sees no GPU); use device 'cpu' or 'auto'"
                 )
-        if isinstance(self.parallel_config, dict):
-            self.parallel_config = DiffusionParallelConfig.from_dict(self.parallel_config)
         if self.attention_backend is None:
             self.attention_backend = ENV_ATTENTION_BACKEND
         if self.cache_backend not in CACHE_BACKENDS:

@@ -25,6 +25,8 @@ PARALLEL_MODES = {
     "cfg2": {"cfg_parallel_size": 2},
     "tp2": {"tensor_parallel_size": 2},
     "hsdp2": {"use_hsdp": True, "hsdp_shard_size": 2},  # FSDP2 over NCCL
+    # Two replicas, one GPU each (replica 1 on cuda:1); batches of one, so each draws one prompt.
+    "dp2": {"data_parallel_size": 2, "max_batch_size": 1},
 }
 
 

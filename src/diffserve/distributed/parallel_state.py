@@ -1,12 +1,15 @@
 """The process-group registry: the one piece of global state diffserve keeps.
 
-Ranks are laid out tp (innermost, adjacent ranks) -> sp (ulysses, then ring) -> cfg -> dp (outermost):
+The groups span one replica's worker group (data-parallel replicas are separate process groups that
+never communicate). Its ranks are laid out tp (innermost, adjacent ranks) -> sp (ulysses, then ring)
+-> cfg -> dp (outermost):
 
     rank = tp_i + tp * (ulysses_i + ulysses * (ring_i + ring * (cfg_i + cfg * dp_i)))
 
-so tensor-parallel peers, whose collectives run every layer, share the fastest links. Until
-`initialize_model_parallel` runs (world size 1) every group is the trivial group of this process, so
-layers can ask for their rank and world size unconditionally.
+so tensor-parallel peers, whose collectives run every layer, share the fastest links. `dp` here is
+only HSDP's extra ranks (standalone HSDP: ranks that share the weights and repeat the same work); it
+is 1 otherwise. Until `initialize_model_parallel` runs (world size 1) every group is the trivial group
+of this process, so layers can ask for their rank and world size unconditionally.
 """
 
 from __future__ import annotations
@@ -166,10 +169,11 @@ def initialize_model_parallel(parallel_config, device_type: str) -> None:
     """Create every group this process belongs to. All ranks must call it, in the same order."""
     global _HSDP_MESH
     world_size = dist.get_world_size()
-    if world_size != parallel_config.world_size:
+    # One process group is one replica: data-parallel replicas never communicate.
+    if world_size != parallel_config.replica_world_size:
         raise ValueError(
-            f"the parallel config needs {parallel_config.world_size} processes "
-            f"(tp x ulysses x ring x cfg x dp), but the process group has {world_size}"
+            f"the parallel config needs {parallel_config.replica_world_size} processes per replica "
+            f"(tp x ulysses x ring x cfg), but the process group has {world_size}"
         )
     rank = dist.get_rank()
     sizes = {

@@ -3,6 +3,7 @@ executor, isolates failures."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Callable
@@ -15,7 +16,7 @@ from diffserve.engine.executor import Executor, make_executor
 from diffserve.engine.scheduler import Scheduler, merge_requests, split_output
 from diffserve.models.spec import SamplingSpec
 from diffserve.registry import resolve_model
-from diffserve.request import DiffusionOutput, OmniDiffusionRequest
+from diffserve.request import DiffusionOutput, OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +43,22 @@ def check_features_available(od_config: OmniDiffusionConfig) -> None:
         raise ValueError(f"not available in this version of diffserve yet: {', '.join(unavailable)}")
 
 
+def replica_builders(od_config: OmniDiffusionConfig) -> list[Callable[[], "DiffusionEngine"]]:
+    """One function per data-parallel replica that builds its engine (for AsyncDiffusionEngine, which
+    calls each in that replica's runner thread)."""
+    return [functools.partial(DiffusionEngine, od_config, replica=replica)
+            for replica in range(od_config.parallel_config.data_parallel_size)]
+
+
 class DiffusionEngine:
-    def __init__(self, od_config: OmniDiffusionConfig, executor: Executor | None = None):
+    """One worker group (one data-parallel replica: `replica` is its index) and what runs on it."""
+
+    def __init__(self, od_config: OmniDiffusionConfig, executor: Executor | None = None, replica: int = 0):
         check_features_available(od_config)
         resolve_model(od_config)
         self.od_config = od_config
-        self.executor = executor or make_executor(od_config)
+        self.replica = replica
+        self.executor = executor or make_executor(od_config, replica)
         # What the loaded model takes: every request is admitted against it before it is queued.
         self.spec: SamplingSpec = self.executor.collective_rpc("sampling_spec")[0]
         self.cost: CostProfile = self.executor.collective_rpc("cost_profile")[0]
@@ -148,7 +159,22 @@ class DiffusionEngine:
             self.executor.shutdown()
         except Exception:
             logger.exception("shutting the failed workers down")
-        self.executor = make_executor(self.od_config)
+        self.executor = make_executor(self.od_config, self.replica)
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def warm_up(engine: DiffusionEngine, shapes: list[tuple[int, int, int]]) -> None:
+    """One short request per shape before serving: compilation (per resolution and batch size) is paid
+    here, and its time logged, instead of by the first clients."""
+    for height, width, batch in shapes:
+        start = time.perf_counter()
+        params = OmniDiffusionSamplingParams(height=height, width=width, num_inference_steps=2, seed=0)
+        req = engine.admit(OmniDiffusionRequest(
+            prompts=[PromptInput(prompt="warm-up", seed=i) for i in range(batch)], sampling_params=params))
+        out = engine.run_batch([req])[0]
+        if out.error is not None:
+            raise ValueError(f"warm-up {width}x{height}:{batch} failed: {out.error}")
+        logger.info("warm-up %dx%d, batch %d: %.1f s (compilation included)", width, height, batch,
+                    time.perf_counter() - start)

@@ -1,7 +1,8 @@
 """Executors run a scheduled request on every worker and return rank 0's output.
 
 - world size 1: the worker lives in this process (InProcessExecutor);
-- world size > 1: one spawned worker process per rank (MultiprocExecutor);
+- world size > 1: one spawned worker process per rank of the replica (MultiprocExecutor); with
+  data_parallel_size > 1, one executor per replica, each on its own devices and rendezvous port;
 - launched by torchrun (multi-node): this process is one rank and every rank runs the same script
   (TorchrunExecutor).
 """
@@ -110,18 +111,27 @@ class TorchrunExecutor(InProcessExecutor):
         self.worker = None
 
 
-def make_executor(od_config: OmniDiffusionConfig) -> Executor:
-    world_size = od_config.parallel_config.world_size
+def make_executor(od_config: OmniDiffusionConfig, replica: int = 0) -> Executor:
+    """The executor of data-parallel replica `replica` (0 without data parallelism)."""
+    pc = od_config.parallel_config
     launched = ENV_TORCHRUN.get("WORLD_SIZE", 1)
     if launched > 1:
-        if launched != world_size:
+        if pc.data_parallel_size > 1:
             raise ValueError(
-                f"torchrun started {launched} processes but the parallel config needs {world_size} "
-                f"(tp x ulysses x ring x cfg x dp)"
+                f"data_parallel_size={pc.data_parallel_size} cannot run under torchrun (every torchrun rank "
+                "runs the same requests); start one torchrun job per replica behind a router, or use "
+                "diffserve.integrations.ray_serve"
+            )
+        if launched != pc.world_size:
+            raise ValueError(
+                f"torchrun started {launched} processes but the parallel config needs {pc.world_size} "
+                f"(tp x ulysses x ring x cfg)"
             )
         return TorchrunExecutor(od_config, ENV_TORCHRUN["RANK"], launched, ENV_TORCHRUN.get("LOCAL_RANK", 0))
-    if world_size == 1:
+    # With several replicas each runs in its own processes, even with one rank: a replica that dies
+    # then takes only its own requests down, and replicas do not share this process's interpreter.
+    if pc.world_size == 1:
         return InProcessExecutor(od_config)
     from diffserve.engine.multiproc_executor import MultiprocExecutor
 
-    return MultiprocExecutor(od_config)
+    return MultiprocExecutor(od_config, replica=replica)

@@ -1,9 +1,10 @@
 """One worker process per rank, driven from the engine process.
 
-The engine spawns `world_size` processes (spawn start method; CUDA cannot be forked), each joins the
-torch.distributed group, builds its groups and its DiffusionWorker, and then serves calls: the
-executor sends every call to every rank (SPMD) and returns rank 0's result. Nothing may hang or
-outlive the engine:
+The engine spawns one process per rank of a replica (spawn start method; CUDA cannot be forked),
+each joins the replica's torch.distributed group, builds its groups and its DiffusionWorker, and then
+serves calls: the executor sends every call to every rank (SPMD) and returns rank 0's result. Each
+data-parallel replica has its own executor, rendezvous port and devices (replica r of k ranks uses
+local devices [r * k, (r + 1) * k)). Nothing may hang or outlive the engine:
 
 - the executor watches every process while it waits; a dead worker fails the pending call at once
   and marks the executor unhealthy;
@@ -24,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import weakref
@@ -53,10 +55,24 @@ class RemoteError(Exception):
         self.rank, self.exc_type, self.message, self.tb = rank, exc_type, message, tb
 
 
+_handed_out_ports: set[int] = set()
+_ports_lock = threading.Lock()
+# Spawning hides __main__ for a moment (_main_module_hidden); replicas start from several threads.
+_spawn_lock = threading.Lock()
+
+
 def get_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before by this process: worker groups started at the same
+    time (data-parallel replicas) must not pick the same rendezvous port in the moment before their
+    rank 0 binds it."""
+    with _ports_lock:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _handed_out_ports:
+                _handed_out_ports.add(port)
+                return port
 
 
 def _die_with_parent() -> None:
@@ -94,16 +110,19 @@ def _error_reply(exc: BaseException) -> tuple:
 
 
 def worker_main(
-    od_config: OmniDiffusionConfig, rank: int, world_size: int, port: int, conn: Connection, abort_flag
+    od_config: OmniDiffusionConfig, rank: int, world_size: int, port: int, conn: Connection, abort_flag,
+    first_device: int = 0,
 ) -> None:
-    """Entry point of a spawned worker process."""
+    """Entry point of a spawned worker process: rank `rank` of a group of `world_size` (one replica),
+    on local device `first_device + rank`."""
     _die_with_parent()
     from diffserve.logger import configure_logging
 
     configure_logging()
+    local_rank = first_device + rank
     os.environ.update(
         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world_size),
-         "LOCAL_RANK": str(rank)}
+         "LOCAL_RANK": str(local_rank)}
     )
     try:
         import torch
@@ -111,11 +130,12 @@ def worker_main(
         from diffserve.engine.worker import DiffusionWorker, init_parallel_state
 
         if od_config.resolved_device.type == "cpu":
-            # Ranks share this machine's cores: oversubscribed threads slow every rank (seen: 7x).
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+            # Every rank of every replica shares this machine's cores: oversubscribed threads slow
+            # every rank (seen: 7x).
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // od_config.parallel_config.world_size))
 
-        init_parallel_state(od_config, rank, world_size, local_rank=rank)
-        worker = DiffusionWorker(od_config, rank=rank, local_rank=rank, abort_flag=abort_flag)
+        init_parallel_state(od_config, rank, world_size, local_rank=local_rank)
+        worker = DiffusionWorker(od_config, rank=rank, local_rank=local_rank, abort_flag=abort_flag)
     except BaseException as exc:  # report, then exit: the parent raises it
         conn.send(_error_reply(exc))
         return
@@ -145,16 +165,22 @@ def serve_calls(worker, conn: Connection, rank: int) -> None:
 
 
 class MultiprocExecutor(Executor):
-    def __init__(self, od_config: OmniDiffusionConfig):
-        self.world_size = od_config.parallel_config.world_size
+    """The worker processes of one replica (`replica`: its index under data parallelism)."""
+
+    def __init__(self, od_config: OmniDiffusionConfig, replica: int = 0):
+        pc = od_config.parallel_config
+        self.world_size = pc.replica_world_size
+        self.replica = replica
+        first_device = replica * self.world_size
         device = od_config.resolved_device
         if device.type == "cuda":
             import torch
 
             available = torch.cuda.device_count()
-            if available < self.world_size:
+            if available < pc.world_size:
                 raise ValueError(
-                    f"the parallel config needs {self.world_size} GPUs (one per rank) but {available} are visible"
+                    f"the parallel config needs {pc.world_size} GPUs (one per rank: {pc.data_parallel_size} "
+                    f"replica(s) of {self.world_size}) but {available} are visible"
                 )
         ctx = mp.get_context("spawn")
         port = get_free_port()
@@ -168,18 +194,19 @@ class MultiprocExecutor(Executor):
             parent_conn, child_conn = ctx.Pipe()
             proc = ctx.Process(
                 target=worker_main,
-                args=(od_config, rank, self.world_size, port, child_conn, self._abort),
-                name=f"diffserve-worker-{rank}",
+                args=(od_config, rank, self.world_size, port, child_conn, self._abort, first_device),
+                name=f"diffserve-worker-{rank}" if pc.data_parallel_size == 1 else f"diffserve-r{replica}-w{rank}",
                 daemon=True,
             )
-            with _main_module_hidden():
+            with _spawn_lock, _main_module_hidden():
                 proc.start()
             child_conn.close()
             self.procs.append(proc)
             self.conns.append(parent_conn)
         # Shut the workers down at interpreter exit even if close() is never called.
         atexit.register(_shutdown_ref, weakref.ref(self))
-        logger.info("started %d worker processes (pids %s)", self.world_size, [p.pid for p in self.procs])
+        logger.info("replica %d: started %d worker processes (pids %s, port %d)", replica, self.world_size,
+                    [p.pid for p in self.procs], port)
         try:
             self._gather(STARTUP_TIMEOUT_S)
         except RemoteError as exc:

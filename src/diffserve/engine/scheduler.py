@@ -37,6 +37,8 @@ class ScheduledRequest:
     # Set when the caller is gone (from another thread); a cancelled request is dropped, and a running
     # batch whose requests are all cancelled stops at the next step.
     cancelled: bool = False
+    # Times it was put back in the queue because the replica running it failed (see requeue).
+    requeued: int = 0
 
     @property
     def num_prompts(self) -> int:
@@ -103,6 +105,13 @@ class Scheduler:
                 self._waiting.remove(entry)
                 batch.entries.append(entry)
                 size += entry.num_prompts
+
+    def requeue(self, entries: list[ScheduledRequest]) -> None:
+        """Put accepted requests back at the head of the queue, oldest first (the replica running them
+        died: they run again on another). The queue bound does not apply: they were accepted before."""
+        for entry in reversed(entries):
+            entry.requeued += 1
+            self._waiting.appendleft(entry)
 
     def remove(self, entry: ScheduledRequest) -> bool:
         """Take `entry` out of the queue (its caller left); False if it is not waiting."""

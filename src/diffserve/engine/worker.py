@@ -112,7 +112,7 @@ class DiffusionWorker:
         self.cache_backend = make_cache_backend(self.od_config)
         if self.cache_backend is not None:
             self.cache_backend.enable(self.pipeline)
-        if self.od_config.parallel_config.world_size == 1 and not self._blocks_compiled():
+        if self.od_config.parallel_config.replica_world_size == 1 and not self._blocks_compiled():
             self._stop_between_blocks()
 
     def _quantize(self, method: str) -> None:

@@ -27,6 +27,8 @@ ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--ring-degree", "ring_degree", int, "ring sequence parallel degree"),
     ("--cfg-parallel-size", "cfg_parallel_size", int, "1, or 2 to run the CFG branches on two ranks"),
     ("--vae-patch-parallel-size", "vae_patch_parallel_size", int, "ranks that share the tiled VAE decode"),
+    ("--data-parallel-size", "data_parallel_size", int,
+     "replicas of the model, each on its own devices (replica r of k ranks on GPUs r*k..(r+1)*k-1)"),
     ("--hsdp-shard-size", "hsdp_shard_size", int, "HSDP shard group size (-1: all ranks)"),
     ("--hsdp-replicate-size", "hsdp_replicate_size", int, "HSDP replica count"),
     ("--cache-backend", "cache_backend", str, "step cache: cache_dit or tea_cache (default none)"),
@@ -186,14 +188,13 @@ def _limit(seconds: float) -> float | None:
     return seconds if seconds > 0 else None
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def server_config(args: argparse.Namespace):
+    """The ServerConfig of the flags add_server_args added (shared by `serve` and the Ray Serve app)."""
     from diffserve.config import ENV_API_KEY
-    from diffserve.logger import configure_logging
-    from diffserve.server.launch import build_server, parse_warmup, run_server
+    from diffserve.server.launch import parse_warmup
     from diffserve.server.state import ServerConfig
 
-    configure_logging()
-    config = ServerConfig(
+    return ServerConfig(
         served_model_names=args.served_model_name or [],
         api_key=args.api_key or ENV_API_KEY,
         max_queue=args.max_queue,
@@ -212,6 +213,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace,
         warmup=parse_warmup(args.warmup) if args.warmup else [],
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from diffserve.logger import configure_logging
+    from diffserve.server.launch import build_server, run_server
+
+    configure_logging()
+    config = server_config(args)
     app, state = build_server(args.model, engine_kwargs(args), config)
     print(f"serving {state.config.served_model_name!r} on http://{args.host}:{args.port} (loading the model; "
           "/health says ready when it is)", flush=True)
@@ -235,6 +244,48 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     print(describe_models())
     return 0
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """The model and the app's flags (names, limits, timeouts), shared by `serve` and the Ray Serve app
+    (diffserve.integrations.ray_serve); where to listen is each one's own."""
+    parser.add_argument("model", nargs="?", default="demo",
+                        help="checkpoint folder, hub id, or demo: the built-in demo model")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every endpoint but /health and /metrics "
+                             "(or set DIFFSERVE_API_KEY)")
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="model ids clients may use (default: the folder name); the MODEL argument as given "
+                             "is always accepted too")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+                        help="how long the scheduler waits for compatible requests to fill a batch")
+    parser.add_argument("--max-queue", type=int, default=256, help="queued requests before answering 429")
+    parser.add_argument("--request-timeout", type=float, default=600.0,
+                        help="seconds an image or audio request may take from arrival (504 after; 0: no limit)")
+    parser.add_argument("--max-work-seconds", type=float, default=None,
+                        help="image or audio requests whose estimated denoising time exceeds this are refused "
+                             "up front with 400 (default: the request timeout; 0: no limit)")
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (413 above)")
+    parser.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds a client may take to send its request body (408 after)")
+    parser.add_argument("--max-n", type=int, default=8, help="most images one request may ask for (n)")
+    parser.add_argument("--jobs-dir", default=None, help="where video jobs are kept (default ./diffserve_jobs)")
+    parser.add_argument("--job-queue-timeout", type=float, default=3600.0,
+                        help="seconds a video job may wait in the queue (0: no limit)")
+    parser.add_argument("--job-timeout", type=float, default=7200.0,
+                        help="seconds a video job may run, from its start; longer estimates are refused (0: no limit)")
+    parser.add_argument("--job-ttl", type=float, default=7 * 24 * 3600.0,
+                        help="seconds a finished video job and its file are kept (0: forever)")
+    parser.add_argument("--max-job-storage-gb", type=float, default=10.0,
+                        help="new video jobs are refused (507) while stored videos exceed this (0: no limit)")
+    parser.add_argument("--step-timeout", type=float, default=600.0,
+                        help="seconds without a finished denoise step before the workers count as wedged and are "
+                             "restarted (0: no watchdog)")
+    parser.add_argument("--warmup", default=None, metavar="SIZES",
+                        help="run a short request at each WIDTHxHEIGHT[:BATCH] (comma-separated) before serving, so "
+                             "compilation for those shapes happens at start, e.g. 1024x1024,1024x1024:4")
+    parser.add_argument("--shutdown-grace", type=float, default=30.0,
+                        help="on SIGTERM, seconds the running batch gets to finish before it is stopped")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,45 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model over an OpenAI-compatible HTTP API (images, image edits, video jobs, audio).",
         formatter_class=HelpFormatter,
     )
-    serve.add_argument("model", nargs="?", default="demo",
-                       help="checkpoint folder, hub id, or demo: the built-in demo model")
+    add_server_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
-    serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on every endpoint but /health and /metrics "
-                            "(or set DIFFSERVE_API_KEY)")
-    serve.add_argument("--served-model-name", nargs="+", default=None,
-                       help="model ids clients may use (default: the folder name); the MODEL argument as given "
-                            "is always accepted too")
-    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
-                       help="how long the scheduler waits for compatible requests to fill a batch")
-    serve.add_argument("--max-queue", type=int, default=256, help="queued requests before answering 429")
-    serve.add_argument("--request-timeout", type=float, default=600.0,
-                       help="seconds an image or audio request may take from arrival (504 after; 0: no limit)")
-    serve.add_argument("--max-work-seconds", type=float, default=None,
-                       help="image or audio requests whose estimated denoising time exceeds this are refused "
-                            "up front with 400 (default: the request timeout; 0: no limit)")
-    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (413 above)")
-    serve.add_argument("--body-timeout", type=float, default=30.0,
-                       help="seconds a client may take to send its request body (408 after)")
-    serve.add_argument("--max-n", type=int, default=8, help="most images one request may ask for (n)")
-    serve.add_argument("--jobs-dir", default=None, help="where video jobs are kept (default ./diffserve_jobs)")
-    serve.add_argument("--job-queue-timeout", type=float, default=3600.0,
-                       help="seconds a video job may wait in the queue (0: no limit)")
-    serve.add_argument("--job-timeout", type=float, default=7200.0,
-                       help="seconds a video job may run, from its start; longer estimates are refused (0: no limit)")
-    serve.add_argument("--job-ttl", type=float, default=7 * 24 * 3600.0,
-                       help="seconds a finished video job and its file are kept (0: forever)")
-    serve.add_argument("--max-job-storage-gb", type=float, default=10.0,
-                       help="new video jobs are refused (507) while stored videos exceed this (0: no limit)")
-    serve.add_argument("--step-timeout", type=float, default=600.0,
-                       help="seconds without a finished denoise step before the workers count as wedged and are "
-                            "restarted (0: no watchdog)")
-    serve.add_argument("--warmup", default=None, metavar="SIZES",
-                       help="run a short request at each WIDTHxHEIGHT[:BATCH] (comma-separated) before serving, so "
-                            "compilation for those shapes happens at start, e.g. 1024x1024,1024x1024:4")
-    serve.add_argument("--shutdown-grace", type=float, default=30.0,
-                       help="on SIGTERM, seconds the running batch gets to finish before it is stopped")
     serve.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)

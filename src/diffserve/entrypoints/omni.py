@@ -6,7 +6,8 @@ import os
 from typing import Any, Sequence
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.engine.engine import DiffusionEngine
+from diffserve.engine.async_engine import AsyncDiffusionEngine
+from diffserve.engine.engine import DiffusionEngine, replica_builders
 from diffserve.registry import DEMO_MODEL
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
 
@@ -23,13 +24,21 @@ class Omni:
     `model` is a folder in the diffusers layout, a Hugging Face hub id, or "demo" (the default): the
     built-in demo model, which draws coloured shapes on a CPU. Keywords are the fields of
     OmniDiffusionConfig and DiffusionParallelConfig; an unknown keyword is an error that names it.
+
+    With `data_parallel_size=N` there are N replicas of the model, each on its own devices, and
+    `generate` runs the batches of one call on all of them at once (`engine` is then the
+    AsyncDiffusionEngine that feeds them).
     """
 
     def __init__(self, model: str = DEMO_MODEL, **kwargs: Any):
         self.od_config = OmniDiffusionConfig.from_kwargs(model, **kwargs)
-        self.engine: DiffusionEngine | None = DiffusionEngine(self.od_config)
+        self.engine: DiffusionEngine | AsyncDiffusionEngine | None = None
+        if self.od_config.parallel_config.data_parallel_size == 1:
+            self.engine = DiffusionEngine(self.od_config)
+        else:
+            self.engine = start_replicas(self.od_config)
 
-    def _live_engine(self) -> DiffusionEngine:
+    def _live_engine(self) -> DiffusionEngine | AsyncDiffusionEngine:
         if self.engine is None:
             raise RuntimeError("this Omni instance has been closed")
         return self.engine
@@ -53,7 +62,8 @@ class Omni:
             OmniDiffusionRequest(prompts=[PromptInput.from_user(p, sp)], sampling_params=sp)
             for p, sp in zip(prompt_list, params_list)
         ]
-        outputs = self._live_engine().generate(requests)
+        engine = self._live_engine()
+        outputs = engine.run_all(requests) if isinstance(engine, AsyncDiffusionEngine) else engine.generate(requests)
         for out in outputs:
             if out.error is not None:
                 raise (ValueError if out.error_type == "invalid_request" else RuntimeError)(out.error)
@@ -97,3 +107,14 @@ class Omni:
             self.close()
         except Exception:
             pass
+
+
+def start_replicas(od_config: OmniDiffusionConfig) -> AsyncDiffusionEngine:
+    """The data-parallel replicas behind one scheduler, all loaded (a load error is raised as it was).
+    Offline, nothing waits for more requests and a long step is never declared hung."""
+    engine = AsyncDiffusionEngine(replica_builders(od_config), max_queue=None, batch_wait_ms=0, step_timeout_s=None)
+    engine.wait_until_all_loaded()
+    if engine.load_exception is not None:
+        engine.shutdown()
+        raise engine.load_exception
+    return engine

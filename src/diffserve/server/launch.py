@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
-import time
 from typing import Any
 
 from diffserve.config import OmniDiffusionConfig
 from diffserve.engine.async_engine import AsyncDiffusionEngine
-from diffserve.engine.engine import DiffusionEngine
+from diffserve.engine.engine import DiffusionEngine, warm_up
 from diffserve.registry import DEMO_MODEL, resolve_model
 from diffserve.server.protocol import SIZE_PATTERN
 from diffserve.server.app import ServerConfig, ServerState, build_app
@@ -41,12 +41,17 @@ def build_server(model: str = DEMO_MODEL, engine_kwargs: dict[str, Any] | None =
     config.lora_adapters = sorted(od_config.lora_modules)
     jobs = VideoJobStore(config.jobs_dir or os.path.abspath("diffserve_jobs"), ttl_s=config.job_ttl_s)
 
-    def load() -> DiffusionEngine:
-        engine = DiffusionEngine(od_config)
-        logger.info("loaded %r (%s)", config.served_model_name, engine.spec.modality)
+    replicas = od_config.parallel_config.data_parallel_size
+
+    def load(replica: int) -> DiffusionEngine:
+        engine = DiffusionEngine(od_config, replica=replica)
+        logger.info("loaded %r (%s)%s", config.served_model_name, engine.spec.modality,
+                    f" on replica {replica} of {replicas}" if replicas > 1 else "")
         return engine
 
-    engine = AsyncDiffusionEngine(load, max_queue=config.max_queue, batch_wait_ms=config.batch_wait_ms,
+    # One scheduler, one runner per data-parallel replica: each batch goes to a free replica.
+    engine = AsyncDiffusionEngine([functools.partial(load, r) for r in range(replicas)],
+                                  max_queue=config.max_queue, batch_wait_ms=config.batch_wait_ms,
                                   step_timeout_s=config.step_timeout_s,
                                   warmup=(lambda e: warm_up(e, config.warmup)) if config.warmup else None)
     state = ServerState(engine, config, jobs)
@@ -64,23 +69,6 @@ def parse_warmup(text: str) -> list[tuple[int, int, int]]:
             raise ValueError(f"--warmup takes WIDTHxHEIGHT[:BATCH] items separated by commas, got {item!r}")
         shapes.append((int(match.group(2)), int(match.group(1)), int(batch or 1)))
     return shapes
-
-
-def warm_up(engine: DiffusionEngine, shapes: list[tuple[int, int, int]]) -> None:
-    """One short request per shape before serving: compilation (per resolution and batch size) is paid
-    here, and its time logged, instead of by the first clients."""
-    from diffserve.request import OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
-
-    for height, width, batch in shapes:
-        start = time.perf_counter()
-        params = OmniDiffusionSamplingParams(height=height, width=width, num_inference_steps=2, seed=0)
-        req = engine.admit(OmniDiffusionRequest(
-            prompts=[PromptInput(prompt="warm-up", seed=i) for i in range(batch)], sampling_params=params))
-        out = engine.run_batch([req])[0]
-        if out.error is not None:
-            raise ValueError(f"--warmup {width}x{height}:{batch} failed: {out.error}")
-        logger.info("warm-up %dx%d, batch %d: %.1f s (compilation included)", width, height, batch,
-                    time.perf_counter() - start)
 
 
 def run_server(app, state: ServerState, host: str, port: int, log_level: str = "info") -> None:

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 disable_created_metrics()
 
 STATES = ("starting", "ready", "busy", "recovering", "draining", "failed")
+REPLICA_STATES = ("starting", "ready", "busy", "recovering", "failed")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -46,6 +47,19 @@ class ServerMetrics:
                             registry=self.registry)
         self.memory = Gauge("diffserve_process_resident_bytes", "resident memory of the server process",
                             registry=self.registry)
+        # Per data-parallel replica (one replica without data parallelism: replica="0").
+        self.replica_state = Gauge("diffserve_replica_state", "1 for each replica's current state",
+                                   ["replica", "state"], registry=self.registry)
+        self.replica_running = Gauge("diffserve_replica_running_requests", "requests in the replica's running batch",
+                                     ["replica"], registry=self.registry)
+        self.replica_steps = Gauge("diffserve_replica_denoise_steps_completed", "denoise steps the replica completed",
+                                   ["replica"], registry=self.registry)
+        self.replica_requests = Counter("diffserve_replica_requests", "requests the replica answered, by outcome",
+                                        ["replica", "outcome"], registry=self.registry)
+        self.replica_restarts = Gauge("diffserve_replica_restarts", "times the replica's worker group was restarted",
+                                      ["replica"], registry=self.registry)
+        self.replicas_healthy = Gauge("diffserve_replicas_healthy", "replicas that can take work",
+                                      registry=self.registry)
 
     def observe_state(self, state) -> None:
         """Gauges read at scrape time."""
@@ -57,9 +71,20 @@ class ServerMetrics:
             self.queue_depth.set(engine.queue_depth)
             self.running.set(engine.running_requests)
             self.steps.set(engine.completed_steps)
+        self.replicas_healthy.set(sum(r.healthy for r in engine.replicas))
+        for replica in engine.replicas:
+            label = str(replica.index)
+            for name in REPLICA_STATES:
+                self.replica_state.labels(replica=label, state=name).set(1 if replica.status == name else 0)
+            self.replica_running.labels(replica=label).set(len(replica.running))
+            self.replica_steps.labels(replica=label).set(replica.completed_steps)
+            self.replica_restarts.labels(replica=label).set(replica.restarts)
 
     def observe_batch(self, requests, outputs, elapsed_s: float) -> None:
         self.batch_size.observe(sum(len(r.prompts) for r in requests))
+        for out in outputs:
+            self.replica_requests.labels(replica=str(out.metrics.get("replica", 0)),
+                                         outcome="ok" if out.error is None else "error").inc()
         for out in outputs:
             if "queue_s" in out.metrics:
                 self.queue_wait.observe(out.metrics["queue_s"])

@@ -30,18 +30,22 @@ def router(state: ServerState) -> APIRouter:
 
     @api.get("/health")
     async def health():
-        """200 while the engine takes work (ready, busy); 503 while starting, recovering or draining,
-        and when it failed. The body says which, and why where it can."""
+        """200 while the engine takes work (ready, busy: some replica can); 503 while starting,
+        recovering or draining, and when it failed. The body says which, why where it can, and how
+        many replicas are healthy."""
         status = state.status
+        # With data parallelism the server serves while any replica can; this says how many can.
+        replicas = state.engine.replica_summary()
         if status in ("ready", "busy"):
-            return {"status": status}
+            return {"status": status, "replicas": replicas}
         messages = {
             "starting": "the model is loading",
             "recovering": "the workers are restarting after a failure",
             "draining": "the server is shutting down",
             "failed": "the engine failed" + (f": {state.engine.load_error}" if state.engine.load_error else ""),
         }
-        return JSONResponse(status_code=503, content={"status": status, "message": messages[status]})
+        return JSONResponse(status_code=503, content={"status": status, "message": messages[status],
+                                                      "replicas": replicas})
 
     @api.get("/metrics")
     async def metrics():
