@@ -20,8 +20,9 @@ CASES = [
     ("lora/lora_adapters.py", [], "lora_stacked.png"),
     ("diffusers_adapter/any_diffusers_pipeline.py", ["--steps", "2"], "any_diffusers_pipeline.png"),
     # 64x80 pixels, 9 frames: 60 video tokens, which split over 2 ring ranks.
-    ("text_to_video/text_to_video.py", ["--ring-degree", "2", "--vae-patch-parallel-size", "2", "--height", "64"],
-     "text_to_video.mp4"),
+    pytest.param("text_to_video/text_to_video.py",
+                 ["--ring-degree", "2", "--vae-patch-parallel-size", "2", "--height", "64"], "text_to_video.mp4",
+                 marks=pytest.mark.slow),  # 4 processes; the parallel modes run in tests/distributed
 ]
 
 

@@ -33,6 +33,9 @@ MODES = {
     "ulysses2xring2": {"ulysses_degree": 2, "ring_degree": 2},
 }
 FOUR_PROCESS_MODES = ("tp2xcfg2", "ulysses2xcfg2", "ulysses2xring2")
+# The default run checks each family in three worlds that together exercise every mode (TP with CFG
+# parallel, Ulysses with ring, HSDP); the single modes and the other pairs are the slow tier.
+DEFAULT_MODES = ("tp2xcfg2", "ulysses2xring2", "hsdp2")
 
 
 def _one_case_per_pipeline(backend: str = "native"):
@@ -80,10 +83,14 @@ def single_process(tiny_checkpoint):
     return get
 
 
-PARAMS = [(case, mode) for case in _one_case_per_pipeline() for mode in MODES]
+PARAMS = [
+    pytest.param(case, mode, id=f"{case.arch}-{mode}", marks=() if mode in DEFAULT_MODES else pytest.mark.slow)
+    for case in _one_case_per_pipeline()
+    for mode in MODES
+]
 
 
-@pytest.mark.parametrize("case, mode", PARAMS, ids=[f"{c.arch}-{m}" for c, m in PARAMS])
+@pytest.mark.parametrize("case, mode", PARAMS)
 def test_parallel_mode_matches_single_process(tiny_checkpoint, single_process, case, mode):
     path = tiny_checkpoint(case.arch)
     assert _declares(case, mode, path), f"{case.arch} does not declare what {mode} needs"

@@ -115,7 +115,8 @@ def test_an_adapter_for_another_model_fails_at_start(tiny_flux, wan_adapters):
         Omni(tiny_flux, dtype="float32", device="cpu", lora_modules={"motion": wan_adapters["motion"]})
 
 
-@pytest.mark.parametrize("mode", [{"tensor_parallel_size": 2}, {"use_hsdp": True, "hsdp_shard_size": 2}],
+@pytest.mark.parametrize("mode", [{"tensor_parallel_size": 2},
+                                  pytest.param({"use_hsdp": True, "hsdp_shard_size": 2}, marks=pytest.mark.slow)],
                          ids=["tp2", "hsdp2"])
 def test_parallel_with_adapters_matches_single_process(tiny_flux, flux_adapters, mode):
     """2 gloo processes, two stacked adapters with true CFG. TP shards the adapters with the column,

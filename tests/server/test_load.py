@@ -5,6 +5,7 @@ import re
 import time
 
 import httpx
+import pytest
 
 BODY = {"prompt": "a red fox", "size": "16x16", "num_inference_steps": 2, "output_format": "png"}
 
@@ -44,6 +45,7 @@ def test_full_queue_answers_429(start_server, tiny_flux):
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
+@pytest.mark.slow  # 530 requests: a soak test
 def test_sequential_requests_do_not_grow_memory(flux_server):
     body = {"prompt": "a fox", "size": "16x16", "num_inference_steps": 1}
     with httpx.Client(timeout=60) as client:

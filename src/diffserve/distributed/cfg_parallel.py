@@ -77,6 +77,8 @@ class CFGParallelMixin:
                 batched[key] = torch.cat([pos, neg])
             elif pos is neg:
                 batched[key] = pos
+            elif key in self.cfg_batched_inputs and (pos is None or neg is None):
+                return None  # e.g. an attention mask that only the padded branch needs
             else:
                 raise ValueError(
                     f"CFG input {key!r} differs between the branches but is not in {type(self).__name__}."

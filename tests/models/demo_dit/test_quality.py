@@ -2,8 +2,8 @@
 
 Held-out captions name layouts (colour x shape x colour x shape x axis) the model never saw in
 training (scenes.held_out_captions("test")). The detector (validated on clean renders in
-test_detector.py) must find the caption in at least 80% of the images, two seeds per caption, at
-the model's default settings.
+test_detector.py) must find the caption in at least 80% of the images at the model's default settings, for each of
+two seeds per caption (the second in the slow tier).
 """
 
 import pytest
@@ -23,14 +23,15 @@ SEEDS = (0, 1)  # scripts/train_demo_model.py reports the accuracy on exactly th
 THRESHOLD = 0.8
 
 
-def test_held_out_captions_are_drawn_correctly():
+@pytest.mark.parametrize("seed", [SEEDS[0], pytest.param(SEEDS[1], marks=pytest.mark.slow)])
+def test_held_out_captions_are_drawn_correctly(seed):
     import numpy as np
 
     from diffserve import Omni
     from diffserve.demo import detector, scenes
 
     captions = scenes.held_out_captions("test")
-    prompts = [{"prompt": c, "seed": s} for c in captions for s in SEEDS]
+    prompts = [{"prompt": c, "seed": seed} for c in captions]
     with Omni(DEMO_MODEL_DIR, dtype="float32", device="cpu", disable_progress_bar=True) as omni:
         outputs = omni.generate(prompts)
     images = np.stack([np.asarray(o.images[0]) for o in outputs])  # uint8 [N, 64, 64, 3]

@@ -66,6 +66,7 @@ def test_smoke_run_writes_a_loadable_checkpoint_and_report(smoke_run):
     assert image.size == (64, 64)
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(smoke_run, tmp_path):
     out, _ = smoke_run
     again = tmp_path / "again"

@@ -4,6 +4,7 @@ gathers the image tokens back."""
 
 import os
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
@@ -55,6 +56,7 @@ def _rank_main(rank: int, port: int, folder: str, expected_path: str) -> None:
         ps.destroy_model_parallel()
 
 
+@pytest.mark.slow  # tests/distributed/test_parallel.py checks SD3 and SD3.5-medium in the default run
 def test_tensor_and_sequence_parallel_match_single_process(tiny_checkpoint, tmp_path):
     # SD3.5-medium: the dual-attention blocks' image self-attention is split too.
     folder = f"{tiny_checkpoint('sd3.5-medium')}/transformer"
