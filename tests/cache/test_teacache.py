@@ -213,7 +213,8 @@ def test_taylorseer_extrapolates_the_residual_of_the_computed_steps():
         uncached = [pipeline.transformer(x, temb) for x in inputs]
         outputs = {}
         for calibrator in ("none", "taylorseer"):
-            backend = _with_tea_cache(pipeline, 0.25, steps=6, warmup_steps=2, calibrator=calibrator, taylorseer_order=1)
+            backend = _with_tea_cache(pipeline, 0.25, steps=6, warmup_steps=2, calibrator=calibrator,
+                                      taylorseer_order=1)
             outputs[calibrator] = [pipeline.transformer(x, temb) for x in inputs]
             # Warm-up runs steps 0 and 1; then distances 0.091, 0.083, 0.077 accumulate: steps 2 and 3
             # skipped (0.17), step 4 reaches 0.25 and runs, step 5 is the last.

@@ -58,13 +58,14 @@ class ModelDefaultsMixin:
 
         `model_defaults` is a transformer's `_cache_defaults[BACKEND]`; `owner` names it in errors.
         """
+        where = f"{owner}._cache_defaults[{self.BACKEND!r}]"
         if not isinstance(model_defaults, Mapping):
-            raise ValueError(f"{owner}._cache_defaults[{self.BACKEND!r}] must be a dict, got {model_defaults!r}")
-        check_known_keys(f"{owner}._cache_defaults[{self.BACKEND!r}]", dict(model_defaults), list(self.BUILTIN_DEFAULTS))
+            raise ValueError(f"{where} must be a dict, got {model_defaults!r}")
+        check_known_keys(where, dict(model_defaults), list(self.BUILTIN_DEFAULTS))
         try:
             type(self)(**model_defaults)  # the same checks as a user's values
         except ValueError as exc:
-            raise ValueError(f"{owner}._cache_defaults[{self.BACKEND!r}]: {exc}") from None
+            raise ValueError(f"{where}: {exc}") from None
         filled = {
             name: model_defaults.get(name, builtin)
             for name, builtin in self.BUILTIN_DEFAULTS.items()
