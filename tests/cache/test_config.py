@@ -119,7 +119,7 @@ def test_unset_fields_take_the_models_defaults_then_the_builtin_ones_and_user_va
     assert dit.is_resolved() and dit.strify() == "DBCache_F1B0_W2_M-1_MC3_R0.3_T1O1"
     # A model without a declaration gets the built-in defaults.
     assert resolve_for(TeaCacheConfig(), object()) == TeaCacheConfig(
-        rel_l1_thresh=0.2, warmup_steps=1, max_continuous_cached_steps=-1, calibrator="none", taylorseer_order=1
+        rel_l1_thresh=0.1, warmup_steps=1, max_continuous_cached_steps=-1, calibrator="none", taylorseer_order=1
     )
 
 

@@ -38,16 +38,29 @@ def test_demo_model_defaults():
     assert dit.strify() == "DBCache_F1B0_W6_M-1_MC3_R0.4_T1O1"
 
 
-@pytest.mark.parametrize("backend", ["tea_cache", "cache_dit"])
-def test_every_declaration_is_valid(backend):
-    """Every registered transformer class that declares defaults resolves without error."""
+def _native_transformers():
+    """One transformer of every native family, on the meta device (only declarations are read)."""
+    from diffserve.models.qwen_image.qwen_image_transformer import QwenImageTransformer2DModel
+    from diffserve.models.sd3.sd3_transformer import SD3Transformer2DModel
+    from diffserve.models.stable_audio.stable_audio_transformer import StableAudioDiTModel
     from diffserve.models.wan.wan_transformer import WanTransformer3DModel, WanTransformerConfig
 
     with torch.device("meta"):
-        wan = WanTransformer3DModel(WanTransformerConfig(num_attention_heads=12, ffn_dim=8960, num_layers=2))
+        return [_demo_transformer(), _flux_transformer(), SD3Transformer2DModel(), QwenImageTransformer2DModel(),
+                StableAudioDiTModel(),
+                WanTransformer3DModel(WanTransformerConfig(num_attention_heads=12, ffn_dim=8960, num_layers=2))]
+
+
+@pytest.mark.parametrize("backend", ["tea_cache", "cache_dit"])
+def test_every_native_family_resolves_to_complete_settings(backend):
+    """Declared defaults are valid; families without a declaration (SD3, Qwen-Image, Stable Audio) get
+    the built-in ones."""
     config = {"tea_cache": TeaCacheConfig(), "cache_dit": CacheDiTConfig()}[backend]
-    for transformer in (_demo_transformer(), _flux_transformer(), wan):
-        assert resolve_for(config, transformer).is_resolved()
+    for transformer in _native_transformers():
+        resolved = resolve_for(config, transformer)
+        assert resolved.is_resolved()
+        if not getattr(transformer, "_cache_defaults", None):
+            assert resolved == config.with_defaults({}), type(transformer).__name__
 
 
 def test_the_engine_runs_with_the_models_defaults_unless_the_user_sets_a_key(tiny_checkpoint):

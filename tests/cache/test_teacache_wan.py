@@ -63,7 +63,7 @@ def test_checkpoints_without_published_coefficients_run_uncalibrated_on_builtin_
     transformer = _meta(cls, **config)
     assert transformer._teacache_coefficients is None
     assert resolve_for(TeaCacheConfig(), transformer) == TeaCacheConfig(
-        rel_l1_thresh=0.2, warmup_steps=1, max_continuous_cached_steps=-1, calibrator="none", taylorseer_order=1
+        rel_l1_thresh=0.1, warmup_steps=1, max_continuous_cached_steps=-1, calibrator="none", taylorseer_order=1
     )
 
 
@@ -109,7 +109,8 @@ def published_settings_on_tiny_wan(monkeypatch):
     monkeypatch.setattr(wan_transformer, "wan_teacache_key", key)
 
 
-@pytest.mark.parametrize("arch", ["wan2.1-t2v", "wan2.2-t2v", "wan2.1-i2v", "wan2.2-i2v"])
+# Wan2.2 I2V covers the image-to-video pipeline and both experts (Wan2.1 I2V only adds its CLIP encoder).
+@pytest.mark.parametrize("arch", ["wan2.1-t2v", "wan2.2-t2v", "wan2.2-i2v"])
 def test_threshold_zero_equals_the_uncached_output(tiny_checkpoint, published_settings_on_tiny_wan, arch):
     pipeline = load_pipeline(tiny_checkpoint(arch))
     expected = _generate(pipeline, arch, 7)
