@@ -283,8 +283,8 @@ class TeaCacheHook:
         self.accumulated = self.accumulated + rescale(relative_l1_distance(previous, modulated), self.coefficients)
         # Written as "not below" so that a NaN distance (an all-zero previous input) computes.
         rows_due = (~(self.accumulated < self.rel_l1_thresh)).any().to(torch.float32)
-        # Every rank runs this request (data parallelism, which would not, is refused by the config):
-        # summing over the world gives all ranks one decision.
+        # Every rank of the world group runs this request (a data-parallel replica is a process group
+        # of its own): summing over the world gives all ranks one decision.
         get_world_group().all_reduce(rows_due)
         # The one host sync of a step: whether it runs the transformer blocks.
         compute = rows_due.item() > 0
