@@ -7,9 +7,10 @@ median over the repeats of the denoise stage time / steps. Each mode runs in a f
 2-step warm-up (regional torch.compile, unless --eager). With random weights the skip decisions are
 not those of the real model: the counts say what this run skipped, not what FLUX.1-dev would.
 
-Modes: `none`, `cache_dit` and `tea_cache` at their defaults (docs/cache.md: DBCache F1B0, W4, MC3,
-residual_diff_threshold 0.24; TeaCache rel_l1_thresh 0.2), or `cache_dit@R` / `tea_cache@T` with another
-threshold (TeaCache4FLUX documents 0.25, 0.4, 0.6, 0.8 for FLUX.1-dev).
+Modes: `none`, `cache_dit` and `tea_cache` at FLUX's defaults (docs/cache.md: DBCache F1B0, W4, MC3,
+residual_diff_threshold 0.24; TeaCache rel_l1_thresh 0.25, 1 warm-up step; before the per-model
+defaults, RESULTS.md's run used 0.2), or `cache_dit@R` / `tea_cache@T` with another threshold
+(TeaCache4FLUX documents 0.25, 0.4, 0.6, 0.8 for FLUX.1-dev).
 
 GPU (one card, bf16, the real FLUX.1-dev transformer with random weights; the checkpoint is written
 by bench_flux_parallel.build_checkpoint on first use):

@@ -53,6 +53,7 @@ def run_mode(path: str, mode: str, engine_kwargs: dict, prompt, params: dict, st
         "step_ms_all": runs,
         "decode_s": out.metrics.get("decode_s"),
         "e2e_s": out.metrics["e2e_s"],
+        "cached_steps": out.metrics.get("cached_steps"),  # with a step cache: steps that reused it
         "pixels": pixels.float().cpu(),  # or the latents, with compare_latents
     }
 

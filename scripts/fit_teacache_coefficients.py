@@ -1,15 +1,19 @@
 """Fit TeaCache rescale coefficients for a checkpoint (see diffserve/cache/teacache/fit.py).
 
     python scripts/fit_teacache_coefficients.py [--model DIR] [--prompts-file F] [--seeds 2] [--steps N]
+        [--params '{"height": 480, "width": 832, "num_frames": 81}']
 
 Without --model it fits the built-in demo model on its held-out validation captions (never the test
-captions the quality test uses). Prints the coefficients to declare as the transformer's
+captions the quality test uses). For a checkpoint without published coefficients (e.g. Wan2.2's), fit
+at the resolution, frame count and step count it will serve (`--params`, `--steps`), on real weights.
+Prints the coefficients to declare as the transformer's
 `_teacache_coefficients` (or to pass as cache_config["coefficients"]) and the fit's quality.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 
@@ -24,6 +28,7 @@ def main() -> None:
     parser.add_argument("--prompts-file", default=None, help="one prompt per line")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="denoise steps (model default if unset)")
+    parser.add_argument("--params", default="{}", help="more sampling parameters as JSON (size, frames, ...)")
     parser.add_argument("--degree", type=int, default=4)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="auto")
@@ -45,7 +50,8 @@ def main() -> None:
             for seed in range(args.seeds):
                 for r in recorders:
                     r.new_request()
-                omni.generate(prompt, OmniDiffusionSamplingParams(seed=seed, num_inference_steps=args.steps))
+                omni.generate(prompt, OmniDiffusionSamplingParams(seed=seed, num_inference_steps=args.steps,
+                                                                  **json.loads(args.params)))
         pairs = [p for r in recorders for p in r.pairs]
     coefficients = fit_coefficients(pairs, args.degree)
     x, y = np.asarray(pairs).T

@@ -77,3 +77,61 @@ def test_compute_blocks_must_leave_a_block_to_skip(tiny_flux):
                                          r"blocks of transformer.transformer_blocks"):
         CacheDiTBackend(CacheDiTConfig(Fn_compute_blocks=2)).enable(pipeline)
     assert "forward" not in pipeline.transformer.__dict__
+
+
+def test_taylorseer_is_accepted_and_changes_only_the_skipped_steps(tiny_flux):
+    """cache-dit's TaylorSeer forecasts the skipped blocks' residual from the computed steps instead of
+    reusing the last one: the same steps are skipped, the output changes. cache-dit forms the first
+    derivative only on a computed step from the fourth on (its calibrator starts counting one step late
+    in a fresh context and differentiates from its step 2), hence 4 warm-up steps."""
+    pipeline = load_pipeline(tiny_flux)
+    outputs, cached = {}, {}
+    for calibrator in ("none", "taylorseer"):
+        config = CacheDiTConfig(max_warmup_steps=4, max_continuous_cached_steps=-1, residual_diff_threshold=0.9,
+                                calibrator=calibrator)
+        backend = CacheDiTBackend(config)
+        backend.enable(pipeline)
+        backend.refresh(pipeline, 7)
+        outputs[calibrator] = _run(pipeline, 7)
+        cached[calibrator] = backend.cached_steps()
+        backend.disable(pipeline)
+    assert cached["taylorseer"] == cached["none"] >= 2  # of the 3 steps after warm-up
+    rel = ((outputs["taylorseer"] - outputs["none"]).norm() / outputs["none"].norm()).item()
+    assert rel > 1e-3, rel  # measured: 1.7e-2
+
+
+def test_taylorseer_with_threshold_zero_equals_uncached(tiny_flux):
+    pipeline = load_pipeline(tiny_flux)
+    expected = _run(pipeline, 5)
+    backend = CacheDiTBackend(CacheDiTConfig(residual_diff_threshold=0.0, calibrator="taylorseer", taylorseer_order=2))
+    backend.enable(pipeline)
+    backend.refresh(pipeline, 5)
+    assert torch.equal(_run(pipeline, 5), expected)
+    assert backend.cached_steps() == 0
+
+
+def test_each_denoiser_gets_its_own_declared_defaults(tiny_checkpoint):
+    """Wan2.2's two experts resolve the user's config against their own `_cache_defaults`; when they
+    differ, each expert's contexts carry its own (cache-dit ParamsModifiers)."""
+    pipeline = load_pipeline(tiny_checkpoint("wan2.2-t2v"))
+    expert = type(pipeline.transformer_2)
+    pipeline.transformer_2.__class__ = type(  # this expert alone declares other defaults
+        "ExpertWithOwnDefaults", (expert,),
+        {"_cache_defaults": {"cache_dit": {"residual_diff_threshold": 0.5, "max_warmup_steps": 2}}},
+    )
+    backend = CacheDiTBackend(CacheDiTConfig(max_continuous_cached_steps=5))
+    backend.enable(pipeline)
+    try:
+        def context_config(transformer):
+            manager = transformer._context_manager
+            return manager.get_context(transformer._context_names[0]).cache_config
+
+        first, second = context_config(pipeline.transformer), context_config(pipeline.transformer_2)
+        def settings(config):
+            return config.residual_diff_threshold, config.max_warmup_steps, config.max_continuous_cached_steps
+
+        assert (settings(first), settings(second)) == ((0.24, 4, 5), (0.5, 2, 5))
+        backend.refresh(pipeline, 4)  # refreshed contexts keep their own settings
+        assert context_config(pipeline.transformer_2).residual_diff_threshold == 0.5
+    finally:
+        backend.disable(pipeline)

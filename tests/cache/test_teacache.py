@@ -50,8 +50,8 @@ class ToyPipeline(nn.Module):
         self.transformer = ToyTransformer()
 
 
-def _with_tea_cache(pipeline, threshold, steps):
-    backend = TeaCacheBackend(TeaCacheConfig(rel_l1_thresh=threshold))
+def _with_tea_cache(pipeline, threshold, steps, **config):
+    backend = TeaCacheBackend(TeaCacheConfig(rel_l1_thresh=threshold, **config))
     backend.enable(pipeline)
     backend.refresh(pipeline, steps)
     return backend
@@ -190,3 +190,51 @@ def test_rescale_is_the_published_polynomial():
     coefficients = FluxTransformer2DModel._teacache_coefficients
     x = torch.tensor([0.0, 0.05, 0.1, 0.3, 0.6])
     np.testing.assert_allclose(rescale(x, coefficients).numpy(), np.poly1d(coefficients)(x.numpy()), rtol=1e-5)
+
+
+def test_warmup_steps_always_run():
+    pipeline = ToyPipeline()
+    x, temb = torch.randn(1, 5, 4), torch.ones(1)
+    with torch.no_grad():
+        backend = _with_tea_cache(pipeline, 1e9, steps=6, warmup_steps=3)
+        for _ in range(6):
+            pipeline.transformer(x, temb)
+    assert backend.counter.cached_steps == [3, 4]  # steps 0-2 warm up, step 5 is the last
+
+
+def test_taylorseer_extrapolates_the_residual_of_the_computed_steps():
+    """With calibrator="taylorseer" (order 1) a skipped step adds the last computed residual plus its
+    per-step change since the computed step before, times the steps elapsed; without it, the last
+    residual as it is. Both skip the same steps."""
+    pipeline = ToyPipeline()
+    x0, temb = torch.randn(1, 5, 4, generator=torch.Generator().manual_seed(0)), torch.ones(1)
+    inputs = _inputs(x0, 6, 0.1)
+    with torch.no_grad():
+        uncached = [pipeline.transformer(x, temb) for x in inputs]
+        outputs = {}
+        for calibrator in ("none", "taylorseer"):
+            backend = _with_tea_cache(pipeline, 0.25, steps=6, warmup_steps=2, calibrator=calibrator,
+                                      taylorseer_order=1)
+            outputs[calibrator] = [pipeline.transformer(x, temb) for x in inputs]
+            # Warm-up runs steps 0 and 1; then distances 0.091, 0.083, 0.077 accumulate: steps 2 and 3
+            # skipped (0.17), step 4 reaches 0.25 and runs, step 5 is the last.
+            assert backend.counter.cached_steps == [2, 3]
+            backend.disable(pipeline)
+    residual = [u / 2 - x for u, x in zip(uncached, inputs)]  # what the blocks add, per computed step
+    slope = residual[1] - residual[0]
+    for t in (2, 3):
+        torch.testing.assert_close(outputs["none"][t], (inputs[t] + residual[1]) * 2)
+        torch.testing.assert_close(outputs["taylorseer"][t], (inputs[t] + residual[1] + slope * (t - 1)) * 2)
+        assert not torch.allclose(outputs["none"][t], outputs["taylorseer"][t])
+    for t in (0, 1, 4, 5):
+        torch.testing.assert_close(outputs["taylorseer"][t], uncached[t], atol=0, rtol=0)
+
+
+def test_max_continuous_cached_steps_caps_a_run_of_skips():
+    pipeline = ToyPipeline()
+    x, temb = torch.randn(1, 5, 4), torch.ones(1)
+    with torch.no_grad():
+        backend = _with_tea_cache(pipeline, 1e9, steps=7, max_continuous_cached_steps=2)
+        for _ in range(7):
+            pipeline.transformer(x, temb)
+    assert backend.counter.cached_steps == [1, 2, 4, 5]  # step 3 runs after two skips; 6 is the last

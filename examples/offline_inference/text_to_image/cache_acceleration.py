@@ -38,11 +38,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model = args.model
-    demo_thresholds = {"cache_dit": {}, "tea_cache": {"rel_l1_thresh": 0.03}} if model == "demo" else {}
-    configs = {
-        "cache_dit": args.cache_dit_config or demo_thresholds.get("cache_dit", {}),
-        "tea_cache": args.tea_cache_config or demo_thresholds.get("tea_cache", {}),
-    }
+    # Unset keys take the model's own defaults (docs/cache.md, "Each model's defaults").
+    configs = {"cache_dit": args.cache_dit_config or {}, "tea_cache": args.tea_cache_config or {}}
     params = dict(height=args.height, width=args.width, num_inference_steps=args.steps, seed=args.seed)
 
     reference = None

@@ -23,10 +23,10 @@ import torch.nn as nn
 
 from diffserve.cache.base import CacheBackend, check_cfg_runs_in_one_call, denoisers
 from diffserve.cache.blocks import cache_block_lists
-from diffserve.cache.config import CacheDiTConfig
+from diffserve.cache.config import CacheDiTConfig, resolve_for
 
 if TYPE_CHECKING:
-    from cache_dit import DBCacheConfig
+    from cache_dit import CalibratorConfig, DBCacheConfig
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,11 @@ def import_cache_dit():
 
 
 def db_cache_config(config: CacheDiTConfig) -> "DBCacheConfig":
+    """cache-dit's config for a resolved CacheDiTConfig (every tuning field set)."""
     from cache_dit import DBCacheConfig
 
+    if not config.is_resolved():
+        raise ValueError(f"resolve {config.strify()} against the model (cache.config.resolve_for) first")
     return DBCacheConfig(
         Fn_compute_blocks=config.Fn_compute_blocks,
         Bn_compute_blocks=config.Bn_compute_blocks,
@@ -63,10 +66,29 @@ def db_cache_config(config: CacheDiTConfig) -> "DBCacheConfig":
     )
 
 
-def check_block_counts(transformers: dict[str, nn.Module], config: CacheDiTConfig) -> None:
+def calibrator_config(config: CacheDiTConfig) -> "CalibratorConfig | None":
+    """cache-dit's forecaster for the skipped blocks' residual (hidden and encoder streams), or None."""
+    from cache_dit import DMDCalibratorConfig, FoCaCalibratorConfig, TaylorSeerCalibratorConfig
+
+    if config.calibrator == "taylorseer":
+        return TaylorSeerCalibratorConfig(taylorseer_order=config.taylorseer_order)
+    if config.calibrator == "foca":
+        return FoCaCalibratorConfig()
+    if config.calibrator == "dmd":
+        return DMDCalibratorConfig()
+    return None
+
+
+def resolved_configs(transformers: dict[str, nn.Module], config: CacheDiTConfig) -> dict[str, CacheDiTConfig]:
+    """Per denoiser: the user's config, its unset fields from that transformer's `_cache_defaults`."""
+    return {path: resolve_for(config, transformer) for path, transformer in transformers.items()}
+
+
+def check_block_counts(transformers: dict[str, nn.Module], configs: dict[str, CacheDiTConfig]) -> None:
     """Fn + Bn blocks always run; at least one block of every list must be skippable."""
-    always = config.Fn_compute_blocks + config.Bn_compute_blocks
     for path, transformer in transformers.items():
+        config = configs[path]
+        always = config.Fn_compute_blocks + config.Bn_compute_blocks
         for blocks in cache_block_lists(transformer):
             if always >= len(blocks.blocks):
                 raise ValueError(
@@ -85,9 +107,11 @@ def enable_cache_for_dit(pipeline: nn.Module, config: CacheDiTConfig) -> CacheDi
 
     check_cfg_runs_in_one_call(pipeline, "cache_dit")
     transformers = denoisers(pipeline)
-    check_block_counts(transformers, config)
+    configs = resolved_configs(transformers, config)
+    check_block_counts(transformers, configs)
     modules = list(transformers.values())
     block_lists = [cache_block_lists(t) for t in modules]
+    first = next(iter(configs.values()))
     adapter = BlockAdapter(
         # A stand-in pipeline object: given a real one, cache-dit would patch its class's __call__
         # (every instance in the process). With the stand-in, the contexts live on the transformers
@@ -98,14 +122,30 @@ def enable_cache_for_dit(pipeline: nn.Module, config: CacheDiTConfig) -> CacheDi
         blocks_name=[[lst.attr for lst in lists] for lists in block_lists],
         forward_pattern=[[ForwardPattern[lst.pattern] for lst in lists] for lists in block_lists],
         check_forward_pattern=True,
+        params_modifiers=params_modifiers(configs, block_lists, first),
     )
-    cache_dit.enable_cache(adapter, cache_config=db_cache_config(config))
+    # With per-list modifiers the base calibrator stays off: a modifier without one would not remove it.
+    shared_calibrator = calibrator_config(first) if adapter.params_modifiers is None else None
+    cache_dit.enable_cache(adapter, cache_config=db_cache_config(first), calibrator_config=shared_calibrator)
 
     def refresh(pipeline: nn.Module, num_inference_steps: int | None) -> None:
         for transformer in modules:
             cache_dit.refresh_context(transformer)
 
     return refresh
+
+
+def params_modifiers(configs: dict[str, CacheDiTConfig], block_lists: list, first: CacheDiTConfig):
+    """None when every denoiser resolved to the same config (the base config serves all); else, in the
+    adapter's block-list layout, one ParamsModifier per list carrying its transformer's config."""
+    if all(c == first for c in configs.values()):
+        return None
+    from cache_dit import ParamsModifier
+
+    return [
+        [ParamsModifier(cache_config=db_cache_config(c), calibrator_config=calibrator_config(c)) for _ in lists]
+        for c, lists in zip(configs.values(), block_lists)
+    ]
 
 
 # Pipeline class name -> enabler, for models whose caching a block declaration cannot describe.
@@ -165,9 +205,14 @@ class CacheDiTBackend(CacheBackend):
             raise
         self._transformers = transformers
         self._enabled = True
-        # The model's name (the diffusers adapter serves many pipeline classes).
+        # The model's name (the diffusers adapter serves many pipeline classes), and what each
+        # denoiser resolved to.
         model = getattr(getattr(pipeline, "spec", None), "model", None) or name
-        logger.info("Cache-dit enabled successfully on %s (%s)", model, self.config.strify())
+        resolved = resolved_configs(denoisers(pipeline), self.config)
+        logger.info(
+            "Cache-dit enabled successfully on %s (%s)", model,
+            ", ".join(f"{path}: {config.strify()}" for path, config in resolved.items()),
+        )
 
     def refresh(self, pipeline: nn.Module, num_inference_steps: int | None) -> None:
         if not self._enabled:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from diffserve.cache.base import CacheBackend, check_cfg_runs_in_one_call, denoisers
 from diffserve.cache.blocks import cache_block_lists
-from diffserve.cache.config import TeaCacheConfig
+from diffserve.cache.config import TeaCacheConfig, resolve_for
 from diffserve.cache.teacache.hook import StepCounter, TeaCacheHook
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,10 @@ def first_block_input(block: nn.Module, hidden_states, *args, **kwargs):
 
 
 def build_hook(path: str, transformer: nn.Module, config: TeaCacheConfig, counter: StepCounter) -> TeaCacheHook:
-    """The hook for one transformer, or a ValueError saying why its blocks cannot be skipped."""
+    """The hook for one transformer, or a ValueError saying why its blocks cannot be skipped. Fields
+    the user left unset come from the transformer's `_cache_defaults["tea_cache"]`."""
     name = type(transformer).__name__
+    config = resolve_for(config, transformer)
     modulated_input = getattr(transformer, "_teacache_modulated_input", first_block_input)
     coefficients = config.coefficients or getattr(transformer, "_teacache_coefficients", None)
     if coefficients is None:
@@ -57,7 +59,11 @@ def build_hook(path: str, transformer: nn.Module, config: TeaCacheConfig, counte
                 f"cache_backend='tea_cache' cannot skip {path}.{lst.attr}: its blocks are {lst.pattern}, "
                 f"and TeaCache replays residuals only for {', '.join(REPLAYABLE_PATTERNS)}"
             )
-    return TeaCacheHook(transformer, block_lists, modulated_input, coefficients, config.rel_l1_thresh, counter)
+    return TeaCacheHook(
+        transformer, block_lists, modulated_input, coefficients, config.rel_l1_thresh, config.warmup_steps, counter,
+        max_continuous_cached_steps=config.max_continuous_cached_steps,
+        forecast_order=config.taylorseer_order if config.calibrator == "taylorseer" else 0, tag=config.strify(),
+    )
 
 
 class TeaCacheBackend(CacheBackend):
@@ -80,7 +86,10 @@ class TeaCacheBackend(CacheBackend):
             hook.install()
         self.hooks = hooks
         self._enabled = True
-        logger.info("TeaCache enabled successfully on %s (%s)", type(pipeline).__name__, self.config.strify())
+        logger.info(
+            "TeaCache enabled successfully on %s (%s)", type(pipeline).__name__,
+            ", ".join(f"{path}: {hook.tag}" for path, hook in zip(denoisers(pipeline), hooks)),
+        )
 
     def refresh(self, pipeline: nn.Module, num_inference_steps: int | None) -> None:
         if not self._enabled:

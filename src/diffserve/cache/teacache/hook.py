@@ -15,6 +15,7 @@ collectives inside the blocks (TP, HSDP, sequence parallel) always take the same
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -72,6 +73,40 @@ class StepCounter:
         return None if self.num_steps is None else self.num_steps - 1
 
 
+class ResidualForecast:
+    """What a block list added to its stream, predicted for a skipped step from the computed steps.
+
+    Order 0 reuses the last computed residual (plain TeaCache). Order n is TaylorSeer's forecast (Liu et
+    al. 2025, arXiv:2503.06923): a Taylor series in the step index whose derivatives are finite
+    differences over the last n + 1 computed steps; it needs that many computed steps before it uses
+    all n orders, and falls back to the lower ones until then.
+    """
+
+    def __init__(self, order: int):
+        self.order = order
+        self.derivatives: list[torch.Tensor] = []  # value, then 1st, 2nd, ... derivative per step
+        self.step: int | None = None
+
+    def update(self, step: int, residual: torch.Tensor) -> None:
+        derivatives = [residual]
+        if self.derivatives and self.derivatives[0].shape == residual.shape:
+            gap = step - self.step
+            for previous in self.derivatives[: self.order]:
+                derivatives.append((derivatives[-1] - previous) / gap)
+        self.derivatives, self.step = derivatives, step
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.derivatives[0].shape
+
+    def predict(self, step: int) -> torch.Tensor:
+        elapsed = step - self.step
+        prediction = self.derivatives[0]
+        for i, derivative in enumerate(self.derivatives[1:], start=1):
+            prediction = prediction + derivative * (elapsed**i / math.factorial(i))
+        return prediction
+
+
 class TeaCacheBlocks(nn.Module):
     """Stands in for one block list during a hooked forward: runs it, or replays its residual."""
 
@@ -95,9 +130,8 @@ class TeaCacheBlocks(nn.Module):
             if replayed is not None:
                 return replayed
         h, e = self._run(hidden_states, encoder, rest, kwargs)
-        hook.residuals[self.attr] = (
-            h - hidden_states,
-            e - encoder if self.io.returns_encoder and encoder is not None else None,
+        hook.record_residuals(
+            self.attr, h - hidden_states, e - encoder if self.io.returns_encoder and encoder is not None else None
         )
         return self._pack(h, e)
 
@@ -113,16 +147,17 @@ class TeaCacheBlocks(nn.Module):
         return h, e
 
     def _replay(self, h: torch.Tensor, e: torch.Tensor | None):
-        residual_h, residual_e = self._hook.residuals.get(self.attr, (None, None))
-        # A list that did not run on the last computed step (or ran on other shapes) has no usable
-        # residual: it runs instead.
-        if residual_h is None or residual_h.shape != h.shape:
+        forecast_h, forecast_e = self._hook.residuals.get(self.attr, (None, None))
+        # A list that never ran in this request (or ran on other shapes) has no usable residual: it
+        # runs instead.
+        if forecast_h is None or forecast_h.shape != h.shape:
             return None
-        if residual_e is not None:
-            if e is None or residual_e.shape != e.shape:
+        step = self._hook.step
+        if forecast_e is not None:
+            if e is None or forecast_e.shape != e.shape:
                 return None
-            e = e + residual_e
-        return self._pack(h + residual_h, e)
+            e = e + forecast_e.predict(step)
+        return self._pack(h + forecast_h.predict(step), e)
 
     def _pack(self, h: torch.Tensor, e: torch.Tensor | None):
         if self.io.returns == ("hidden_states",):
@@ -142,13 +177,21 @@ class TeaCacheHook:
         modulated_input: ModulatedInputFn,
         coefficients: Sequence[float],
         rel_l1_thresh: float,
+        warmup_steps: int,
         counter: StepCounter,
+        max_continuous_cached_steps: int = -1,
+        forecast_order: int = 0,
+        tag: str = "",
     ):
         self.transformer = transformer
         self.modulated_input = modulated_input
         self.coefficients = tuple(coefficients)
         self.rel_l1_thresh = rel_l1_thresh
+        self.warmup_steps = warmup_steps
         self.counter = counter
+        self.max_continuous_cached_steps = max_continuous_cached_steps
+        self.forecast_order = forecast_order
+        self.tag = tag
         self.wrappers = {
             lst.attr: nn.ModuleList([TeaCacheBlocks(self, i, lst)]) for i, lst in enumerate(block_lists)
         }
@@ -158,9 +201,23 @@ class TeaCacheHook:
     def reset(self) -> None:
         self.previous_input: torch.Tensor | None = None
         self.accumulated: torch.Tensor | None = None
-        self.residuals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # Block list -> forecasts of what it adds to the hidden and the encoder stream.
+        self.residuals: dict[str, tuple[ResidualForecast, ResidualForecast | None]] = {}
         self.step = 0
         self.skip = False
+        self.continuous_cached_steps = 0
+
+    def record_residuals(self, attr: str, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
+        """What block list `attr` added on this computed step, for the skipped steps to come."""
+        forecast_h, forecast_e = self.residuals.get(attr, (None, None))
+        forecast_h = forecast_h or ResidualForecast(self.forecast_order)
+        forecast_h.update(self.step, hidden)
+        if encoder is None:
+            forecast_e = None
+        else:
+            forecast_e = forecast_e or ResidualForecast(self.forecast_order)
+            forecast_e.update(self.step, encoder)
+        self.residuals[attr] = (forecast_h, forecast_e)
 
     def install(self) -> None:
         self._had_instance_forward = "forward" in self.transformer.__dict__
@@ -198,6 +255,9 @@ class TeaCacheHook:
         self.skip = not self._must_compute(modulated)
         if self.skip:
             self.counter.cached_steps.append(self.step)
+            self.continuous_cached_steps += 1
+        else:
+            self.continuous_cached_steps = 0
 
     def _modulated_input_of(self, block: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not (hasattr(block, "unshard") and hasattr(block, "reshard")):
@@ -212,14 +272,19 @@ class TeaCacheHook:
 
     def _must_compute(self, modulated: torch.Tensor) -> bool:
         previous, self.previous_input = self.previous_input, modulated
-        if previous is None or previous.shape != modulated.shape or self.step in (0, self.counter.last_step):
+        always_runs = (
+            self.step < self.warmup_steps
+            or self.step == self.counter.last_step
+            or self.continuous_cached_steps == self.max_continuous_cached_steps
+        )
+        if previous is None or previous.shape != modulated.shape or always_runs:
             self.accumulated = torch.zeros(modulated.shape[0], device=modulated.device, dtype=torch.float32)
             return True
         self.accumulated = self.accumulated + rescale(relative_l1_distance(previous, modulated), self.coefficients)
         # Written as "not below" so that a NaN distance (an all-zero previous input) computes.
         rows_due = (~(self.accumulated < self.rel_l1_thresh)).any().to(torch.float32)
-        # Every rank runs this request (data parallelism, which would not, is refused by the config):
-        # summing over the world gives all ranks one decision.
+        # Every rank of the world group runs this request (a data-parallel replica is a process group
+        # of its own): summing over the world gives all ranks one decision.
         get_world_group().all_reduce(rows_due)
         # The one host sync of a step: whether it runs the transformer blocks.
         compute = rows_due.item() > 0

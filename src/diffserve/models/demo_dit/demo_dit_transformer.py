@@ -91,6 +91,20 @@ class DemoDiTTransformer2DModel(nn.Module):
     def _teacache_modulated_input(block, hidden_states, temb, rotary_emb):
         return block.norm1(hidden_states, temb)[0]
 
+    # Step-cache defaults where the user sets none, chosen with benchmarks/bench_cache_quality.py on the
+    # held-out test captions (docs/cache.md has the table). Both keep the first 6 of the 20 steps (the
+    # layout forms there: skipping them cost the most PSNR) and forecast the skipped blocks' residual
+    # with a first-order TaylorSeer, which needs evenly spaced computed steps, hence the caps on
+    # consecutive skips. TeaCache's threshold then rarely binds: with these coefficients (R^2 0.83) the
+    # cap decides more skips than the signal does.
+    _cache_defaults = {
+        "tea_cache": {"rel_l1_thresh": 0.1, "warmup_steps": 6, "max_continuous_cached_steps": 3,
+                      "calibrator": "taylorseer", "taylorseer_order": 1},
+        "cache_dit": {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 6,
+                      "max_continuous_cached_steps": 3, "residual_diff_threshold": 0.4,
+                      "calibrator": "taylorseer", "taylorseer_order": 1},
+    }
+
     # As FLUX: text and image tokens are both split along the sequence (16 text tokens and 256 image
     # tokens at 64x64 divide by any degree up to 16); the joint attention sees every token through the
     # sequence-parallel attention, and the image output is gathered after the final projection.

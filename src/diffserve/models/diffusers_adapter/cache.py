@@ -93,12 +93,30 @@ def check_skippable(lists, config: "CacheDiTConfig") -> None:
                 )
 
 
+def check_calibrator_applies(lists, config: "CacheDiTConfig") -> None:
+    """cache-dit's calibrators forecast the encoder stream's residual too, which it never stores for a
+    block list holding a block that returns no encoder stream (diffusers' `context_pre_only` blocks,
+    e.g. SD3's last one): cache-dit 1.5.3 then fails on the first cached step. Refused at start."""
+    if config.calibrator == "none":
+        return
+    for transformer, blocks in lists:
+        for blk, _ in blocks:
+            if any(getattr(block, "context_pre_only", False) for block in blk):
+                raise ValueError(
+                    f"calibrator={config.calibrator!r} cannot be used with the diffusers adapter's "
+                    f"{type(transformer).__name__}: a block of it returns no encoder stream, whose residual "
+                    "cache-dit's calibrators also forecast. Allowed here: calibrator='none' (diffserve's "
+                    "native pipeline of the model, where there is one, takes any calibrator)"
+                )
+
+
 def enable_cache_dit(pipeline: nn.Module, config: "CacheDiTConfig") -> "CacheDiTRefresh":
     """CUSTOM_DIT_ENABLERS entry of DiffusersAdapterPipeline."""
     from cache_dit.caching import FakeDiffusionPipeline
     from cache_dit.caching.block_adapters import BlockAdapterRegister
 
-    from diffserve.cache.cache_dit_backend import db_cache_config, import_cache_dit
+    from diffserve.cache.cache_dit_backend import calibrator_config, db_cache_config, import_cache_dit
+    from diffserve.cache.config import resolve_for
 
     cache_dit = import_cache_dit()
     pipe = pipeline.diffusers_pipeline
@@ -110,14 +128,18 @@ def enable_cache_dit(pipeline: nn.Module, config: "CacheDiTConfig") -> "CacheDiT
             f"cannot cache it (cache-dit knows the families {', '.join(sorted(known))}); run without a step cache"
         )
     lists = block_lists(registered)
-    check_skippable(lists, config)
     transformers = [t for t, _ in lists]
+    # diffusers' transformers declare no step-cache defaults: the keys the user left unset take the
+    # built-in ones (cache.config.CacheDiTConfig.BUILTIN_DEFAULTS).
+    config = resolve_for(config, transformers[0])
+    check_skippable(lists, config)
+    check_calibrator_applies(lists, config)
     adapter = dataclasses.replace(registered, pipe=FakeDiffusionPipeline(transformers[0]), skip_post_init=False)
     # diffserve's native pipelines batch their CFG branches; a diffusers pipeline may call its
     # transformer once per branch, which cache-dit then caches per branch.
     cache_config = dataclasses.replace(db_cache_config(config),
                                        enable_separate_cfg=BlockAdapterRegister.has_separate_cfg(pipe))
-    cache_dit.enable_cache(adapter, cache_config=cache_config)
+    cache_dit.enable_cache(adapter, cache_config=cache_config, calibrator_config=calibrator_config(config))
 
     def refresh(pipeline: nn.Module, num_inference_steps: int | None) -> None:
         for transformer in transformers:

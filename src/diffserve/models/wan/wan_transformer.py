@@ -72,6 +72,44 @@ class WanTransformerConfig(ModelConfig):
         return self.num_attention_heads * self.attention_head_dim
 
 
+# TeaCache for Wan: the coefficients the TeaCache authors fitted on Wan2.1 and publish in
+# TeaCache4Wan2.1/teacache_generate.py (github.com/ali-vilab/TeaCache), for their "use_ret_steps"
+# variant: the signal is the timestep modulation e0 (what the blocks receive), the first 5 steps always
+# run, and the polynomial maps e0's relative L1 change to the model output's. They are per checkpoint:
+# T2V 1.3B, T2V 14B, I2V 14B 480P and I2V 14B 720P. A checkpoint's config tells its size and mode (image
+# latents concatenated to the noise make in_channels exceed out_channels), not its resolution, so the
+# I2V entry is the 480P fit; for Wan2.1-I2V-14B-720P pass WAN21_I2V_720P_TEACACHE_COEFFICIENTS as
+# cache_config["coefficients"]. Thresholds: the low (quality) end of the ret-steps settings the
+# authors' README lists (1.3B 0.05-0.1, 14B 0.1-0.2, I2V 0.2-0.3), quoted from memory, not re-measured
+# here. No coefficients were published for Wan2.2: its A14B experts share the Wan2.1 14B architecture
+# and get that size's entry (borrowed, not fitted on Wan2.2); TI2V-5B and first-last-frame checkpoints
+# have none and run uncalibrated. Refit either with scripts/fit_teacache_coefficients.py on real weights.
+RET_STEPS = 5
+WAN_TEACACHE: dict[tuple[str, int], dict] = {
+    ("t2v", 1536): {  # Wan2.1-T2V-1.3B
+        "coefficients": (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),
+        "rel_l1_thresh": 0.05,
+    },
+    ("t2v", 5120): {  # Wan2.1-T2V-14B (and Wan2.2-T2V-A14B's experts, borrowed)
+        "coefficients": (-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01),
+        "rel_l1_thresh": 0.1,
+    },
+    ("i2v", 5120): {  # Wan2.1-I2V-14B-480P (and Wan2.2-I2V-A14B's experts, borrowed)
+        "coefficients": (2.57151496e05, -3.54229917e04, 1.40286849e03, -1.35890334e01, 1.32517977e-01),
+        "rel_l1_thresh": 0.2,
+    },
+}
+WAN21_I2V_720P_TEACACHE_COEFFICIENTS = (8.10705460e03, 2.13393892e03, -3.72934672e02, 1.66203073e01, -4.17769401e-02)
+
+
+def wan_teacache_key(config: "WanTransformerConfig") -> tuple[str, int] | None:
+    """(mode, width) that selects WAN_TEACACHE's entry; None for first-last-frame checkpoints."""
+    if config.pos_embed_seq_len is not None:
+        return None
+    out_channels = config.out_channels or config.in_channels
+    return ("i2v" if config.in_channels > out_channels else "t2v", config.inner_dim)
+
+
 def rope_axes_dims(head_dim: int) -> list[int]:
     """Per-axis RoPE widths (frame, row, column): rows and columns get 2*(head_dim//6) each, frames the rest."""
     spatial = 2 * (head_dim // 6)
@@ -231,6 +269,27 @@ class WanConditionEmbedding(nn.Module):
 class WanTransformer3DModel(nn.Module):
     # Regional compile; HSDP sharding, the step caches' and offload's block lists derive from it.
     _repeated_blocks = ["WanTransformerBlock"]
+
+    # TeaCache's signal is the timestep modulation every block receives (time_proj of the timestep
+    # embedding, "e0" in Wan's code), in float32 as the TeaCache authors compute it. It depends on the
+    # timestep only, so both CFG branches (and all prompts of a batch) always agree.
+    @staticmethod
+    def _teacache_modulated_input(block, hidden_states, encoder_hidden_states, temb, *args, **kwargs):
+        return temb.float()
+
+    @property
+    def _teacache_coefficients(self) -> tuple[float, ...] | None:
+        """The published polynomial for this checkpoint's size and mode (see WAN_TEACACHE), or None."""
+        return WAN_TEACACHE.get(wan_teacache_key(self.config), {}).get("coefficients")
+
+    @property
+    def _cache_defaults(self) -> dict:
+        """TeaCache: the authors' settings for this size and mode (5 warm-up steps, their "ret_steps");
+        Cache-DiT: the built-in defaults (nothing measured on real Wan weights here)."""
+        entry = WAN_TEACACHE.get(wan_teacache_key(self.config))
+        if entry is None:
+            return {}
+        return {"tea_cache": {"rel_l1_thresh": entry["rel_l1_thresh"], "warmup_steps": RET_STEPS}}
     # Video tokens are split along the sequence before the first block and gathered after the output
     # norm; the RoPE tables are split the same way. Text and image tokens (cross-attention keys) stay
     # whole on every rank. Per-token timesteps (Wan2.2 TI2V) are declared by WanTI2VTransformer3DModel.
