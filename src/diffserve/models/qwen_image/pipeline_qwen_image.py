@@ -63,8 +63,8 @@ def pad_prompt_embeds(sequences: list[torch.Tensor], length: int, outputs_per_pr
 class QwenImagePipeline(DiffusionPipelineBase):
     _encoder_modules: ClassVar[list[str]] = ["text_encoder"]
     _vae_modules: ClassVar[list[str]] = ["vae"]
-    # Both CFG branches run as one batch when their prompt embeddings have one length and padding
-    # (see prompt_kwargs).
+    # Both CFG branches run as one batch when their prompt embeddings have one length (they are
+    # padded to a common one, see prompt_kwargs).
     cfg_batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_mask")
 
     # The chat template the prompt is embedded in, and how many of its leading tokens (the system
@@ -152,15 +152,20 @@ class QwenImagePipeline(DiffusionPipelineBase):
     def prompt_kwargs(
         self, positive: list[torch.Tensor], negative: list[torch.Tensor] | None, outputs_per_prompt: int
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """The transformer's text inputs per CFG branch, each padded to its own longest prompt. Branches
-        of one length run as one batch; otherwise as two forwards, each unmasked when its prompts have
-        one length. Padding the branches to a common length instead would batch them but force the
-        masked attention kernel, which on an H200 made a Qwen-Image-Edit request 18% slower than
-        diffusers' two unmasked forwards."""
-        pos = pad_prompt_embeds(positive, max(len(s) for s in positive), outputs_per_prompt)
+        """The transformer's text inputs per CFG branch, both padded to one length so that the branches
+        can run as one batch (the padding is masked)."""
+        length = max(len(s) for s in positive + (negative or []))
+        pos = pad_prompt_embeds(positive, length, outputs_per_prompt)
         if negative is None:
             return pos.transformer_kwargs(), None
-        neg = pad_prompt_embeds(negative, max(len(s) for s in negative), outputs_per_prompt)
+        neg = pad_prompt_embeds(negative, length, outputs_per_prompt)
+        if (pos.mask is None) != (neg.mask is None):  # one branch is padded: both need a mask
+            pos, neg = (
+                PromptEmbeds(e.embeds, torch.ones(e.embeds.shape[:2], dtype=torch.bool, device=e.embeds.device))
+                if e.mask is None
+                else e
+                for e in (pos, neg)
+            )
         return pos.transformer_kwargs(), neg.transformer_kwargs()
 
     # -- latents ------------------------------------------------------------------------------------
