@@ -283,7 +283,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                              "restarted (0: no watchdog)")
     parser.add_argument("--warmup", default=None, metavar="SIZES",
                         help="run a short request at each WIDTHxHEIGHT[:BATCH] (comma-separated) before serving, so "
-                             "compilation for those shapes happens at start, e.g. 1024x1024,1024x1024:4")
+                             "compilation for those shapes happens at start; 1024x1024:1,1024x1024:2 covers every batch size "
+                             "at 1024x1024 (batch 2 compiles a graph that larger batches reuse)")
     parser.add_argument("--shutdown-grace", type=float, default=30.0,
                         help="on SIGTERM, seconds the running batch gets to finish before it is stopped")
 
