@@ -14,6 +14,7 @@ from diffserve.engine.cost import CostProfile, describe_request, estimate_second
 from diffserve.engine.errors import RequestAborted
 from diffserve.engine.executor import Executor, make_executor
 from diffserve.engine.scheduler import Scheduler, merge_requests, split_output
+from diffserve.memory import gib
 from diffserve.models.spec import SamplingSpec
 from diffserve.registry import resolve_model
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
@@ -62,6 +63,15 @@ class DiffusionEngine:
         # What the loaded model takes: every request is admitted against it before it is queued.
         self.spec: SamplingSpec = self.executor.collective_rpc("sampling_spec")[0]
         self.cost: CostProfile = self.executor.collective_rpc("cost_profile")[0]
+        self.load_report = self._load_report()
+
+    def _load_report(self) -> list[dict]:
+        """Per rank: load time and peak host memory (also in the server's /metrics)."""
+        report = self.executor.collective_rpc("load_report")
+        for rank, stats in enumerate(report):
+            logger.info("replica %d rank %d loaded in %.1f s; peak host memory %s", self.replica, rank,
+                        stats["load_s"], gib(stats["peak_host_bytes"]))
+        return report
 
     def estimate_seconds(self, req: OmniDiffusionRequest) -> float:
         """Rough denoising time of an admitted request on this engine's devices."""
@@ -160,6 +170,7 @@ class DiffusionEngine:
         except Exception:
             logger.exception("shutting the failed workers down")
         self.executor = make_executor(self.od_config, self.replica)
+        self.load_report = self._load_report()
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -23,6 +23,7 @@ from diffserve.layers.attention import select_attention_backend, set_attention_b
 from diffserve.layers.quantization import check_fp8_supported, quantize_linear_layers
 from diffserve.loader import DiffusersPipelineLoader
 from diffserve.lora import LoRAManager
+from diffserve.memory import PeakMemory, peak_host_rss_bytes
 from diffserve.models.interface import discover_components, is_repeated_block
 from diffserve.models.outputs import POST_PROCESS
 from diffserve.models.spec import SamplingSpec
@@ -72,6 +73,7 @@ class DiffusionWorker:
         self.rank = rank
         self.abort_flag = abort_flag if abort_flag is not None else AbortFlag()
         self.device = init_device(od_config, local_rank)
+        start = time.perf_counter()
         use_hsdp = od_config.parallel_config.use_hsdp
         # HSDP: load the full weights on the CPU, then shard them onto the device.
         load_device = torch.device("cpu") if use_hsdp else self.device
@@ -82,10 +84,16 @@ class DiffusionWorker:
         # which quantized weights are not).
         self.lora = (LoRAManager(self.pipeline, od_config.lora_modules, od_config.torch_dtype)
                      if od_config.lora_modules else None)
+        # The engine logs it for every rank and the server exports it.
+        self._load_report = {"load_s": time.perf_counter() - start, "peak_host_bytes": peak_host_rss_bytes()}
         self.apply_features()
         self.pre_process = get_pre_process_func(od_config)
         self.post_process = get_post_process_func(od_config) or POST_PROCESS[self.sampling_spec().modality]
         self._profiler: torch.profiler.profile | None = None
+
+    def load_report(self) -> dict:
+        """This rank's load time (s) and peak host memory (bytes)."""
+        return dict(self._load_report)
 
     def apply_features(self) -> None:
         if self.od_config.quantization is not None:
@@ -168,6 +176,9 @@ class DiffusionWorker:
         """Run one (batched) request. `progress(steps_done, total_steps)` is called after each step.
         The request stops with RequestAborted at the next step (or block) once `abort_flag` is set."""
         start = time.perf_counter()
+        memory = PeakMemory.for_device(self.device)
+        if memory is not None:
+            memory.reset()
         reports_progress = hasattr(self.pipeline, "set_step_callback")
         if reports_progress:
             self.pipeline.set_step_callback(self._on_step(progress))
@@ -188,6 +199,9 @@ class DiffusionWorker:
             if self.post_process is not None and self.rank == 0:
                 output = self.post_process(output, req.sampling_params.output_type)
         output.metrics["pipeline_s"] = time.perf_counter() - start
+        if memory is not None:
+            # The stages' peaks (StageTimer) cover the pipeline up to its last stage; the rest is read here.
+            output.metrics["peak_gpu_bytes"] = max(output.metrics.get("peak_gpu_bytes", 0), memory.peak())
         if self.cache_backend is not None:
             output.metrics.update(self.cache_backend.request_metrics())
         return output
