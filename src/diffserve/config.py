@@ -212,6 +212,8 @@ class OmniDiffusionConfig:
     # Decode large latents in overlapping tiles (the VAE's own tile size); implied by
     # parallel_config.vae_patch_parallel_size > 1, which spreads the tiles over ranks.
     vae_use_tiling: bool = False
+    # Encode and decode a batch one sample at a time (the VAE's memory no longer grows with the batch).
+    vae_use_slicing: bool = False
     # False: compile the transformer's repeated blocks with torch.compile on CUDA.
     enforce_eager: bool = False
     # "fp8": the denoisers' linear layers compute in float8 (per-channel weight and per-token

@@ -16,7 +16,7 @@ from diffserve.config import OmniDiffusionConfig
 from diffserve.distributed import parallel_state as ps
 from diffserve.distributed.hsdp import apply_hsdp
 from diffserve.distributed.sequence_parallel import apply_sequence_parallel
-from diffserve.distributed.vae_patch import apply_vae_tiling
+from diffserve.distributed.vae_patch import apply_vae_slicing, apply_vae_tiling
 from diffserve.engine.cost import CostProfile, profile_denoisers
 from diffserve.engine.errors import RequestAborted
 from diffserve.layers.attention import select_attention_backend, set_attention_backend
@@ -108,6 +108,12 @@ class DiffusionWorker:
                 self.pipeline.enable_vae_tiling()
             else:
                 apply_vae_tiling(self.pipeline)
+        if self.od_config.vae_use_slicing:
+            # The same for slicing (diffusers' enable_slicing).
+            if hasattr(self.pipeline, "enable_vae_slicing"):
+                self.pipeline.enable_vae_slicing()
+            else:
+                apply_vae_slicing(self.pipeline)
         if self.rank != 0 and hasattr(self.pipeline, "set_progress_bar_config"):
             self.pipeline.set_progress_bar_config(disable=True)
         if not self.od_config.enforce_eager:

@@ -39,6 +39,7 @@ ENGINE_SWITCHES: list[tuple[str, str, str]] = [
     ("--enforce-eager", "enforce_eager", "do not torch.compile the transformer blocks"),
     ("--use-hsdp", "use_hsdp", "shard the transformer weights with FSDP2 (HSDP)"),
     ("--vae-use-tiling", "vae_use_tiling", "decode large latents in overlapping tiles (less memory)"),
+    ("--vae-use-slicing", "vae_use_slicing", "encode and decode a batch one sample at a time (less memory)"),
     ("--disable-progress-bar", "disable_progress_bar", "no progress bar"),
 ]
 
