@@ -14,7 +14,7 @@ from diffserve.cache import make_cache_backend
 from diffserve.compile import compile_repeated_blocks
 from diffserve.config import OmniDiffusionConfig
 from diffserve.distributed import parallel_state as ps
-from diffserve.distributed.hsdp import apply_hsdp
+from diffserve.distributed.hsdp import shard_denoisers
 from diffserve.distributed.sequence_parallel import apply_sequence_parallel
 from diffserve.distributed.vae_patch import apply_vae_slicing, apply_vae_tiling
 from diffserve.engine.cost import CostProfile, profile_denoisers
@@ -74,12 +74,7 @@ class DiffusionWorker:
         self.abort_flag = abort_flag if abort_flag is not None else AbortFlag()
         self.device = init_device(od_config, local_rank)
         start = time.perf_counter()
-        use_hsdp = od_config.parallel_config.use_hsdp
-        # HSDP: load the full weights on the CPU, then shard them onto the device.
-        load_device = torch.device("cpu") if use_hsdp else self.device
-        self.pipeline = DiffusersPipelineLoader(od_config).load_model(load_device)
-        if use_hsdp:
-            apply_hsdp(self.pipeline, ps.get_hsdp_mesh(), self.device)
+        self.pipeline = self.load_pipeline()
         # Adapters attach to the linear layers before compile sees them (in the activations' dtype,
         # which quantized weights are not).
         self.lora = (LoRAManager(self.pipeline, od_config.lora_modules, od_config.torch_dtype)
@@ -90,6 +85,16 @@ class DiffusionWorker:
         self.pre_process = get_pre_process_func(od_config)
         self.post_process = get_post_process_func(od_config) or POST_PROCESS[self.sampling_spec().modality]
         self._profiler: torch.profiler.profile | None = None
+
+    def load_pipeline(self) -> nn.Module:
+        """Load on the device; under HSDP each rank allocates and reads only its shards of the denoisers."""
+        od_config = self.od_config
+
+        def prepare(pipeline: nn.Module) -> None:
+            if od_config.parallel_config.use_hsdp:
+                shard_denoisers(pipeline, ps.get_hsdp_mesh(), self.device)
+
+        return DiffusersPipelineLoader(od_config).load_model(self.device, prepare)
 
     def load_report(self) -> dict:
         """This rank's load time (s) and peak host memory (bytes)."""
