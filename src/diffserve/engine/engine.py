@@ -33,17 +33,6 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def check_features_available(od_config: OmniDiffusionConfig) -> None:
-    """Refuse settings whose engine feature this version does not implement, rather than ignore them."""
-    unavailable = []
-    if od_config.enable_cpu_offload:
-        unavailable.append("enable_cpu_offload=True")
-    if od_config.enable_layerwise_offload:
-        unavailable.append("enable_layerwise_offload=True")
-    if unavailable:
-        raise ValueError(f"not available in this version of diffserve yet: {', '.join(unavailable)}")
-
-
 def replica_builders(od_config: OmniDiffusionConfig) -> list[Callable[[], "DiffusionEngine"]]:
     """One function per data-parallel replica that builds its engine (for AsyncDiffusionEngine, which
     calls each in that replica's runner thread)."""
@@ -55,7 +44,6 @@ class DiffusionEngine:
     """One worker group (one data-parallel replica: `replica` is its index) and what runs on it."""
 
     def __init__(self, od_config: OmniDiffusionConfig, executor: Executor | None = None, replica: int = 0):
-        check_features_available(od_config)
         resolve_model(od_config)
         self.od_config = od_config
         self.replica = replica

@@ -27,6 +27,8 @@ from diffserve.memory import PeakMemory, peak_host_rss_bytes
 from diffserve.models.interface import discover_components, is_repeated_block
 from diffserve.models.outputs import POST_PROCESS
 from diffserve.models.spec import SamplingSpec
+from diffserve.offload import apply_offload, offload_mode
+from diffserve.offload.budget import check_fits
 from diffserve.registry import get_post_process_func, get_pre_process_func
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
@@ -87,14 +89,17 @@ class DiffusionWorker:
         self._profiler: torch.profiler.profile | None = None
 
     def load_pipeline(self) -> nn.Module:
-        """Load on the device; under HSDP each rank allocates and reads only its shards of the denoisers."""
+        """Load on the device; with CPU offload on the host (the offloader brings weights over as they
+        are used); under HSDP each rank allocates and reads only its shards of the denoisers."""
         od_config = self.od_config
 
         def prepare(pipeline: nn.Module) -> None:
+            check_fits(pipeline, od_config, self.device)  # before anything is allocated
             if od_config.parallel_config.use_hsdp:
                 shard_denoisers(pipeline, ps.get_hsdp_mesh(), self.device)
 
-        return DiffusersPipelineLoader(od_config).load_model(self.device, prepare)
+        load_device = torch.device("cpu") if offload_mode(od_config) else self.device
+        return DiffusersPipelineLoader(od_config).load_model(load_device, prepare)
 
     def load_report(self) -> dict:
         """This rank's load time (s) and peak host memory (bytes)."""
@@ -131,6 +136,8 @@ class DiffusionWorker:
         self.cache_backend = make_cache_backend(self.od_config)
         if self.cache_backend is not None:
             self.cache_backend.enable(self.pipeline)
+        # Last: its hooks wrap whatever the features above installed (tiled decode, caches, compile).
+        self.offloader = apply_offload(self.pipeline, self.od_config, self.device)
         if self.od_config.parallel_config.replica_world_size == 1 and not self._blocks_compiled():
             self._stop_between_blocks()
 
