@@ -81,6 +81,9 @@ class DiffusionWorker:
         # which quantized weights are not).
         self.lora = (LoRAManager(self.pipeline, od_config.lora_modules, od_config.torch_dtype)
                      if od_config.lora_modules else None)
+        if self.lora is not None and offload_mode(od_config):
+            # Loaded on the host with the layers; adapters are small and stay on the device.
+            self.lora.to(self.device)
         # The engine logs it for every rank and the server exports it.
         self._load_report = {"load_s": time.perf_counter() - start, "peak_host_bytes": peak_host_rss_bytes()}
         self.apply_features()
