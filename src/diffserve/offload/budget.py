@@ -2,7 +2,8 @@
 start against `max_gpu_memory` (or, on CUDA without it, the device's total memory).
 
 Estimated from the parameter and buffer bytes of each component as this rank builds them (a TP rank
-its shard; HSDP divides the denoisers over its shard group), before they are loaded:
+its shard; HSDP divides the denoisers over its shard group; with `quantization` the denoisers' linear
+weights count at their quantized size), before they are loaded:
 - no offload: everything;
 - model-level: the resident part plus the largest stage (the encoders together, one denoiser, the VAEs);
 - layerwise: the resident part, the denoisers without their blocks, and the largest of: the encoders,
@@ -19,8 +20,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from diffserve.layers.quantization import quantized_weight_bytes
 from diffserve.memory import GIB, gib
-from diffserve.offload.plan import OffloadPlan, plan_offload, total_bytes
+from diffserve.models.interface import discover_components
+from diffserve.offload.plan import OffloadPlan, Size, plan_offload
+from diffserve.offload.weights import tensor_bytes
 
 if TYPE_CHECKING:
     from diffserve.config import OmniDiffusionConfig
@@ -43,7 +47,7 @@ def estimate_device_bytes(plan: OffloadPlan, mode: str | None, prefetch: int = 1
     if mode == "model":
         return plan.resident_bytes + max([plan.encoder_bytes, plan.vae_bytes, *dits])
     if mode == "layerwise":
-        rests = sum(total_bytes(d.rest) // dit_shards for d in plan.denoisers)
+        rests = sum(d.rest_bytes // dit_shards for d in plan.denoisers)
         blocks = max((d.largest_block_bytes // dit_shards for d in plan.denoisers), default=0)
         # Blocks are let go when the VAE starts, and fetched again only by the next denoise loop.
         return plan.resident_bytes + rests + max(plan.encoder_bytes, plan.vae_bytes, (prefetch + 1) * blocks)
@@ -59,13 +63,23 @@ def device_budget(od_config: "OmniDiffusionConfig", device: torch.device) -> int
     return None
 
 
+def weight_sizes(pipeline: nn.Module, quantization: str | None) -> Size:
+    """Each tensor's bytes once loaded: quantization shrinks the denoisers' linear weights after loading."""
+    if quantization is None:
+        return tensor_bytes
+    quantized: dict[int, int] = {}
+    for module in discover_components(pipeline)["dit"].values():
+        quantized.update(quantized_weight_bytes(module, quantization))
+    return lambda t: quantized.get(id(t), tensor_bytes(t))
+
+
 def check_fits(pipeline: nn.Module, od_config: "OmniDiffusionConfig", device: torch.device) -> dict:
     """Raise ValueError naming the modes that would fit when the configured one does not; return the
     estimates {mode: bytes} otherwise."""
     from diffserve.offload import offload_mode
 
     pc = od_config.parallel_config
-    plan = plan_offload(pipeline)
+    plan = plan_offload(pipeline, weight_sizes(pipeline, od_config.quantization))
     shards = pc.resolved_hsdp_shard_size if pc.use_hsdp else 1
     prefetch = od_config.layerwise_prefetch
     estimates = {mode: estimate_device_bytes(plan, mode, prefetch, shards) for mode in MODE_FLAGS}

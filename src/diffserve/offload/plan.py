@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -31,8 +32,12 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
     return list(found.values())
 
 
-def total_bytes(tensors: list[torch.Tensor]) -> int:
-    return sum(tensor_bytes(t) for t in tensors)
+# Bytes a tensor will take on the device: its own size, or what quantization makes of it.
+Size = Callable[[torch.Tensor], int]
+
+
+def total_bytes(tensors: list[torch.Tensor], size: Size = tensor_bytes) -> int:
+    return sum(size(t) for t in tensors)
 
 
 @dataclass
@@ -48,14 +53,19 @@ class DenoiserPlan:
     module: nn.Module
     blocks: list[BlockPlan]  # in call order
     rest: list[torch.Tensor]
+    size: Size = tensor_bytes
+
+    @property
+    def rest_bytes(self) -> int:
+        return total_bytes(self.rest, self.size)
 
     @property
     def nbytes(self) -> int:
-        return total_bytes(self.rest) + sum(total_bytes(b.tensors) for b in self.blocks)
+        return self.rest_bytes + sum(total_bytes(b.tensors, self.size) for b in self.blocks)
 
     @property
     def largest_block_bytes(self) -> int:
-        return max((total_bytes(b.tensors) for b in self.blocks), default=0)
+        return max((total_bytes(b.tensors, self.size) for b in self.blocks), default=0)
 
 
 @dataclass
@@ -66,18 +76,19 @@ class OffloadPlan:
     resident: list[torch.Tensor] = field(default_factory=list)
     encoder_modules: dict[str, nn.Module] = field(default_factory=dict)
     vae_modules: dict[str, nn.Module] = field(default_factory=dict)
+    size: Size = tensor_bytes
 
     @property
     def encoder_bytes(self) -> int:
-        return sum(total_bytes(t) for t in self.encoders.values())
+        return sum(total_bytes(t, self.size) for t in self.encoders.values())
 
     @property
     def vae_bytes(self) -> int:
-        return sum(total_bytes(t) for t in self.vaes.values())
+        return sum(total_bytes(t, self.size) for t in self.vaes.values())
 
     @property
     def resident_bytes(self) -> int:
-        return total_bytes(self.resident)
+        return total_bytes(self.resident, self.size)
 
 
 def denoiser_blocks(path: str, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -89,7 +100,8 @@ def denoiser_blocks(path: str, transformer: nn.Module) -> list[tuple[str, nn.Mod
     ]
 
 
-def plan_offload(pipeline: nn.Module) -> OffloadPlan:
+def plan_offload(pipeline: nn.Module, size: Size = tensor_bytes) -> OffloadPlan:
+    """The plan; `size` gives the bytes of each tensor (the estimate of diffserve.offload.budget)."""
     components = discover_components(pipeline)
     resident_ids = {id(t) for m in components["resident"].values() for t in module_tensors(m)}
     # A tensor two components share (tied weights) must be on the device for both: it stays there.
@@ -113,7 +125,7 @@ def plan_offload(pipeline: nn.Module) -> OffloadPlan:
             for name, block in blocks
         ]
         streamed = {id(t) for b in block_plans for t in b.tensors}
-        denoisers.append(DenoiserPlan(path, transformer, block_plans, [t for t in own if id(t) not in streamed]))
+        denoisers.append(DenoiserPlan(path, transformer, block_plans, [t for t in own if id(t) not in streamed], size))
 
     plan = OffloadPlan(
         encoders={path: offloadable(m) for path, m in components["encoder"].items()},
@@ -121,6 +133,7 @@ def plan_offload(pipeline: nn.Module) -> OffloadPlan:
         denoisers=denoisers,
         encoder_modules=dict(components["encoder"]),
         vae_modules=dict(components["vae"]),
+        size=size,
     )
     planned = {id(t) for ts in (*plan.encoders.values(), *plan.vaes.values()) for t in ts}
     planned.update(id(t) for d in denoisers for t in d.rest)
