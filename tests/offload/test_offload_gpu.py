@@ -114,17 +114,47 @@ def test_layerwise_under_regional_compile(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("offload", [{"enable_cpu_offload": True}, {"enable_layerwise_offload": True}])
-def test_engine_on_cuda_matches_and_reports_peaks(tiny_flux, offload):
-    from diffserve import Omni, OmniDiffusionSamplingParams
+OFFLOAD = {"model": {"enable_cpu_offload": True}, "layerwise": {"enable_layerwise_offload": True}}
+# One model per pipeline class, Wan2.1 image-to-video for its CLIP image encoder.
+ARCHS = ["flux", "flux-kontext", "demo-dit", "sd3-medium", "wan2.2-t2v", "wan2.1-i2v", "wan2.2-i2v", "stable-audio"]
 
-    params = OmniDiffusionSamplingParams(num_inference_steps=2, max_sequence_length=8, seed=0, output_type="pt")
-    outputs = []
-    for kwargs in ({}, offload):
-        with Omni(tiny_flux, dtype="float32", device="cuda", enforce_eager=True, disable_progress_bar=True,
-                  **kwargs) as omni:
-            out = omni.generate("a fox", params)[0]
-            outputs.append(out.images)
-            for key in ("encode_peak_gpu_bytes", "denoise_peak_gpu_bytes", "decode_peak_gpu_bytes", "peak_gpu_bytes"):
-                assert out.metrics[key] > 0
-    assert torch.equal(outputs[0], outputs[1])
+
+def _generate(path, arch, **kwargs):
+    """(output, metrics) of the arch's conformance scenario, 2 steps, on CUDA (fp32 unless `dtype`, eager)."""
+    import dataclasses
+
+    from diffserve import Omni
+    from diffserve.testing import CONFORMANCE_CASES, output_tensor
+    from tests.distributed.test_parallel import _user_prompts
+
+    case = next(c for c in CONFORMANCE_CASES if c.arch == arch)
+    scenario = case.scenario(case.parallel_scenario)
+    params = dataclasses.replace(scenario.params, num_inference_steps=2)
+    kwargs = {"dtype": "float32", **kwargs}
+    with Omni(path, device="cuda", enforce_eager=True, disable_progress_bar=True, **kwargs) as omni:
+        outputs = omni.generate(_user_prompts(scenario), params)
+    return torch.cat([output_tensor(out) for out in outputs]), outputs[0].metrics
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_model_on_cuda_is_unchanged_by_offload_and_reports_peaks(tiny_checkpoint, arch):
+    """Components and blocks move between host and GPU: every input a pipeline makes lands on the GPU."""
+    path = tiny_checkpoint(arch)
+    expected, metrics = _generate(path, arch)
+    assert metrics["peak_gpu_bytes"] > 0 and metrics["denoise_peak_gpu_bytes"] > 0
+    for mode, flags in OFFLOAD.items():
+        actual, metrics = _generate(path, arch, **flags)
+        assert torch.equal(actual, expected), mode
+        assert metrics["peak_gpu_bytes"] > 0
+
+
+def test_fp8_and_lora_under_offload_on_cuda(tiny_flux, tmp_path):
+    """FP8 weights (and their scales) move like any other; adapters stay on the GPU."""
+    from diffserve.testing.lora import write_random_lora
+
+    adapter = write_random_lora(tiny_flux, str(tmp_path / "a.safetensors"), ("to_q", "to_out.0", "proj_mlp"))
+    base = {"quantization": "fp8", "lora_modules": {"a": adapter}, "dtype": "bfloat16"}
+    expected, _ = _generate(tiny_flux, "flux", **base)
+    for mode, flags in OFFLOAD.items():
+        actual, _ = _generate(tiny_flux, "flux", **base, **flags)
+        assert torch.equal(actual, expected), mode

@@ -4,8 +4,10 @@ shared tensors."""
 from typing import ClassVar
 
 import pytest
+import torch
 import torch.nn as nn
 
+from diffserve.offload import Offloader
 from diffserve.offload.plan import module_tensors, plan_offload
 from diffserve.testing import load_pipeline
 from tests.offload.toy import ToyDiT, ToyEncoder, ToyPipeline, ToyVAE
@@ -94,3 +96,23 @@ def test_a_declared_module_that_is_missing_is_an_error():
 
     with pytest.raises(AttributeError, match="declares encoder module 'text_encoder_3' but has none"):
         plan_offload(Broken())
+
+
+class BlocklessDiT(ToyDiT):
+    _repeated_blocks: ClassVar[list[str]] = []
+
+
+def test_layerwise_offload_needs_block_lists_and_model_level_does_not():
+    pipeline = ToyPipeline()
+    pipeline.transformer.__class__ = BlocklessDiT
+    with pytest.raises(ValueError, match=r"enable_layerwise_offload needs the block lists of "
+                                         r"ToyPipeline.transformer \(BlocklessDiT\): declare _repeated_blocks"):
+        Offloader(pipeline, "layerwise", torch.device("cpu"))
+    Offloader(pipeline, "model", torch.device("cpu")).remove()
+
+
+def test_a_pipeline_without_denoisers_is_refused():
+    pipeline = ToyPipeline()
+    pipeline._dit_modules = []
+    with pytest.raises(ValueError, match="ToyPipeline declares no denoiser modules"):
+        Offloader(pipeline, "model", torch.device("cpu"))
