@@ -206,7 +206,7 @@ def capture_latents(pipeline) -> list[torch.Tensor]:
     decode = pipeline.vae.decode
 
     def capturing(z, *args, **kwargs):
-        seen.append(z.detach().to("cpu", copy=True))
+        seen.append(z.detach().to("cpu", copy=True).contiguous())
         return decode(z, *args, **kwargs)
 
     pipeline.vae.decode = capturing
