@@ -1,4 +1,4 @@
-"""Offload through the engine on one model of each pipeline class (CPU, fp32, tiny random weights).
+"""Offload through the engine on one model of each pipeline family (CPU, fp32, tiny random weights).
 
 On a CPU, offload copies between two host buffers, so every schedule, hook and wrapper runs as on a GPU
 (tests/offload/test_offload_gpu.py runs the models on CUDA, where the device matters too). To stay
@@ -28,8 +28,10 @@ from tests.distributed.test_parallel import _user_prompts
 
 # (mode, layerwise_prefetch)
 MODES = [("model", 1), ("layerwise", 1), ("layerwise", 0)]
-# One model per pipeline class; Wan2.2 for its two experts (and the VAE encode of image-to-video).
-ARCHS = ["flux", "flux-kontext", "demo-dit", "sd3-medium", "wan2.2-t2v", "wan2.2-i2v", "stable-audio"]
+# One model per pipeline family; Wan2.2 for its two experts (and the VAE encode of image-to-video),
+# Qwen-Image-Edit for its VL encoder reading the input image.
+ARCHS = ["flux", "flux-kontext", "demo-dit", "sd3-medium", "wan2.2-t2v", "wan2.2-i2v", "stable-audio",
+         "qwen-image-edit"]
 
 
 def _scenario(arch, steps=2):
@@ -66,8 +68,9 @@ def _check_residency(pipeline, offloader):
         if stage.streamer is not None:
             continue  # a layerwise denoiser: what moves is its blocks, watched below
         for module in stage.modules:
-            # A VAE is entered through encode/decode: its submodules run.
-            for target in (module.children() if stage.kind == "vae" else [module]):
+            # A denoiser runs its forward; encoders and VAEs run their parts (a VAE is entered through
+            # encode/decode, and Qwen-Image calls its encoder's language model directly).
+            for target in (module.children() if stage.kind != "dit" else [module]):
                 watch(target, module, stage.name)
     for name in offloader.sets:
         if "blocks." in name:

@@ -116,7 +116,8 @@ def test_layerwise_under_regional_compile(monkeypatch):
 
 OFFLOAD = {"model": {"enable_cpu_offload": True}, "layerwise": {"enable_layerwise_offload": True}}
 # One model per pipeline class, Wan2.1 image-to-video for its CLIP image encoder.
-ARCHS = ["flux", "flux-kontext", "demo-dit", "sd3-medium", "wan2.2-t2v", "wan2.1-i2v", "wan2.2-i2v", "stable-audio"]
+ARCHS = ["flux", "flux-kontext", "demo-dit", "sd3-medium", "wan2.2-t2v", "wan2.1-i2v", "wan2.2-i2v", "stable-audio",
+         "qwen-image", "qwen-image-edit-plus"]
 
 
 def _generate(path, arch, **kwargs):

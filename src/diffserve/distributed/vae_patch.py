@@ -253,7 +253,8 @@ def _sliced_encode(encode):
         outputs = [encode(x[i : i + 1], return_dict=True, **kwargs) for i in range(x.shape[0])]
         # The posterior is rebuilt from the samples' concatenated moments, as an unsliced encode makes it.
         first = outputs[0].latent_dist
-        dist = type(first)(torch.cat([out.latent_dist.parameters for out in outputs]), deterministic=first.deterministic)
+        moments = torch.cat([out.latent_dist.parameters for out in outputs])
+        dist = type(first)(moments, deterministic=first.deterministic)
         return type(outputs[0])(latent_dist=dist) if return_dict else (dist,)
 
     return sliced
@@ -264,8 +265,8 @@ def apply_vae_slicing(pipeline: nn.Module) -> int:
     vaes = discover_components(pipeline)["vae"]
     if not vaes:
         raise ValueError(
-            f"{type(pipeline).__name__} has no VAE (it declares _vae_modules={getattr(pipeline, '_vae_modules', None)}), "
-            "so vae_use_slicing does not apply; leave it off"
+            f"{type(pipeline).__name__} has no VAE (it declares "
+            f"_vae_modules={getattr(pipeline, '_vae_modules', None)}), so vae_use_slicing does not apply; leave it off"
         )
     for path, vae in vaes.items():
         if not callable(getattr(vae, "decode", None)):

@@ -87,7 +87,9 @@ class ShardWindow:
                 "supports narrowing rows (dim 0) only"
             )
         if start < 0 or start + length > self.shape[0]:
-            raise WeightLoadingError(f"narrow({start}, {length}) is outside the {self.shape[0]} rows of {tuple(self.shape)}")
+            raise WeightLoadingError(
+                f"narrow({start}, {length}) is outside the {self.shape[0]} rows of {tuple(self.shape)}"
+            )
         return ShardWindow(self.local, self.shape, self.local_start, self.offset + start, length)
 
     def copy_(self, src: torch.Tensor) -> "ShardWindow":

@@ -2,8 +2,9 @@
 
 The stages, in the order a request uses them: the encoders (together), each denoiser (Wan2.2's two
 experts one at a time), the VAEs. A hook on each component's entry (`forward`; `encode`/`decode` for
-VAEs) makes its stage the active one: every other stage is let go (at no cost: weights are read-only,
-nothing is copied back) and the stage is loaded. Tensor inputs on another device are moved to the
+VAEs; the direct submodules of encoders and VAEs, which pipelines may call themselves) makes its stage
+the active one: every other stage is let go (at no cost: weights are read-only, nothing is copied
+back) and the stage is loaded. Tensor inputs on another device are moved to the
 execution device, since a pipeline may read a component's device while the component is on the host.
 
 Copies overlap with compute where the next use is known:
@@ -110,6 +111,11 @@ class ComponentOffloader:
         for stage in self.stages:
             for module in stage.modules:
                 hooks.before_forward(module, self._forward_hook(stage))
+                if stage.kind != "dit":
+                    # Pipelines may call an encoder's or a VAE's parts directly (Qwen-Image runs its
+                    # VL encoder's language model, `text_encoder.model`): those are entries too.
+                    for child in module.children():
+                        hooks.before_forward(child, self._forward_hook(stage))
                 if stage.streamer is not None:
                     hooks.after_forward(module, lambda m, streamer=stage.streamer: streamer.end_call())
                 for name in ENTRY_METHODS:

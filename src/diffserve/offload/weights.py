@@ -102,8 +102,8 @@ class HostPinning:
         error = int(cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0))
         if error != 0:
             logger.warning(
-                "could not pin %d bytes of host memory for offloaded weights (cudaError %d); their copies to the GPU will "
-                "not overlap with compute", buffer.numel(), error,
+                "could not pin %d bytes of host memory for offloaded weights (cudaError %d); their copies to "
+                "the GPU will not overlap with compute", buffer.numel(), error,
             )
             return False
         self._registered.append(buffer)
