@@ -101,3 +101,8 @@ def test_inputs_on_another_device_are_moved():
     moved = move_to_device(value, torch.device("meta"))
     assert moved[0].is_meta and moved[1][0].is_meta and moved[1][1]["x"].is_meta and moved[1][1]["n"] == 4
     assert isinstance(moved[2], Pair) and moved[2].a.is_meta and moved[2].b == "s"
+    # Nothing to move: the very same containers, which a callee may fill in place.
+    cache = [torch.ones(1), None]
+    args = (cache, {"idx": [0]})
+    same = move_to_device(args, torch.device("cpu"))
+    assert same is args and same[0] is cache

@@ -20,17 +20,21 @@ ENTRY_METHODS = ("encode", "decode")
 
 
 def move_to_device(value: Any, device: torch.device) -> Any:
-    """`value` with every tensor in it (nested in tuples, lists and dicts) on `device`."""
+    """`value` with every tensor in it (nested in tuples, lists and dicts) on `device`. A container none
+    of whose tensors moves is returned as it is: callers may fill it in place (the Wan VAE's feature
+    cache is a list its decoder's parts append to)."""
     if isinstance(value, torch.Tensor):
         return value if value.device == device else value.to(device)
-    if isinstance(value, tuple):
-        return type(value)(*(move_to_device(v, device) for v in value)) if hasattr(value, "_fields") else tuple(
-            move_to_device(v, device) for v in value
-        )
-    if isinstance(value, list):
-        return [move_to_device(v, device) for v in value]
     if isinstance(value, dict):
-        return type(value)((k, move_to_device(v, device)) for k, v in value.items())
+        moved = {k: move_to_device(v, device) for k, v in value.items()}
+        return value if all(moved[k] is v for k, v in value.items()) else type(value)(moved)
+    if isinstance(value, (tuple, list)):
+        moved = [move_to_device(v, device) for v in value]
+        if all(m is v for m, v in zip(moved, value)):
+            return value
+        if isinstance(value, list):
+            return moved
+        return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)
     return value
 
 
