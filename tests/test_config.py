@@ -81,6 +81,12 @@ def test_parallel_config_from_dict_rejects_unknown():
         ({"device": "tpu"}, "device must be"),
         ({"cache_backend": "magic"}, "cache_backend must be one of"),
         ({"max_batch_size": 0}, "max_batch_size must be a positive integer"),
+        ({"enable_cpu_offload": "yes"}, "enable_cpu_offload must be a bool"),
+        ({"enable_layerwise_offload": True, "layerwise_prefetch": -1}, "layerwise_prefetch must be an integer >= 0"),
+        ({"layerwise_prefetch": 2}, "layerwise_prefetch is only meaningful with enable_layerwise_offload"),
+        ({"max_gpu_memory": 0}, "max_gpu_memory must be a positive number of GiB"),
+        ({"enable_cpu_offload": True, "parallel_config": {"use_hsdp": True, "hsdp_shard_size": 2}},
+         "CPU offload cannot be combined with use_hsdp"),
     ],
 )
 def test_engine_config_rejects_bad_values(kwargs, message):

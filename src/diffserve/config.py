@@ -207,11 +207,21 @@ class OmniDiffusionConfig:
     # A dict of the backend's options (or its typed config, diffserve.cache.config); parsed into
     # the typed config in __post_init__ (None without a backend).
     cache_config: Any = field(default_factory=dict)
+    # Model-level CPU offload: encoders, denoisers and VAEs take turns on the device (docs/offload.md).
     enable_cpu_offload: bool = False
+    # Layerwise CPU offload: the denoisers' blocks stream through the device, encoders and VAEs take
+    # turns (with enable_cpu_offload too, the same).
     enable_layerwise_offload: bool = False
+    # Layerwise offload: blocks copied ahead of the running one (0: each block only when it runs).
+    layerwise_prefetch: int = 1
     # Decode large latents in overlapping tiles (the VAE's own tile size); implied by
     # parallel_config.vae_patch_parallel_size > 1, which spreads the tiles over ranks.
     vae_use_tiling: bool = False
+    # Encode and decode a batch one sample at a time (the VAE's memory no longer grows with the batch).
+    vae_use_slicing: bool = False
+    # GiB of weights the device may hold; checked at start against an estimate for the chosen offload
+    # mode, naming the modes that would fit. None: the device's total memory on CUDA, no check on a CPU.
+    max_gpu_memory: float | None = None
     # False: compile the transformer's repeated blocks with torch.compile on CUDA.
     enforce_eager: bool = False
     # "fp8": the denoisers' linear layers compute in float8 (per-channel weight and per-token
@@ -272,6 +282,25 @@ class OmniDiffusionConfig:
         if self.quantization not in (None, "fp8"):
             raise ValueError(f"quantization must be None or 'fp8', got {self.quantization!r}")
         check_lora_modules(self.lora_modules)
+        self._check_memory_options()
+
+    def _check_memory_options(self) -> None:
+        for name in ("enable_cpu_offload", "enable_layerwise_offload", "vae_use_tiling", "vae_use_slicing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        prefetch = self.layerwise_prefetch
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"layerwise_prefetch must be an integer >= 0 (blocks fetched ahead), got {prefetch!r}")
+        if prefetch != 1 and not self.enable_layerwise_offload:
+            raise ValueError("layerwise_prefetch is only meaningful with enable_layerwise_offload=True")
+        budget = self.max_gpu_memory
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+            raise ValueError(f"max_gpu_memory must be a positive number of GiB, got {budget!r}")
+        if self.parallel_config.use_hsdp and (self.enable_cpu_offload or self.enable_layerwise_offload):
+            raise ValueError(
+                "CPU offload cannot be combined with use_hsdp: HSDP (FSDP2) owns the denoisers' memory and "
+                "already keeps only a shard of it on each device. Use one or the other."
+            )
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "OmniDiffusionConfig":

@@ -36,7 +36,8 @@ class StandInExecutor(Executor):
         return DiffusionOutput(images=[p.prompt for p in req.prompts], metrics={})
 
     def collective_rpc(self, method, *args):
-        return [{"sampling_spec": SPEC, "cost_profile": COST}[method]]
+        return [{"sampling_spec": SPEC, "cost_profile": COST,
+                 "load_report": {"load_s": 0.0, "peak_host_bytes": 0}}[method]]
 
     def request_abort(self): ...
     def start_profile(self, trace_dir): self.trace_dir = trace_dir

@@ -92,6 +92,18 @@ def test_help_documents_commands_and_flags():
         assert flag in gen_help
 
 
+def test_memory_flags_reach_the_engine_config():
+    from diffserve.entrypoints.cli import build_parser, engine_kwargs
+
+    for command in (["generate", "x"], ["serve"]):
+        args = build_parser().parse_args(command + [
+            "--enable-cpu-offload", "--enable-layerwise-offload", "--layerwise-prefetch", "2",
+            "--vae-use-slicing", "--max-gpu-memory", "23.5",
+        ])
+        assert engine_kwargs(args) == {"enable_cpu_offload": True, "enable_layerwise_offload": True,
+                                       "layerwise_prefetch": 2, "vae_use_slicing": True, "max_gpu_memory": 23.5}
+
+
 def test_make_tiny_and_models(tmp_path, capsys):
     assert main(["make-tiny", "flux-schnell", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "model_index.json").exists()

@@ -18,9 +18,9 @@ def test_unknown_keyword_is_named(tiny_flux):
         Omni(tiny_flux, tensor_paralell_size=2)
 
 
-def test_unavailable_feature_is_refused_not_ignored(tiny_flux):
-    with pytest.raises(ValueError, match="enable_cpu_offload=True"):
-        Omni(tiny_flux, enable_cpu_offload=True)
+def test_a_feature_combination_that_cannot_work_is_refused_not_ignored(tiny_flux):
+    with pytest.raises(ValueError, match="CPU offload cannot be combined with use_hsdp"):
+        Omni(tiny_flux, enable_cpu_offload=True, use_hsdp=True, hsdp_shard_size=2)
 
 
 def test_batched_prompts_equal_one_by_one(flux_omni):

@@ -11,6 +11,10 @@ AutoencoderKL, AutoencoderKLWan and AutoencoderKLQwenImage), so outputs equal
 `vae.enable_tiling(); vae.decode(z)`. The
 engine swaps each pipeline VAE's `decode` for the tiled one (`apply_vae_tiling`); pipelines still call
 `vae.decode` and change nothing. Latents no larger than one tile decode untiled, as in diffusers.
+
+Slicing (`apply_vae_slicing`) is the other memory saver: a batch is encoded and decoded one sample at a
+time, so the VAE's activations stop growing with the batch. It wraps whatever `encode`/`decode` is
+installed, so with tiling each sample is decoded in tiles.
 """
 
 from __future__ import annotations
@@ -225,4 +229,50 @@ def apply_vae_tiling(pipeline: nn.Module) -> int:
             )
         vae.decode = _tiled_decode_method(vae, TILE_LAYOUTS[family](vae), group)
         logger.info("%s (%s): tiled decode over %d rank(s)", path, family, group.world_size)
+    return len(vaes)
+
+
+# -- slicing -----------------------------------------------------------------------------------------
+
+
+def _sliced_decode(decode):
+    def sliced(z: torch.Tensor, return_dict: bool = True, **kwargs):
+        if z.shape[0] <= 1:
+            return decode(z, return_dict=return_dict, **kwargs)
+        outputs = [decode(z[i : i + 1], return_dict=True, **kwargs) for i in range(z.shape[0])]
+        sample = torch.cat([out.sample for out in outputs])
+        return type(outputs[0])(sample=sample) if return_dict else (sample,)
+
+    return sliced
+
+
+def _sliced_encode(encode):
+    def sliced(x: torch.Tensor, return_dict: bool = True, **kwargs):
+        if x.shape[0] <= 1:
+            return encode(x, return_dict=return_dict, **kwargs)
+        outputs = [encode(x[i : i + 1], return_dict=True, **kwargs) for i in range(x.shape[0])]
+        # The posterior is rebuilt from the samples' concatenated moments, as an unsliced encode makes it.
+        first = outputs[0].latent_dist
+        moments = torch.cat([out.latent_dist.parameters for out in outputs])
+        dist = type(first)(moments, deterministic=first.deterministic)
+        return type(outputs[0])(latent_dist=dist) if return_dict else (dist,)
+
+    return sliced
+
+
+def apply_vae_slicing(pipeline: nn.Module) -> int:
+    """Make every VAE of the pipeline encode and decode a batch one sample at a time; returns how many."""
+    vaes = discover_components(pipeline)["vae"]
+    if not vaes:
+        raise ValueError(
+            f"{type(pipeline).__name__} has no VAE (it declares "
+            f"_vae_modules={getattr(pipeline, '_vae_modules', None)}), so vae_use_slicing does not apply; leave it off"
+        )
+    for path, vae in vaes.items():
+        if not callable(getattr(vae, "decode", None)):
+            raise ValueError(f"{path} ({type(vae).__name__}) has no decode method to slice")
+        vae.decode = _sliced_decode(vae.decode)
+        if callable(getattr(vae, "encode", None)):
+            vae.encode = _sliced_encode(vae.encode)
+        logger.info("%s (%s): sliced encode/decode (one sample at a time)", path, type(vae).__name__)
     return len(vaes)

@@ -14,6 +14,7 @@ from diffserve.engine.cost import CostProfile, describe_request, estimate_second
 from diffserve.engine.errors import RequestAborted
 from diffserve.engine.executor import Executor, make_executor
 from diffserve.engine.scheduler import Scheduler, merge_requests, split_output
+from diffserve.memory import gib
 from diffserve.models.spec import SamplingSpec
 from diffserve.registry import resolve_model
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
@@ -32,17 +33,6 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def check_features_available(od_config: OmniDiffusionConfig) -> None:
-    """Refuse settings whose engine feature this version does not implement, rather than ignore them."""
-    unavailable = []
-    if od_config.enable_cpu_offload:
-        unavailable.append("enable_cpu_offload=True")
-    if od_config.enable_layerwise_offload:
-        unavailable.append("enable_layerwise_offload=True")
-    if unavailable:
-        raise ValueError(f"not available in this version of diffserve yet: {', '.join(unavailable)}")
-
-
 def replica_builders(od_config: OmniDiffusionConfig) -> list[Callable[[], "DiffusionEngine"]]:
     """One function per data-parallel replica that builds its engine (for AsyncDiffusionEngine, which
     calls each in that replica's runner thread)."""
@@ -54,7 +44,6 @@ class DiffusionEngine:
     """One worker group (one data-parallel replica: `replica` is its index) and what runs on it."""
 
     def __init__(self, od_config: OmniDiffusionConfig, executor: Executor | None = None, replica: int = 0):
-        check_features_available(od_config)
         resolve_model(od_config)
         self.od_config = od_config
         self.replica = replica
@@ -62,6 +51,15 @@ class DiffusionEngine:
         # What the loaded model takes: every request is admitted against it before it is queued.
         self.spec: SamplingSpec = self.executor.collective_rpc("sampling_spec")[0]
         self.cost: CostProfile = self.executor.collective_rpc("cost_profile")[0]
+        self.load_report = self._load_report()
+
+    def _load_report(self) -> list[dict]:
+        """Per rank: load time and peak host memory (also in the server's /metrics)."""
+        report = self.executor.collective_rpc("load_report")
+        for rank, stats in enumerate(report):
+            logger.info("replica %d rank %d loaded in %.1f s; peak host memory %s", self.replica, rank,
+                        stats["load_s"], gib(stats["peak_host_bytes"]))
+        return report
 
     def estimate_seconds(self, req: OmniDiffusionRequest) -> float:
         """Rough denoising time of an admitted request on this engine's devices."""
@@ -160,6 +158,7 @@ class DiffusionEngine:
         except Exception:
             logger.exception("shutting the failed workers down")
         self.executor = make_executor(self.od_config, self.replica)
+        self.load_report = self._load_report()
 
     def shutdown(self) -> None:
         self.executor.shutdown()

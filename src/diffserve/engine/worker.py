@@ -14,18 +14,21 @@ from diffserve.cache import make_cache_backend
 from diffserve.compile import compile_repeated_blocks
 from diffserve.config import OmniDiffusionConfig
 from diffserve.distributed import parallel_state as ps
-from diffserve.distributed.hsdp import apply_hsdp
+from diffserve.distributed.hsdp import shard_denoisers
 from diffserve.distributed.sequence_parallel import apply_sequence_parallel
-from diffserve.distributed.vae_patch import apply_vae_tiling
+from diffserve.distributed.vae_patch import apply_vae_slicing, apply_vae_tiling
 from diffserve.engine.cost import CostProfile, profile_denoisers
 from diffserve.engine.errors import RequestAborted
 from diffserve.layers.attention import select_attention_backend, set_attention_backend
 from diffserve.layers.quantization import check_fp8_supported, quantize_linear_layers
 from diffserve.loader import DiffusersPipelineLoader
 from diffserve.lora import LoRAManager
+from diffserve.memory import PeakMemory, peak_host_rss_bytes
 from diffserve.models.interface import discover_components, is_repeated_block
 from diffserve.models.outputs import POST_PROCESS
 from diffserve.models.spec import SamplingSpec
+from diffserve.offload import apply_offload, offload_mode
+from diffserve.offload.budget import check_fits
 from diffserve.registry import get_post_process_func, get_pre_process_func
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
@@ -72,20 +75,38 @@ class DiffusionWorker:
         self.rank = rank
         self.abort_flag = abort_flag if abort_flag is not None else AbortFlag()
         self.device = init_device(od_config, local_rank)
-        use_hsdp = od_config.parallel_config.use_hsdp
-        # HSDP: load the full weights on the CPU, then shard them onto the device.
-        load_device = torch.device("cpu") if use_hsdp else self.device
-        self.pipeline = DiffusersPipelineLoader(od_config).load_model(load_device)
-        if use_hsdp:
-            apply_hsdp(self.pipeline, ps.get_hsdp_mesh(), self.device)
+        start = time.perf_counter()
+        self.pipeline = self.load_pipeline()
         # Adapters attach to the linear layers before compile sees them (in the activations' dtype,
         # which quantized weights are not).
         self.lora = (LoRAManager(self.pipeline, od_config.lora_modules, od_config.torch_dtype)
                      if od_config.lora_modules else None)
+        if self.lora is not None and offload_mode(od_config):
+            # Loaded on the host with the layers; adapters are small and stay on the device.
+            self.lora.to(self.device)
+        # The engine logs it for every rank and the server exports it.
+        self._load_report = {"load_s": time.perf_counter() - start, "peak_host_bytes": peak_host_rss_bytes()}
         self.apply_features()
         self.pre_process = get_pre_process_func(od_config)
         self.post_process = get_post_process_func(od_config) or POST_PROCESS[self.sampling_spec().modality]
         self._profiler: torch.profiler.profile | None = None
+
+    def load_pipeline(self) -> nn.Module:
+        """Load on the device; with CPU offload on the host (the offloader brings weights over as they
+        are used); under HSDP each rank allocates and reads only its shards of the denoisers."""
+        od_config = self.od_config
+
+        def prepare(pipeline: nn.Module) -> None:
+            check_fits(pipeline, od_config, self.device)  # before anything is allocated
+            if od_config.parallel_config.use_hsdp:
+                shard_denoisers(pipeline, ps.get_hsdp_mesh(), self.device)
+
+        load_device = torch.device("cpu") if offload_mode(od_config) else self.device
+        return DiffusersPipelineLoader(od_config).load_model(load_device, prepare)
+
+    def load_report(self) -> dict:
+        """This rank's load time (s) and peak host memory (bytes)."""
+        return dict(self._load_report)
 
     def apply_features(self) -> None:
         if self.od_config.quantization is not None:
@@ -100,6 +121,12 @@ class DiffusionWorker:
                 self.pipeline.enable_vae_tiling()
             else:
                 apply_vae_tiling(self.pipeline)
+        if self.od_config.vae_use_slicing:
+            # The same for slicing (diffusers' enable_slicing).
+            if hasattr(self.pipeline, "enable_vae_slicing"):
+                self.pipeline.enable_vae_slicing()
+            else:
+                apply_vae_slicing(self.pipeline)
         if self.rank != 0 and hasattr(self.pipeline, "set_progress_bar_config"):
             self.pipeline.set_progress_bar_config(disable=True)
         if not self.od_config.enforce_eager:
@@ -112,6 +139,8 @@ class DiffusionWorker:
         self.cache_backend = make_cache_backend(self.od_config)
         if self.cache_backend is not None:
             self.cache_backend.enable(self.pipeline)
+        # Last: its hooks wrap whatever the features above installed (tiled decode, caches, compile).
+        self.offloader = apply_offload(self.pipeline, self.od_config, self.device)
         if self.od_config.parallel_config.replica_world_size == 1 and not self._blocks_compiled():
             self._stop_between_blocks()
 
@@ -168,6 +197,9 @@ class DiffusionWorker:
         """Run one (batched) request. `progress(steps_done, total_steps)` is called after each step.
         The request stops with RequestAborted at the next step (or block) once `abort_flag` is set."""
         start = time.perf_counter()
+        memory = PeakMemory.for_device(self.device)
+        if memory is not None:
+            memory.reset()
         reports_progress = hasattr(self.pipeline, "set_step_callback")
         if reports_progress:
             self.pipeline.set_step_callback(self._on_step(progress))
@@ -188,6 +220,9 @@ class DiffusionWorker:
             if self.post_process is not None and self.rank == 0:
                 output = self.post_process(output, req.sampling_params.output_type)
         output.metrics["pipeline_s"] = time.perf_counter() - start
+        if memory is not None:
+            # The stages' peaks (StageTimer) cover the pipeline up to its last stage; the rest is read here.
+            output.metrics["peak_gpu_bytes"] = max(output.metrics.get("peak_gpu_bytes", 0), memory.peak())
         if self.cache_backend is not None:
             output.metrics.update(self.cache_backend.request_metrics())
         return output

@@ -33,12 +33,21 @@ ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--hsdp-replicate-size", "hsdp_replicate_size", int, "HSDP replica count"),
     ("--cache-backend", "cache_backend", str, "step cache: cache_dit or tea_cache (default none)"),
     ("--quantization", "quantization", str, "fp8: the denoiser's linear layers in float8 (Ada/Hopper GPUs; default none)"),
+    ("--layerwise-prefetch", "layerwise_prefetch", int,
+     "with --enable-layerwise-offload: blocks copied ahead of the running one (default 1; 0: none)"),
+    ("--max-gpu-memory", "max_gpu_memory", float,
+     "GiB of weights the GPU may hold; checked at start, naming the offload modes that would fit"),
     ("--profile-dir", "profile_dir", str, "where profiler traces go"),
 ]
 ENGINE_SWITCHES: list[tuple[str, str, str]] = [
     ("--enforce-eager", "enforce_eager", "do not torch.compile the transformer blocks"),
     ("--use-hsdp", "use_hsdp", "shard the transformer weights with FSDP2 (HSDP)"),
     ("--vae-use-tiling", "vae_use_tiling", "decode large latents in overlapping tiles (less memory)"),
+    ("--vae-use-slicing", "vae_use_slicing", "encode and decode a batch one sample at a time (less memory)"),
+    ("--enable-cpu-offload", "enable_cpu_offload",
+     "model-level CPU offload: encoders, transformers and VAE on the GPU only while in use"),
+    ("--enable-layerwise-offload", "enable_layerwise_offload",
+     "layerwise CPU offload: transformer blocks stream through the GPU a few at a time"),
     ("--disable-progress-bar", "disable_progress_bar", "no progress bar"),
 ]
 

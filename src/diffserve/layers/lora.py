@@ -50,6 +50,13 @@ class LoRAStack:
         # (A, B) of the active adapters, their request scales folded into A; None: no update.
         self.active: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def to(self, device: torch.device) -> None:
+        """Keep every adapter on `device` (the layer's weights may be elsewhere: CPU offload)."""
+        for adapter in self.adapters.values():
+            adapter.down, adapter.up = adapter.down.to(device), adapter.up.to(device)
+        if self.active is not None:
+            self.active = tuple(t.to(device) for t in self.active)
+
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.active is None:
             return y

@@ -72,17 +72,34 @@ def check_fp8_supported(device: torch.device) -> None:
         )
 
 
+def quantizable(layer: nn.Module) -> bool:
+    """Whether the kernel takes the layer: FP8 matmuls need both sides to be multiples of 16."""
+    from diffserve.layers.linear import LinearBase
+
+    return isinstance(layer, LinearBase) and layer.weight.shape[0] % 16 == 0 and layer.weight.shape[1] % 16 == 0
+
+
+def quantized_weight_bytes(module: nn.Module, method: str) -> dict[int, int]:
+    """{id(weight): bytes once quantized} for each linear layer of `module` that `method` converts: one
+    byte per element and a float32 scale per output channel (works on meta tensors, before loading)."""
+    _check_method(method)
+    return {id(layer.weight): layer.weight.numel() + 4 * layer.weight.shape[0]
+            for layer in module.modules() if quantizable(layer)}
+
+
+def _check_method(method: str) -> None:
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {method!r}")
+
+
 def quantize_linear_layers(module: nn.Module, method: str) -> int:
     """Give every linear layer of `module` whose shape the kernel takes the `method` compute method;
     how many were converted. FP8 matmuls need both sides to be multiples of 16; other layers (tiny
     embedders) stay as they are."""
-    from diffserve.layers.linear import LinearBase
-
-    if method not in QUANTIZATION_METHODS:
-        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {method!r}")
+    _check_method(method)
     count = 0
     for layer in module.modules():
-        if isinstance(layer, LinearBase) and layer.weight.shape[0] % 16 == 0 and layer.weight.shape[1] % 16 == 0:
+        if quantizable(layer):
             layer.quant_method = Fp8LinearMethod()
             layer.quant_method.process_weights(layer)
             count += 1

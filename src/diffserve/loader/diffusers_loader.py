@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,18 @@ def materialize_meta_tensors(module: nn.Module, device: torch.device) -> None:
         for name, buf in list(mod._buffers.items()):
             if buf is not None and buf.is_meta:
                 mod._buffers[name] = torch.empty_like(buf, device=device)
+
+
+def move_pipeline_to(pipeline: nn.Module, device: torch.device) -> None:
+    """`pipeline.to(device)`, skipping components already there: `.to` would swap HSDP's sharded
+    parameters for copies, losing their attributes (`weight_loader`)."""
+    for child in pipeline.children():
+        if any(t.device != device for t in (*child.parameters(), *child.buffers())):
+            child.to(device)
+    for name, param in pipeline.named_parameters(recurse=False):
+        param.data = param.data.to(device)
+    for name, buf in pipeline.named_buffers(recurse=False):
+        pipeline._buffers[name] = buf.to(device)
 
 
 def expected_names(module: nn.Module, prefix: str) -> set[str]:
@@ -91,13 +104,18 @@ class DiffusersPipelineLoader:
             )
         return set(loaded)
 
-    def load_model(self, device: torch.device) -> nn.Module:
+    def load_model(self, device: torch.device, prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
+        """Build the pipeline, give its meta tensors storage on `device` and fill them. `prepare(pipeline)`
+        runs in between, while the transformers are still on the meta device (a memory check; HSDP
+        shards them there, so each rank allocates and reads only its shards)."""
         from diffserve.registry import initialize_model
 
         start = time.perf_counter()
         pipeline = initialize_model(self.od_config)
+        if prepare is not None:
+            prepare(pipeline)
         materialize_meta_tensors(pipeline, device)
-        pipeline.to(device)
+        move_pipeline_to(pipeline, device)
         loaded = self.load_weights(pipeline)
         pipeline.eval()
         # Dropout and friends must be off: identical seeded runs have to repeat exactly.

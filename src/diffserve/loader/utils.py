@@ -14,6 +14,7 @@ from typing import Container, Iterable
 import torch
 import torch.nn as nn
 
+from diffserve.loader.sharded import ShardWindow
 from diffserve.loader.weight_utils import WeightLoadingError, Weights, default_weight_loader
 
 # (fused param fragment, checkpoint fragment, shard id)
@@ -23,7 +24,8 @@ StackedMapping = list[tuple[str, str, int | str]]
 def _call_loader(param: torch.Tensor, tensor: torch.Tensor, name: str, *shard) -> None:
     loader = getattr(param, "weight_loader", default_weight_loader)
     try:
-        loader(param, tensor, *shard)
+        # An HSDP-sharded parameter is filled through a window on this rank's rows.
+        loader(ShardWindow.of(param), tensor, *shard)
     except WeightLoadingError as exc:
         raise WeightLoadingError(f"{name}: {exc}") from None
 

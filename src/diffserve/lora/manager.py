@@ -87,6 +87,11 @@ class LoRAManager:
             )
         return by_layer
 
+    def to(self, device: torch.device) -> None:
+        """Keep every adapter on `device`."""
+        for stack in self.stacks:
+            stack.to(device)
+
     def activate(self, selection: dict[str, float] | None) -> None:
         """Run what follows with the adapters `{name: scale}` (None or {}: none). Scale 0 is no adapter."""
         unknown = sorted(set(selection or {}) - set(self.index))

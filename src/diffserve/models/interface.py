@@ -35,13 +35,18 @@ class SupportsComponentDiscovery:
     _encoder_modules: ClassVar[list[str]] = []
     _vae_modules: ClassVar[list[str]] = ["vae"]
     _resident_modules: ClassVar[list[str]] = []
+    # Set by CPU offload (diffserve.offload), under which weights wait on the host between uses.
+    _execution_device: torch.device | None = None
 
     def _first_dit_parameter(self):
         return next(get_submodule_by_path(self, self._dit_modules[0]).parameters())
 
     @property
     def device(self) -> torch.device:
-        """Where the pipeline computes: its (first) denoiser's device."""
+        """Where the pipeline computes: its (first) denoiser's device, or under offload the device the
+        weights are brought to."""
+        if self._execution_device is not None:
+            return self._execution_device
         return self._first_dit_parameter().device
 
     @property

@@ -1,4 +1,9 @@
-"""Per-stage wall-clock timings for DiffusionOutput.metrics."""
+"""Per-stage wall-clock timings and, on CUDA, peak device memory for DiffusionOutput.metrics.
+
+`{stage}_s` is each stage's time; `{stage}_peak_gpu_bytes` the most memory tensors held during it, and
+`peak_gpu_bytes` the most since the timer was made (gaps between stages included), which the worker
+extends to the whole request.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,30 @@ from contextlib import contextmanager
 
 import torch
 
+from diffserve.memory import PeakMemory
+
 
 class StageTimer:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, memory: PeakMemory | None = None):
         self.device = device
+        self.memory = memory if memory is not None else PeakMemory.for_device(device)
         self.timings: dict[str, float] = {}
+        self._peak = 0
 
     @contextmanager
     def stage(self, name: str):
+        if self.memory is not None:
+            # Resetting forgets the peak so far: keep it first, so the request's peak stays whole.
+            self._peak = max(self._peak, self.memory.peak())
+            self.memory.reset()
         start = time.perf_counter()
         yield
         # One device sync per stage (not per step) so the numbers mean GPU time, not launch time.
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings[f"{name}_s"] = time.perf_counter() - start
+        if self.memory is not None:
+            stage_peak = self.memory.peak()
+            self._peak = max(self._peak, stage_peak)
+            self.timings[f"{name}_peak_gpu_bytes"] = stage_peak
+            self.timings["peak_gpu_bytes"] = self._peak

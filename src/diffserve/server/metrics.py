@@ -13,6 +13,8 @@ STATES = ("starting", "ready", "busy", "recovering", "draining", "failed")
 REPLICA_STATES = ("starting", "ready", "busy", "recovering", "failed")
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+GPU_BYTES_BUCKETS = tuple(2**k * 1024**3 for k in range(-2, 9))  # 0.25 GiB .. 256 GiB
+PEAK_SUFFIX = "_peak_gpu_bytes"
 
 
 class ServerMetrics:
@@ -60,6 +62,17 @@ class ServerMetrics:
                                       ["replica"], registry=self.registry)
         self.replicas_healthy = Gauge("diffserve_replicas_healthy", "replicas that can take work",
                                       registry=self.registry)
+        self.request_peak_gpu = Histogram(
+            "diffserve_request_peak_gpu_bytes", "peak GPU memory held by tensors during a pipeline call (rank 0)",
+            buckets=GPU_BYTES_BUCKETS, registry=self.registry,
+        )
+        self.peak_gpu = Gauge(
+            "diffserve_peak_gpu_bytes", "highest GPU memory held by tensors since start, per stage ('request': whole "
+            "pipeline calls; rank 0)", ["stage"], registry=self.registry,
+        )
+        self._peaks: dict[str, int] = {}
+        self.load_peak_host = Gauge("diffserve_load_peak_host_bytes", "peak host memory of each rank while loading",
+                                    ["replica", "rank"], registry=self.registry)
 
     def observe_state(self, state) -> None:
         """Gauges read at scrape time."""
@@ -79,6 +92,8 @@ class ServerMetrics:
             self.replica_running.labels(replica=label).set(len(replica.running))
             self.replica_steps.labels(replica=label).set(replica.completed_steps)
             self.replica_restarts.labels(replica=label).set(replica.restarts)
+            for rank, stats in enumerate(getattr(replica.engine, "load_report", None) or []):
+                self.load_peak_host.labels(replica=label, rank=str(rank)).set(stats["peak_host_bytes"])
 
     def observe_batch(self, requests, outputs, elapsed_s: float) -> None:
         self.batch_size.observe(sum(len(r.prompts) for r in requests))
@@ -93,6 +108,17 @@ class ServerMetrics:
             if out.error is None and steps and "denoise_s" in out.metrics:
                 self.step_latency.observe(out.metrics["denoise_s"] / steps)
                 break  # one batch, one step time
+        self.observe_gpu_memory(next((out.metrics for out in outputs if out.error is None), {}))
+
+    def observe_gpu_memory(self, metrics: dict) -> None:
+        """One pipeline call's peaks (CUDA only: a CPU run reports none)."""
+        if "peak_gpu_bytes" in metrics:
+            self.request_peak_gpu.observe(metrics["peak_gpu_bytes"])
+        for key, value in metrics.items():
+            if key.endswith(PEAK_SUFFIX) or key == "peak_gpu_bytes":
+                stage = key[: -len(PEAK_SUFFIX)] if key.endswith(PEAK_SUFFIX) else "request"
+                self._peaks[stage] = max(self._peaks.get(stage, 0), value)
+                self.peak_gpu.labels(stage=stage).set(self._peaks[stage])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -163,6 +163,8 @@ REFUSED = [
     ({"cache_backend": "tea_cache"}, "cache_backend='tea_cache'"),
     ({"attention_backend": "sage_attn"}, "attention_backend='sage_attn'"),
     ({"quantization": "fp8"}, "quantization='fp8'"),
+    ({"enable_cpu_offload": True}, "enable_cpu_offload=True"),
+    ({"enable_layerwise_offload": True}, "enable_layerwise_offload=True"),
 ]
 
 
@@ -196,6 +198,11 @@ def test_vae_tiling_uses_the_vaes_own(tiny_checkpoint):
                      generator=torch.Generator().manual_seed(0)).images
     assert (tiled - reference).abs().max().item() <= 1e-6  # measured 0.0
     assert (tiled - untiled).abs().max().item() > 1e-3
+
+
+def test_vae_slicing_uses_the_vaes_own(tiny_checkpoint):
+    with _omni(tiny_checkpoint("pixart-sigma"), vae_use_slicing=True) as omni:
+        assert omni.engine.executor.worker.pipeline.vae.use_slicing
 
 
 PERMISSIVE_CACHE_DIT = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": 1,

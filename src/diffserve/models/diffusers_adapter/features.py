@@ -3,10 +3,11 @@
 The adapter runs diffusers' own pipeline code, so the engine features that work by replacing model
 code cannot apply: tensor and sequence parallelism shard diffserve's layers, CFG parallel splits
 diffserve's denoise loop, HSDP and VAE patch parallel wrap diffserve's pipelines across ranks,
-TeaCache reads the modulated input that diffserve's transformers declare, and FP8 quantization and
-LoRA adapters live in diffserve's linear layers. Those settings are refused
+TeaCache reads the modulated input that diffserve's transformers declare, FP8 quantization and
+LoRA adapters live in diffserve's linear layers, and CPU offload moves weights under diffserve's
+pipelines, which place their inputs on the execution device. Those settings are refused
 here, naming the native pipelines (from the registry) that have them. What diffusers itself can do is
-mapped: regional compile, VAE tiling, Cache-DiT (for the pipelines cache-dit knows) and the attention
+mapped: regional compile, VAE tiling and slicing, Cache-DiT (for the pipelines cache-dit knows) and the attention
 backends sdpa and flash_attn.
 """
 
@@ -24,12 +25,13 @@ ADAPTER_ATTENTION_BACKENDS = (None, "sdpa", "flash_attn")
 ADAPTER_FEATURES = (
     "regional torch.compile (diffusers models that declare _repeated_blocks)",
     "vae_use_tiling (the VAE's own enable_tiling)",
+    "vae_use_slicing (the VAE's own enable_slicing)",
     "cache_backend='cache_dit' (the pipelines cache-dit supports)",
     "attention_backend sdpa or flash_attn (models on diffusers' attention dispatcher)",
     "batching, seeds, progress, abort between steps, the HTTP server and the CLI",
 )
 ADAPTER_REFUSED = ("tensor/sequence/CFG parallel, HSDP, VAE patch parallel, tea_cache, fp8 quantization, "
-                   "LoRA adapters, sage_attn")
+                   "LoRA adapters, CPU offload, sage_attn")
 
 
 def refused_settings(od_config: "OmniDiffusionConfig") -> list[str]:
@@ -49,6 +51,8 @@ def refused_settings(od_config: "OmniDiffusionConfig") -> list[str]:
         refused.append(f"quantization={od_config.quantization!r}")
     if od_config.lora_modules:
         refused.append(f"lora_modules ({', '.join(sorted(od_config.lora_modules))})")
+    offload = ("enable_cpu_offload", "enable_layerwise_offload")
+    refused += [f"{name}=True" for name in offload if getattr(od_config, name)]
     if od_config.attention_backend not in ADAPTER_ATTENTION_BACKENDS:
         refused.append(f"attention_backend={od_config.attention_backend!r}")
     return refused
@@ -63,7 +67,7 @@ def check_adapter_features(od_config: "OmniDiffusionConfig") -> None:
         return
     raise ValueError(
         f"{', '.join(refused)}: not available for {od_config.model_class_name} through the diffusers adapter, which "
-        f"runs diffusers' own pipeline code (the adapter gives regional compile, vae_use_tiling, "
+        f"runs diffusers' own pipeline code (the adapter gives regional compile, vae_use_tiling, vae_use_slicing, "
         f"cache_backend='cache_dit' and attention_backend sdpa/flash_attn). diffserve's native pipelines have these "
         f"features: {', '.join(supported_models())} (VAE patch parallel where diffserve tiles their VAE)"
     )

@@ -115,14 +115,21 @@ class DiffusersAdapterPipeline(DiffusionPipelineBase):
 
     def enable_vae_tiling(self) -> None:
         """vae_use_tiling: the VAEs' own tiled decode (the engine calls this instead of its own tiling)."""
+        self._enable_on_vaes("vae_use_tiling", "enable_tiling", "tiled decode")
+
+    def enable_vae_slicing(self) -> None:
+        """vae_use_slicing: the VAEs' own one-sample-at-a-time encode and decode (instead of the engine's)."""
+        self._enable_on_vaes("vae_use_slicing", "enable_slicing", "sliced encode and decode")
+
+    def _enable_on_vaes(self, setting: str, method: str, what: str) -> None:
         if not self._vae_modules:
-            raise ValueError(f"vae_use_tiling: {self.spec.model} has no VAE component to tile; leave it off")
+            raise ValueError(f"{setting}: {self.spec.model} has no VAE component; leave it off")
         for name in self._vae_modules:
             vae = getattr(self, name)
-            if not hasattr(vae, "enable_tiling"):
-                raise ValueError(f"vae_use_tiling: {type(vae).__name__} ({name}) has no tiled decode in diffusers")
-            vae.enable_tiling()
-            logger.info("%s (%s): diffusers' tiled decode", name, type(vae).__name__)
+            if not hasattr(vae, method):
+                raise ValueError(f"{setting}: {type(vae).__name__} ({name}) has no {what} in diffusers")
+            getattr(vae, method)()
+            logger.info("%s (%s): diffusers' %s", name, type(vae).__name__, what)
 
     def sampling_spec(self) -> SamplingSpec:
         spec = derive_spec(self.diffusers_pipeline, self.plan)

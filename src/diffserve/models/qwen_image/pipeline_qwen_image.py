@@ -133,7 +133,8 @@ class QwenImagePipeline(DiffusionPipelineBase):
     ) -> list[torch.Tensor]:
         """Per prompt, the last hidden states of its tokens after the template's prefix, [L_i, D]."""
         inputs = self.text_encoder_inputs(prompts, images, max_sequence_length)
-        device = self.text_encoder.device
+        # The execution device: under CPU offload the encoder's weights may still be on the host.
+        device = self.device
         mask = inputs["attention_mask"]
         # The language model's last hidden state is what the reference takes (the LM head is not needed).
         hidden = self.text_encoder.model(

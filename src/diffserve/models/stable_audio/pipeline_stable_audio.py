@@ -127,8 +127,8 @@ class StableAudioPipeline(DiffusionPipelineBase):
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Projected T5 embeddings [B, L, D] at the tokenizer's full length, zero after each text."""
         tokens = self.tokenize(self.tokenizer, texts, self.tokenizer.model_max_length)
-        device = self.text_encoder.device
-        ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+        # The execution device: under CPU offload the encoder's weights may still be on the host.
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state
         projected = self.projection_model(text_hidden_states=hidden).text_hidden_states
         # The transformer gets no text mask: padding is zeros, which it was trained to attend to.
@@ -136,10 +136,9 @@ class StableAudioPipeline(DiffusionPipelineBase):
 
     def encode_seconds(self, start: float, end: float, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(seconds tokens [B, 2, D] for cross-attention, the global conditioning [B, 1, 2D])."""
-        device = self.projection_model.device
         out = self.projection_model(
-            start_seconds=torch.full((batch,), float(start), device=device),
-            end_seconds=torch.full((batch,), float(end), device=device),
+            start_seconds=torch.full((batch,), float(start), device=self.device),
+            end_seconds=torch.full((batch,), float(end), device=self.device),
         )
         start_token, end_token = out.seconds_start_hidden_states, out.seconds_end_hidden_states
         tokens = torch.cat([start_token, end_token], dim=1).to(self.device, self.dtype)

@@ -135,8 +135,8 @@ class WanPipeline(DiffusionPipelineBase):
         """UMT5 embeddings [B*k, L, D]; positions past each prompt's end are zero."""
         prompts = [clean_prompt(p) for p in prompts]
         tokens = self.tokenize(self.tokenizer, prompts, max_sequence_length, return_attention_mask=True)
-        device = self.text_encoder.device
-        ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+        # The execution device: under CPU offload the encoder's weights may still be on the host.
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
         embeds = self.text_encoder(ids, mask).last_hidden_state.to(device=self.device, dtype=self.dtype)
         # The model was trained with zeros after the prompt, not the encoder's padding outputs.
         embeds = embeds * mask.to(device=self.device, dtype=embeds.dtype)[..., None]

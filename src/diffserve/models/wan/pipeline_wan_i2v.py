@@ -58,7 +58,7 @@ class WanImageToVideoPipeline(WanPipeline):
         """CLIP tokens [P, L_img, D_img] from the penultimate layer (Wan2.1)."""
         encoder = self.image_encoder
         pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
-        pixels = pixels.to(device=encoder.device, dtype=encoder.dtype)
+        pixels = pixels.to(device=self.device, dtype=encoder.dtype)
         return encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
 
     def encode_first_frames(self, images: list, sp: OmniDiffusionSamplingParams, as_video: bool) -> torch.Tensor:

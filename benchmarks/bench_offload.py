@@ -1,0 +1,393 @@
+"""CPU offload on one GPU: peak GPU memory and time of no offload, model-level and layerwise offload,
+for FLUX.1-dev 1024x1024 and Wan2.1-T2V-14B 832x480 (81 frames), real configs, random bf16 weights,
+and whether the outputs are identical to no offload. One command, a few minutes on one H200:
+
+    python benchmarks/bench_offload.py --json-out offload.json
+
+No checkpoint is read or written: each model's folder holds only its configs (the real ones: the
+FLUX.1-dev transformer, CLIP-L, T5-XXL and the FLUX VAE; the Wan2.1 14B transformer, UMT5-XXL and the
+Wan2.1 VAE, vocabularies included) and the small test tokenizers, and the weights are drawn at load,
+on the GPU, from seeds fixed per tensor, so every mode's engine gets the same ones. (In this process
+only: the text encoders' and VAEs' `from_pretrained` build from the config, and the loader fills the
+transformer instead of streaming files.) 2-D weights ~ N(0, 1/fan_in); norm scales 1 + N(0, 0.05^2),
+biases N(0, 0.02^2).
+
+Per model and mode, in a fresh engine (eager unless --compile): a warm-up request (kernels, allocator;
+its decode also makes model-level offload copy the encoders for the next request, as in steady
+serving), then timed requests. Reported: per-step time (denoise stage / steps), end-to-end time, the
+request's and the denoise stage's peak GPU memory (torch.cuda.max_memory_allocated: tensors, not the
+allocator's reserve), the transformer's weight bytes, and whether the final latents of the timed
+request (what the VAE decodes) are bit-identical to no offload. Printed against the targets:
+- layerwise: denoise-stage peak <= 30% of the transformer's weight bytes, at <= 1.3x the step time;
+- model-level: <= 1.05x the end-to-end time. Offload adds a fixed cost per request (the copies), so
+  the ratio depends on the step count: it is printed as measured (few steps, to stay short) and
+  projected to the model's default steps (28 for FLUX.1-dev, 50 for Wan) with no offload's step time.
+Layerwise copies every block once per transformer call, so a step takes at least the transformer's
+bytes over the host-to-device bandwidth (measured and printed as a bound).
+
+On a CPU, `--tiny --device cpu` runs the same script on the tiny test configs in seconds (a smoke
+test: it measures nothing about offload).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import time
+import zlib
+from contextlib import contextmanager
+
+import torch
+
+GIB = 1024**3
+MODES = {
+    "none": {},
+    "model": {"enable_cpu_offload": True},
+    "layerwise": {"enable_layerwise_offload": True},
+}
+TARGETS = {"layerwise_peak_share": 0.30, "layerwise_step_ratio": 1.3, "model_e2e_ratio": 1.05}
+
+# -- real configs (diffusers / transformers config.json values) ---------------------------------------
+
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64,
+              relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
+              is_gated_act=True, tie_word_embeddings=False, dropout_rate=0.0)
+FLUX_DEV = {
+    # black-forest-labs/FLUX.1-dev
+    "transformer": dict(attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096,
+                        num_attention_heads=24, num_layers=19, num_single_layers=38, patch_size=1,
+                        pooled_projection_dim=768, axes_dims_rope=[16, 56, 56], out_channels=None),
+    "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                         hidden_act="quick_gelu", attention_dropout=0.0, dropout=0.0),
+    "text_encoder_2": dict(T5_XXL, vocab_size=32128),
+    "vae": dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=16, norm_num_groups=32,
+                sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                use_post_quant_conv=False, in_channels=3, out_channels=3),
+}
+WAN_14B = {
+    # Wan-AI/Wan2.1-T2V-14B-Diffusers
+    "transformer": dict(patch_size=[1, 2, 2], num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                        out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None,
+                        added_kv_proj_dim=None, rope_max_seq_len=1024),
+    "text_encoder": dict(T5_XXL, vocab_size=256384),  # UMT5-XXL
+    "vae": "AutoencoderKLWan",  # the class defaults are the Wan2.1 VAE
+}
+
+
+def _class_defaults(class_name: str) -> dict:
+    import diffusers
+
+    with torch.device("meta"):
+        model = getattr(diffusers, class_name)()
+    return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+
+
+def write_config_folder(tiny_arch: str, path: str, configs: dict | None) -> str:
+    """The tiny checkpoint's layout (tokenizers, scheduler, model_index.json) with `configs` merged into
+    the components' config.json (None: the tiny configs) and no weight files."""
+    from diffserve.testing import make_tiny_checkpoint
+
+    shutil.rmtree(path, ignore_errors=True)
+    make_tiny_checkpoint(tiny_arch, path)
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name.endswith((".safetensors", ".bin")):
+                os.remove(os.path.join(root, name))
+    _edit_json(os.path.join(path, "model_index.json"), lambda index: index.pop("_diffserve_defaults", None))
+    for component, values in (configs or {}).items():
+        values = _class_defaults(values) if isinstance(values, str) else values
+        _edit_json(os.path.join(path, component, "config.json"), lambda config, v=values: config.update(v))
+    return path
+
+
+def _edit_json(file: str, edit) -> None:
+    with open(file) as f:
+        data = json.load(f)
+    edit(data)
+    with open(file, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+# -- random weights at load ---------------------------------------------------------------------------
+
+
+def _seed(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def _random_like(name: str, shape, device: torch.device) -> torch.Tensor:
+    """A float32 tensor for the parameter `name`, the same on every call."""
+    generator = torch.Generator(device).manual_seed(_seed(name))
+    values = torch.randn(shape, generator=generator, device=device)
+    if len(shape) >= 2:
+        return values / (torch.Size(shape)[1:].numel() ** 0.5)
+    return 1 + 0.05 * values if name.endswith("weight") else 0.02 * values
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def install_random_weights(device: torch.device) -> None:
+    """Make this process build every component from its config with random weights drawn on `device`."""
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    from diffserve.loader import DiffusersPipelineLoader
+
+    def from_pretrained(cls, path, *args, subfolder=None, dtype=None, torch_dtype=None, **kwargs):
+        folder = os.path.join(path, subfolder) if subfolder else path
+        if issubclass(cls, PreTrainedModel):
+            config = cls.config_class.from_pretrained(folder)
+            build = lambda: cls(config)  # noqa: E731
+        else:
+            build = lambda: cls.from_config(cls.load_config(folder))  # noqa: E731
+        torch.manual_seed(_seed(subfolder or path))
+        # Built on the device in its dtype (never billions of float32 parameters on the host), then
+        # handed to the pipeline on the host, as from_pretrained does.
+        with torch.device(device), _default_dtype(dtype or torch_dtype or torch.float32), torch.no_grad():
+            module = build()
+            for name, p in module.named_parameters():
+                if p.dim() == 1:  # no norm or bias trivially 1 or 0
+                    p.copy_(_random_like(f"{subfolder}.{name}", p.shape, device))
+        return module.to("cpu").eval()
+
+    def load_weights(self, pipeline) -> set[str]:
+        prefixes = tuple(source.prefix for source in pipeline.weights_sources)
+        buffers = [n for n, _ in pipeline.named_buffers() if n.startswith(prefixes)]
+        if buffers:
+            raise ValueError(f"the random fill knows parameters only; {buffers[:3]} would stay uninitialized")
+        loaded = set()
+        with torch.no_grad():
+            for name, param in pipeline.named_parameters():
+                if name.startswith(prefixes):
+                    param.copy_(_random_like(name, param.shape, device).to(param.dtype))
+                    loaded.add(name)
+        return loaded
+
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+    ModelMixin.from_pretrained = classmethod(from_pretrained)
+    DiffusersPipelineLoader.load_weights = load_weights
+
+
+# -- measurement -------------------------------------------------------------------------------------
+
+
+def host_to_device_gib_s(device: torch.device) -> float | None:
+    """Pinned host-to-device copy bandwidth (1 GiB)."""
+    if device.type != "cuda":
+        return None
+    host = torch.empty(GIB, dtype=torch.uint8).pin_memory()
+    target = torch.empty(GIB, dtype=torch.uint8, device=device)
+    target.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(3):
+        target.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return 3 / (time.perf_counter() - start)
+
+
+def capture_latents(pipeline) -> list[torch.Tensor]:
+    """Every latent tensor the pipeline's VAE decodes, on the host (the outermost wrapper of decode)."""
+    seen = []
+    decode = pipeline.vae.decode
+
+    def capturing(z, *args, **kwargs):
+        seen.append(z.detach().to("cpu", copy=True).contiguous())
+        return decode(z, *args, **kwargs)
+
+    pipeline.vae.decode = capturing
+    return seen
+
+
+def measure_mode(path: str, mode: str, engine: dict, setup: dict) -> dict:
+    from diffserve import Omni, OmniDiffusionSamplingParams
+
+    steps = setup["steps"]
+    start = time.perf_counter()
+    with Omni(path, disable_progress_bar=True, **engine, **MODES[mode]) as omni:
+        load_s = time.perf_counter() - start
+        worker = omni.engine.executor.worker
+        dit_bytes = sum(worker.dit_param_bytes().values())
+        latents = capture_latents(worker.pipeline)
+        omni.generate(setup["prompt"], OmniDiffusionSamplingParams(**setup["warmup"]))
+        runs = [omni.generate(setup["prompt"], OmniDiffusionSamplingParams(num_inference_steps=steps,
+                                                                           **setup["params"]))[0].metrics
+                for _ in range(setup["repeats"])]
+        final = latents[-1]
+    median = sorted(runs, key=lambda m: m["e2e_s"])[len(runs) // 2]
+    return {
+        "mode": mode,
+        "load_s": load_s,
+        "step_s": sorted(m["denoise_s"] for m in runs)[len(runs) // 2] / steps,
+        "e2e_s": median["e2e_s"],
+        "encode_s": median["encode_s"],
+        "decode_s": median.get("decode_s"),
+        "peak_gib": median.get("peak_gpu_bytes", 0) / GIB,
+        "denoise_peak_gib": median.get("denoise_peak_gpu_bytes", 0) / GIB,
+        "dit_gib": dit_bytes / GIB,
+        "latents": final,
+    }
+
+
+def compare(results: list[dict], steps: int, default_steps: int) -> list[dict]:
+    """Ratios against the first mode (no offload), the e2e ratio projected to `default_steps`, and
+    bit-identity of the final latents."""
+    base = results[0]
+    base_e2e_default = base["e2e_s"] + (default_steps - steps) * base["step_s"]
+    rows = []
+    for r in results:
+        same_shape = r["latents"].shape == base["latents"].shape
+        identical = same_shape and torch.equal(r["latents"].view(torch.uint8), base["latents"].view(torch.uint8))
+        diff = (r["latents"].float() - base["latents"].float()).abs().nan_to_num(float("inf")) if same_shape else None
+        rows.append({k: v for k, v in r.items() if k != "latents"} | {
+            "step_ratio": r["step_s"] / base["step_s"],
+            "e2e_ratio": r["e2e_s"] / base["e2e_s"],
+            # The copies are a cost per request: the same seconds over a longer request.
+            f"e2e_ratio_at_{default_steps}_steps": (base_e2e_default + r["e2e_s"] - base["e2e_s"]) / base_e2e_default,
+            "denoise_peak_share_of_dit": r["denoise_peak_gib"] / r["dit_gib"],
+            "identical": identical,
+            "max_abs_vs_none": None if diff is None else diff.max().item(),
+            "finite": bool(torch.isfinite(r["latents"].float()).all()),
+        })
+    return rows
+
+
+def verdicts(rows: list[dict], default_steps: int) -> list[str]:
+    by_mode = {row["mode"]: row for row in rows}
+    met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
+    lines = []
+    if "layerwise" in by_mode:
+        row = by_mode["layerwise"]
+        share, ratio = row["denoise_peak_share_of_dit"], row["step_ratio"]
+        lines.append(f"layerwise: denoise peak {share:.0%} of the transformer's weight bytes (target <= "
+                     f"{TARGETS['layerwise_peak_share']:.0%}: {met(share <= TARGETS['layerwise_peak_share'])}), "
+                     f"step time {ratio:.2f}x (target <= {TARGETS['layerwise_step_ratio']}x: "
+                     f"{met(ratio <= TARGETS['layerwise_step_ratio'])})")
+    if "model" in by_mode:
+        row = by_mode["model"]
+        ratio, projected = row["e2e_ratio"], row[f"e2e_ratio_at_{default_steps}_steps"]
+        lines.append(f"model-level: end-to-end {ratio:.3f}x as measured, {projected:.3f}x projected to "
+                     f"{default_steps} steps (target <= {TARGETS['model_e2e_ratio']}x: "
+                     f"{met(projected <= TARGETS['model_e2e_ratio'])})")
+    for row in rows[1:]:
+        lines.append(f"{row['mode']}: latents {'bit-identical to' if row['identical'] else 'DIFFERENT from'} no offload")
+    return lines
+
+
+def report(title: str, rows: list[dict], default_steps: int, bandwidth: float | None, on_gpu: bool) -> list[str]:
+    print(f"\n**{title}**\n")
+    print(f"| mode | per-step s | step vs none | e2e s | e2e vs none | e2e vs none at {default_steps} steps | "
+          "peak GiB | denoise peak GiB | denoise peak / DiT bytes | latents identical | load s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for r in rows:
+        same = "yes" if r["identical"] else f"no (max-abs {r['max_abs_vs_none']})"
+        print(f"| {r['mode']} | {r['step_s']:.3f} | {r['step_ratio']:.2f}x | {r['e2e_s']:.2f} | {r['e2e_ratio']:.3f}x | "
+              f"{r[f'e2e_ratio_at_{default_steps}_steps']:.3f}x | {r['peak_gib']:.2f} | {r['denoise_peak_gib']:.2f} | "
+              f"{r['denoise_peak_share_of_dit']:.0%} | {same} | {r['load_s']:.0f} |")
+    lines = verdicts(rows, default_steps) if on_gpu else ["(no GPU: no memory figures and no verdicts)"]
+    if bandwidth:
+        lines.append(f"bound: {rows[0]['dit_gib']:.1f} GiB of transformer over {bandwidth:.1f} GiB/s host-to-device = "
+                     f"{rows[0]['dit_gib'] / bandwidth:.2f} s per transformer call under layerwise offload")
+    if not all(r["finite"] for r in rows):
+        lines.append("WARNING: non-finite latents (random weights); identity is compared bit for bit all the same")
+    print()
+    for line in lines:
+        print(line)
+    print(flush=True)
+    return lines
+
+
+def model_setups(args) -> dict:
+    tiny = args.tiny
+    flux_size = 64 if tiny else 1024
+    wan = dict(height=32, width=32, num_frames=5) if tiny else dict(height=480, width=832, num_frames=81)
+    text = 16 if tiny else 512
+    return {
+        "flux": dict(
+            title=f"FLUX.1-dev {flux_size}x{flux_size}, guidance 3.5, {args.flux_steps} steps",
+            tiny="flux", configs=None if tiny else FLUX_DEV, default_steps=28, repeats=args.repeats,
+            prompt={"prompt": "a red fox in the snow, detailed fur", "seed": 0},
+            warmup=dict(num_inference_steps=1, height=flux_size, width=flux_size, max_sequence_length=text),
+            params=dict(height=flux_size, width=flux_size, guidance_scale=3.5, max_sequence_length=text),
+            steps=args.flux_steps,
+        ),
+        "wan": dict(
+            title=f"Wan2.1-T2V-14B {wan['width']}x{wan['height']}, {wan['num_frames']} frames, CFG 5.0, "
+                  f"{args.wan_steps} steps",
+            tiny="wan2.1-t2v", configs=None if tiny else WAN_14B, default_steps=50, repeats=1,
+            prompt={"prompt": "a red fox running through snow, cinematic", "negative_prompt": "blurry, static",
+                    "seed": 0},
+            # A short clip: the kernels, the allocator, and a decode.
+            warmup=dict(num_inference_steps=1, height=wan["height"], width=wan["width"], num_frames=5,
+                        max_sequence_length=text),
+            params=dict(wan, guidance_scale=5.0, max_sequence_length=text),
+            steps=args.wan_steps,
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="flux,wan")
+    parser.add_argument("--modes", default="none,model,layerwise", help="none must come first (the baseline)")
+    parser.add_argument("--flux-steps", type=int, default=4)
+    parser.add_argument("--wan-steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed FLUX requests per mode (Wan: one)")
+    parser.add_argument("--compile", action="store_true", help="regional torch.compile (minutes more per mode)")
+    parser.add_argument("--dir", default="/tmp/bench_offload", help="where the config folders go")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test configs (a smoke test)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    if modes[0] != "none" or not set(modes) <= set(MODES):
+        parser.error(f"--modes: some of {', '.join(MODES)}, starting with none (the baseline)")
+
+    device = torch.device(args.device)
+    install_random_weights(device)
+    bandwidth = host_to_device_gib_s(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    engine = {"dtype": "float32" if args.tiny else "bfloat16", "device": args.device,
+              "enforce_eager": not args.compile}
+    out = {"device": name, "torch": torch.__version__, "args": vars(args), "targets": TARGETS,
+           "host_to_device_gib_s": bandwidth, "models": {}}
+    setups = model_setups(args)
+    for model in args.models.split(","):
+        setup = setups[model]
+        path = write_config_folder(setup["tiny"], os.path.join(args.dir, model), setup["configs"])
+        results = []
+        for mode in modes:
+            result = measure_mode(path, mode, engine, setup)
+            print(f"{model} {mode}: step {result['step_s']:.3f} s, e2e {result['e2e_s']:.2f} s, peak "
+                  f"{result['peak_gib']:.2f} GiB (denoise {result['denoise_peak_gib']:.2f}), load {result['load_s']:.0f} s",
+                  flush=True)
+            results.append(result)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows = compare(results, setup["steps"], setup["default_steps"])
+        title = f"{setup['title']}, {'regional torch.compile' if args.compile else 'eager'}, {engine['dtype']}, {name}"
+        lines = report(title, rows, setup["default_steps"], bandwidth, device.type == "cuda")
+        out["models"][model] = {"title": title, "rows": rows, "verdicts": lines}
+        shutil.rmtree(path, ignore_errors=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Model-level offload: the pipeline's components take turns on the device.
+
+The stages, in the order a request uses them: the encoders (together), each denoiser (Wan2.2's two
+experts one at a time), the VAEs. A hook on each component's entry (`forward`; `encode`/`decode` for
+VAEs; the direct submodules of encoders and VAEs, which pipelines may call themselves) makes its stage
+the active one: every other stage is let go (at no cost: weights are read-only, nothing is copied
+back) and the stage is loaded. Tensor inputs on another device are moved to the
+execution device, since a pipeline may read a component's device while the component is on the host.
+
+Copies overlap with compute where the next use is known:
+- a denoiser is copied in call order, the rest of it first and then block by block, each with its
+  own event: the first step starts once the first block is there and computes behind the copy of the
+  others;
+- when a VAE starts decoding, the denoisers are done and the next request starts with the encoders:
+  they are copied during the decode, provided the encoders and VAEs together are no larger than the
+  largest stage (so that this never raises the peak).
+
+With layerwise offload a denoiser's stage holds no weights of its own: its blocks stream through the
+device (diffserve.offload.layerwise) and the rest of it stays there; encoders and VAEs still take turns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from diffserve.offload.hooks import ENTRY_METHODS, Hooks, move_to_device
+from diffserve.offload.layerwise import BlockStreamer
+from diffserve.offload.weights import Transfers, WeightSet
+
+
+class Stage:
+    """Components that are on the device together."""
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        modules: list[nn.Module],
+        sets: list[WeightSet],
+        ready_sets: list[WeightSet] | None = None,
+        streamer: BlockStreamer | None = None,
+    ):
+        self.name = name
+        self.kind = kind  # "encoder", "dit" or "vae"
+        self.modules = modules
+        self.sets = sets  # copied when the stage becomes active, in this order
+        # The compute stream waits for these when the stage becomes active; a denoiser's blocks are
+        # waited for by the block's own hook, so the first step computes behind their copy.
+        self.ready_sets = sets if ready_sets is None else ready_sets
+        self.streamer = streamer
+
+    @property
+    def device_bytes(self) -> int:
+        """What the stage puts on the device while it is active."""
+        return sum(ws.nbytes for ws in self.sets) + (self.streamer.device_bytes if self.streamer else 0)
+
+    def is_resident(self) -> bool:
+        return any(ws.resident for ws in self.sets) or bool(self.streamer and self.streamer.resident_blocks())
+
+
+class ComponentOffloader:
+    def __init__(self, stages: list[Stage], transfers: Transfers, device: torch.device):
+        self.stages = stages
+        self.transfers = transfers
+        self.device = device
+        self.active: Stage | None = None
+
+    def activate(self, stage: Stage, via: str = "forward") -> None:
+        if self.active is stage:
+            return
+        for other in self.stages:
+            if other is not stage:
+                self.release(other)
+        for ws in stage.sets:
+            self.transfers.load(ws)
+        for ws in stage.ready_sets:
+            self.transfers.wait(ws)
+        self.active = stage
+        if via == "decode":
+            self.prefetch_encoders()
+
+    def release(self, stage: Stage) -> None:
+        for ws in stage.sets:
+            self.transfers.release(ws)
+        if stage.streamer is not None:
+            stage.streamer.release_all()
+
+    def prefetch_encoders(self) -> None:
+        encoders = next((s for s in self.stages if s.kind == "encoder"), None)
+        if encoders is None or encoders.is_resident():
+            return
+        vae_bytes = sum(s.device_bytes for s in self.stages if s.kind == "vae")
+        if encoders.device_bytes + vae_bytes <= max(s.device_bytes for s in self.stages):
+            for ws in encoders.sets:
+                self.transfers.load(ws)
+
+    # -- hooks --------------------------------------------------------------------------------------
+
+    def _enter(self, stage: Stage, via: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.activate(stage, via)
+        if stage.streamer is not None and via == "forward":
+            stage.streamer.begin_call()
+        return move_to_device(args, self.device), move_to_device(kwargs, self.device)
+
+    def install(self, hooks: Hooks, block_sets: dict[str, list[tuple[nn.Module, WeightSet]]]) -> None:
+        """Entry hooks on every stage's modules. `block_sets[stage name]`: a model-level denoiser's
+        (block, its weight set), whose hooks wait for the block's copy."""
+        for stage in self.stages:
+            for module in stage.modules:
+                hooks.before_forward(module, self._forward_hook(stage))
+                if stage.kind != "dit":
+                    # Pipelines may call an encoder's or a VAE's parts directly (Qwen-Image runs its
+                    # VL encoder's language model, `text_encoder.model`): those are entries too.
+                    for child in module.children():
+                        hooks.before_forward(child, self._forward_hook(stage))
+                if stage.streamer is not None:
+                    hooks.after_forward(module, lambda m, streamer=stage.streamer: streamer.end_call())
+                for name in ENTRY_METHODS:
+                    if callable(getattr(module, name, None)):
+                        hooks.wrap_method(module, name, self._method_hook(stage, name))
+            for block, ws in block_sets.get(stage.name, ()):
+                hooks.before_forward(block, lambda m, args, kwargs, ws=ws: self.transfers.wait(ws))
+
+    def _forward_hook(self, stage: Stage):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+            return self._enter(stage, "forward", args, kwargs)
+
+        return hook
+
+    def _method_hook(self, stage: Stage, name: str):
+        def before(args: tuple, kwargs: dict[str, Any]):
+            return self._enter(stage, name, args, kwargs)
+
+        return before

@@ -1,0 +1,108 @@
+"""Model-level offload on the toy pipeline (CPU): which stage is on the device when, in which order
+weights are copied and waited for, and what the hooks do with inputs."""
+
+from collections import namedtuple
+
+import torch
+
+from diffserve.offload import Offloader
+from diffserve.offload.hooks import move_to_device
+from tests.offload.toy import ToyPipeline, ids
+
+CPU = torch.device("cpu")
+BLOCKS = [f"transformer.blocks.{i}" for i in range(3)]
+
+
+def _offload(pipeline):
+    moves = []
+    offloader = Offloader(pipeline, "model", CPU, trace=lambda action, name: moves.append((action, name)))
+    return offloader, moves
+
+
+def test_stages_take_turns_in_request_order():
+    pipeline = ToyPipeline(depth=3)
+    offloader, moves = _offload(pipeline)
+    pipeline(ids(), steps=2)
+    assert moves == [
+        ("load", "text_encoder"), ("wait", "text_encoder"),
+        # The denoiser: released encoders, then its rest and blocks in call order; the compute stream
+        # waits for the rest and the first block now, for the other blocks in their own hooks.
+        ("release", "text_encoder"),
+        ("load", "transformer"), *[("load", b) for b in BLOCKS],
+        ("wait", "transformer"), ("wait", BLOCKS[0]), ("wait", BLOCKS[1]), ("wait", BLOCKS[2]),
+        # Decoding: the denoiser goes, the VAE comes, and the next request's encoders are copied
+        # during the decode (encoders + VAE are smaller than the denoiser).
+        ("release", "transformer"), *[("release", b) for b in BLOCKS],
+        ("load", "vae"), ("wait", "vae"),
+        ("load", "text_encoder"),
+    ]
+    moves.clear()
+    pipeline(ids(), steps=1)
+    assert moves[:3] == [("release", "vae"), ("wait", "text_encoder"), ("release", "text_encoder")]
+
+
+def test_each_component_is_on_the_device_when_it_runs_and_alone():
+    pipeline = ToyPipeline(depth=3, experts=2)
+    offloader, moves = _offload(pipeline)
+    components = {"text_encoder": pipeline.text_encoder, "transformer": pipeline.transformer,
+                  "transformer_2": pipeline.transformer_2, "vae": pipeline.vae}
+    ran = []
+
+    def check(name):
+        def hook(module, args):
+            resident = sorted(n for n, m in components.items() if offloader.is_resident(m))
+            # Wan2.2's experts one at a time; while decoding, the next request's encoders arrive.
+            assert resident == (["text_encoder", "vae"] if name == "vae" else [name]), (name, resident)
+            for block in getattr(module, "blocks", []):
+                assert offloader.is_resident(block)
+            ran.append(name)
+
+        return hook
+
+    for name, module in components.items():
+        target = module.decoder if name == "vae" else module  # the VAE is entered through decode()
+        target.register_forward_pre_hook(check(name))
+    pipeline(ids(), steps=4)
+    assert ran == ["text_encoder", "transformer", "transformer", "transformer_2", "transformer_2", "vae"]
+
+
+def test_a_vae_encode_during_encoding_does_not_prefetch():
+    pipeline = ToyPipeline(depth=3)
+    offloader, moves = _offload(pipeline)
+    pipeline(ids(), steps=1, image=torch.randn(2, 3))
+    vae_loads = [i for i, m in enumerate(moves) if m == ("load", "vae")]
+    assert len(vae_loads) == 2  # encode, then decode after the denoiser
+    first_vae, second_vae = vae_loads
+    assert ("load", "text_encoder") not in moves[first_vae:second_vae]
+    assert moves[-1] == ("load", "text_encoder")
+
+
+def test_no_prefetch_when_encoders_and_vae_outgrow_the_largest_stage():
+    pipeline = ToyPipeline(depth=1)
+    pipeline.text_encoder.embed = torch.nn.Embedding(4096, 8).requires_grad_(False)  # larger than the denoiser
+    offloader, moves = _offload(pipeline)
+    pipeline(ids(), steps=1)
+    assert moves[-2:] == [("load", "vae"), ("wait", "vae")]
+
+
+def test_outputs_match_and_the_pipeline_computes_on_the_execution_device():
+    reference = ToyPipeline(depth=3, experts=2)(ids(), steps=4, image=torch.ones(2, 3))
+    pipeline = ToyPipeline(depth=3, experts=2)
+    offloader, _ = _offload(pipeline)
+    assert pipeline._execution_device == CPU and pipeline.device == CPU
+    assert torch.equal(pipeline(ids(), steps=4, image=torch.ones(2, 3)), reference)
+    offloader.remove()
+    assert pipeline._execution_device is None
+
+
+def test_inputs_on_another_device_are_moved():
+    Pair = namedtuple("Pair", "a b")
+    value = (torch.ones(2), [torch.zeros(1), {"x": torch.ones(3), "n": 4}], Pair(torch.ones(1), "s"))
+    moved = move_to_device(value, torch.device("meta"))
+    assert moved[0].is_meta and moved[1][0].is_meta and moved[1][1]["x"].is_meta and moved[1][1]["n"] == 4
+    assert isinstance(moved[2], Pair) and moved[2].a.is_meta and moved[2].b == "s"
+    # Nothing to move: the very same containers, which a callee may fill in place.
+    cache = [torch.ones(1), None]
+    args = (cache, {"idx": [0]})
+    same = move_to_device(args, torch.device("cpu"))
+    assert same is args and same[0] is cache
