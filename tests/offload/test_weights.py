@@ -85,7 +85,7 @@ def test_host_copies_are_pinned_and_loads_are_asynchronous():
     pinning = HostPinning()
     big = torch.randn(64, 1024, 1024)  # 256 MiB
     ws = WeightSet("big", [big], pinning)
-    assert ws.chunks[0].host.is_pinned()
+    assert pinning.holds(ws.chunks[0].host)
     transfers = Transfers(device)
     transfers.load(ws)
     assert ws.event is not None  # copied on the side stream; the compute stream has not waited yet

@@ -109,6 +109,11 @@ class HostPinning:
         self._registered.append(buffer)
         return True
 
+    def holds(self, buffer: torch.Tensor) -> bool:
+        """Whether `buffer` is page-locked by this object. (`Tensor.is_pinned()` on torch 2.11 does not
+        report memory registered with cudaHostRegister, only PyTorch's own pinned pool.)"""
+        return any(b.data_ptr() == buffer.data_ptr() for b in self._registered)
+
     def unpin_all(self) -> None:
         cudart = torch.cuda.cudart() if self._registered else None
         for buffer in self._registered:
