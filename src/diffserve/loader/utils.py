@@ -21,6 +21,28 @@ from diffserve.loader.weight_utils import WeightLoadingError, Weights, default_w
 StackedMapping = list[tuple[str, str, int | str]]
 
 
+def fused_qkv(
+    attn: str, fused: str = "to_qkv", names: tuple[str, str, str] = ("to_q", "to_k", "to_v")
+) -> StackedMapping:
+    """Checkpoint q/k/v projections of `attn` (e.g. ".attn.") loaded into one QKVParallelLinear."""
+    return [(f"{attn}{fused}.", f"{attn}{name}.", shard) for name, shard in zip(names, "qkv")]
+
+
+def fused_kv(attn: str, fused: str = "to_kv", names: tuple[str, str] = ("to_k", "to_v")) -> StackedMapping:
+    """Checkpoint k/v projections of `attn` loaded into one column-parallel layer (shards 0 and 1)."""
+    return [(f"{attn}{fused}.", f"{attn}{name}.", shard) for shard, name in enumerate(names)]
+
+
+def joint_attention_qkv(attn: str = ".attn.") -> StackedMapping:
+    """A dual-stream (MMDiT) attention: the image stream's to_q/k/v and the text stream's add_*_proj."""
+    return fused_qkv(attn) + fused_qkv(attn, "add_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"))
+
+
+def feed_forward_renames(*prefixes: str) -> list[tuple[str, str]]:
+    """diffusers' FeedForward (net.0.proj, net.2) -> our MLP (proj_in, proj_out), for each prefix."""
+    return [pair for p in prefixes for pair in ((f"{p}net.0.proj.", f"{p}proj_in."), (f"{p}net.2.", f"{p}proj_out."))]
+
+
 def _call_loader(param: torch.Tensor, tensor: torch.Tensor, name: str, *shard) -> None:
     loader = getattr(param, "weight_loader", default_weight_loader)
     try:

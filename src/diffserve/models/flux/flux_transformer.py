@@ -21,7 +21,7 @@ from diffserve.layers.linear import ColumnParallelLinear, QKVParallelLinear, Rep
 from diffserve.layers.mlp import FeedForward
 from diffserve.layers.norm import LayerNorm, RMSNorm
 from diffserve.layers.rope import MultiAxisRoPE, apply_rotary_emb
-from diffserve.loader.utils import load_weights_with_mapping
+from diffserve.loader.utils import feed_forward_renames, joint_attention_qkv, load_weights_with_mapping
 from diffserve.models.model_config import ModelConfig
 
 
@@ -176,22 +176,9 @@ class FluxTransformer2DModel(nn.Module):
         return block.norm1(hidden_states, temb)[0]
 
     # (our fused parameter, diffusers parameter, shard id)
-    stacked_params_mapping = [
-        (".attn.to_qkv.", ".attn.to_q.", "q"),
-        (".attn.to_qkv.", ".attn.to_k.", "k"),
-        (".attn.to_qkv.", ".attn.to_v.", "v"),
-        (".attn.add_qkv.", ".attn.add_q_proj.", "q"),
-        (".attn.add_qkv.", ".attn.add_k_proj.", "k"),
-        (".attn.add_qkv.", ".attn.add_v_proj.", "v"),
-    ]
+    stacked_params_mapping = joint_attention_qkv()
     # diffusers name fragment -> ours
-    weight_renames = [
-        (".attn.to_out.0.", ".attn.to_out."),
-        (".ff.net.0.proj.", ".ff.proj_in."),
-        (".ff.net.2.", ".ff.proj_out."),
-        (".ff_context.net.0.proj.", ".ff_context.proj_in."),
-        (".ff_context.net.2.", ".ff_context.proj_out."),
-    ]
+    weight_renames = [(".attn.to_out.0.", ".attn.to_out."), *feed_forward_renames(".ff.", ".ff_context.")]
 
     def __init__(self, config: FluxTransformerConfig | None = None, *, od_config=None):
         super().__init__()

@@ -27,7 +27,7 @@ from diffserve.layers.linear import QKVParallelLinear, ReplicatedLinear, RowPara
 from diffserve.layers.mlp import FeedForward
 from diffserve.layers.norm import LayerNorm, RMSNorm
 from diffserve.layers.rope import MultiAxisRoPE, apply_rotary_emb, grid_positions
-from diffserve.loader.utils import load_weights_with_mapping
+from diffserve.loader.utils import feed_forward_renames, joint_attention_qkv, load_weights_with_mapping
 from diffserve.models.model_config import ModelConfig
 
 ImageShape = tuple[int, int, int]  # (frames, rows, columns) of one image's patch grid
@@ -299,23 +299,13 @@ class QwenImageTransformer2DModel(nn.Module):
         return _modulate(block.img_norm1(hidden_states), shift, scale)
 
     # (our fused parameter, diffusers parameter, shard id)
-    stacked_params_mapping = [
-        (".attn.to_qkv.", ".attn.to_q.", "q"),
-        (".attn.to_qkv.", ".attn.to_k.", "k"),
-        (".attn.to_qkv.", ".attn.to_v.", "v"),
-        (".attn.add_qkv.", ".attn.add_q_proj.", "q"),
-        (".attn.add_qkv.", ".attn.add_k_proj.", "k"),
-        (".attn.add_qkv.", ".attn.add_v_proj.", "v"),
-    ]
+    stacked_params_mapping = joint_attention_qkv()
     # diffusers name fragment -> ours
     weight_renames = [
         (".img_mod.1.", ".img_mod.linear."),
         (".txt_mod.1.", ".txt_mod.linear."),
         (".attn.to_out.0.", ".attn.to_out."),
-        (".img_mlp.net.0.proj.", ".img_mlp.proj_in."),
-        (".img_mlp.net.2.", ".img_mlp.proj_out."),
-        (".txt_mlp.net.0.proj.", ".txt_mlp.proj_in."),
-        (".txt_mlp.net.2.", ".txt_mlp.proj_out."),
+        *feed_forward_renames(".img_mlp.", ".txt_mlp."),
     ]
 
     def __init__(self, config: QwenImageTransformerConfig | None = None, *, od_config=None):

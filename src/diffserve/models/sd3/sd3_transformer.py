@@ -29,7 +29,7 @@ from diffserve.layers.embeddings import TimeTextEmbedding
 from diffserve.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from diffserve.layers.mlp import FeedForward
 from diffserve.layers.norm import LayerNorm, RMSNorm
-from diffserve.loader.utils import load_weights_with_mapping
+from diffserve.loader.utils import feed_forward_renames, joint_attention_qkv, load_weights_with_mapping
 from diffserve.models.model_config import ModelConfig
 
 # q/k normalizations SD3 checkpoints use: none (SD3) or per-head RMSNorm (SD3.5).
@@ -287,22 +287,9 @@ class SD3Transformer2DModel(nn.Module):
     _cache_blocks = {"transformer_blocks": "Pattern_1"}
 
     # (our fused parameter, diffusers parameter, shard id); the same fragments serve attn and attn2.
-    stacked_params_mapping = [
-        (".to_qkv.", ".to_q.", "q"),
-        (".to_qkv.", ".to_k.", "k"),
-        (".to_qkv.", ".to_v.", "v"),
-        (".add_qkv.", ".add_q_proj.", "q"),
-        (".add_qkv.", ".add_k_proj.", "k"),
-        (".add_qkv.", ".add_v_proj.", "v"),
-    ]
+    stacked_params_mapping = joint_attention_qkv(".")
     # diffusers name fragment -> ours
-    weight_renames = [
-        (".to_out.0.", ".to_out."),
-        (".ff.net.0.proj.", ".ff.proj_in."),
-        (".ff.net.2.", ".ff.proj_out."),
-        (".ff_context.net.0.proj.", ".ff_context.proj_in."),
-        (".ff_context.net.2.", ".ff_context.proj_out."),
-    ]
+    weight_renames = [(".to_out.0.", ".to_out."), *feed_forward_renames(".ff.", ".ff_context.")]
 
     def __init__(self, config: SD3TransformerConfig | None = None, *, od_config=None):
         super().__init__()

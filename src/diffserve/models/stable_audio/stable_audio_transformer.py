@@ -30,7 +30,7 @@ from diffserve.layers.linear import (
 from diffserve.layers.mlp import GatedFeedForward
 from diffserve.layers.norm import LayerNorm
 from diffserve.layers.rope import apply_rotary_emb, rope_cos_sin
-from diffserve.loader.utils import load_weights_with_mapping
+from diffserve.loader.utils import feed_forward_renames, fused_kv, fused_qkv, load_weights_with_mapping
 from diffserve.models.model_config import ModelConfig
 
 NORM_EPS = 1e-5
@@ -224,18 +224,11 @@ class StableAudioDiTModel(nn.Module):
     _hsdp_shard_conditions = [_is_transformer_block]
 
     # (our fused parameter, diffusers parameter, shard id)
-    stacked_params_mapping = [
-        (".attn1.to_qkv.", ".attn1.to_q.", "q"),
-        (".attn1.to_qkv.", ".attn1.to_k.", "k"),
-        (".attn1.to_qkv.", ".attn1.to_v.", "v"),
-        (".attn2.to_kv.", ".attn2.to_k.", 0),
-        (".attn2.to_kv.", ".attn2.to_v.", 1),
-    ]
+    stacked_params_mapping = [*fused_qkv(".attn1."), *fused_kv(".attn2.")]
     # diffusers name fragment -> ours (the conditioning MLPs are nn.Sequential there: 0, SiLU, 2)
     weight_renames = [
         (".to_out.0.", ".to_out."),
-        (".ff.net.0.proj.", ".ff.proj_in."),
-        (".ff.net.2.", ".ff.proj_out."),
+        *feed_forward_renames(".ff."),
         *(
             (f"{mlp}.{index}.", f"{mlp}.{layer}.")
             for mlp in ("timestep_proj", "global_proj", "cross_attention_proj")

@@ -28,7 +28,7 @@ from diffserve.layers.linear import (
 from diffserve.layers.mlp import FeedForward
 from diffserve.layers.norm import ColumnParallelRMSNorm, FP32LayerNorm
 from diffserve.layers.rope import MultiAxisRoPE, apply_rotary_emb, grid_positions
-from diffserve.loader.utils import load_weights_with_mapping
+from diffserve.loader.utils import feed_forward_renames, fused_kv, fused_qkv, load_weights_with_mapping
 from diffserve.models.model_config import ModelConfig
 
 # The only q/k normalization Wan checkpoints use (diffusers builds it whatever the config says).
@@ -305,21 +305,14 @@ class WanTransformer3DModel(nn.Module):
 
     # (our fused parameter, diffusers parameter, shard id)
     stacked_params_mapping = [
-        (".attn1.to_qkv.", ".attn1.to_q.", "q"),
-        (".attn1.to_qkv.", ".attn1.to_k.", "k"),
-        (".attn1.to_qkv.", ".attn1.to_v.", "v"),
-        (".attn2.to_kv.", ".attn2.to_k.", 0),
-        (".attn2.to_kv.", ".attn2.to_v.", 1),
-        (".attn2.add_kv.", ".attn2.add_k_proj.", 0),
-        (".attn2.add_kv.", ".attn2.add_v_proj.", 1),
+        *fused_qkv(".attn1."),
+        *fused_kv(".attn2."),
+        *fused_kv(".attn2.", "add_kv", ("add_k_proj", "add_v_proj")),
     ]
     # diffusers name fragment -> ours
     weight_renames = [
         (".to_out.0.", ".to_out."),
-        (".ffn.net.0.proj.", ".ffn.proj_in."),
-        (".ffn.net.2.", ".ffn.proj_out."),
-        (".ff.net.0.proj.", ".ff.proj_in."),
-        (".ff.net.2.", ".ff.proj_out."),
+        *feed_forward_renames(".ffn.", ".ff."),
     ]
     # Present in some converted checkpoints, unused by the model (diffusers ignores them too).
     ignored_checkpoint_keys = (".norm_added_q.",)
