@@ -102,6 +102,18 @@ class DiffusionPipelineBase(nn.Module, CFGParallelMixin, ProgressBarMixin, Suppo
 
     # -- weights ------------------------------------------------------------------------------------
 
+    def add_checkpoint_module(self, name: str, module_cls, config, fall_back_to_pt: bool = True) -> None:
+        """Our implementation of the checkpoint's component `name` (a denoiser, say), built on the meta
+        device as attribute `name`; the loader fills it from the checkpoint's `name/` folder."""
+        from diffserve.loader import DiffusersPipelineLoader
+
+        with torch.device("meta"):
+            setattr(self, name, module_cls(config, od_config=self.od_config).to(self.dtype))
+        source = DiffusersPipelineLoader.ComponentSource(
+            model_or_path=self.od_config.model, subfolder=name, prefix=f"{name}.", fall_back_to_pt=fall_back_to_pt
+        )
+        self.weights_sources = [*getattr(self, "weights_sources", []), source]
+
     def load_weights(self, weights) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights)
 

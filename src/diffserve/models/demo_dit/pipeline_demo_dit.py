@@ -16,7 +16,6 @@ from typing import ClassVar
 import torch
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
 from diffserve.models.demo_dit import captions
 from diffserve.models.demo_dit.configs import (
@@ -79,7 +78,7 @@ class DiffservePixelDiTPipeline(DiffusionPipelineBase):
         from diffusers import FlowMatchEulerDiscreteScheduler
         from transformers import PreTrainedTokenizerFast
 
-        path, dtype = od_config.model, od_config.torch_dtype
+        path = od_config.model
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(path, "tokenizer"))
         transformer_config = DemoDiTConfig.from_pretrained(os.path.join(path, "transformer"))
@@ -89,17 +88,8 @@ class DiffservePixelDiTPipeline(DiffusionPipelineBase):
                 f"{path}: the text encoder's hidden_size ({text_config.hidden_size}) differs from the "
                 f"transformer's text_dim ({transformer_config.text_dim})"
             )
-        with torch.device("meta"):  # weights come from weights_sources
-            self.transformer = DemoDiTTransformer2DModel(transformer_config, od_config=od_config).to(dtype)
-            self.text_encoder = DemoTextEncoder(text_config, od_config=od_config).to(dtype)
-        self.weights_sources = [
-            DiffusersPipelineLoader.ComponentSource(
-                model_or_path=path, subfolder="transformer", prefix="transformer.", fall_back_to_pt=False
-            ),
-            DiffusersPipelineLoader.ComponentSource(
-                model_or_path=path, subfolder="text_encoder", prefix="text_encoder.", fall_back_to_pt=False
-            ),
-        ]
+        self.add_checkpoint_module("transformer", DemoDiTTransformer2DModel, transformer_config, fall_back_to_pt=False)
+        self.add_checkpoint_module("text_encoder", DemoTextEncoder, text_config, fall_back_to_pt=False)
 
     @property
     def patch_size(self) -> int:

@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 import torch
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
 from diffserve.models.denoise import denoise
 from diffserve.models.flow_match import default_sigmas, set_timesteps, shift_from_scheduler_config
@@ -62,14 +61,9 @@ class FluxPipeline(DiffusionPipelineBase):
         self.text_encoder_2 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype)
         self.tokenizer_2 = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2")
 
-        config = FluxTransformerConfig.from_pretrained(f"{path}/transformer")
-        with torch.device("meta"):  # weights come from weights_sources
-            self.transformer = FluxTransformer2DModel(config, od_config=od_config).to(dtype)
-        self.weights_sources = [
-            DiffusersPipelineLoader.ComponentSource(
-                model_or_path=path, subfolder="transformer", prefix="transformer.", fall_back_to_pt=True
-            )
-        ]
+        self.add_checkpoint_module(
+            "transformer", FluxTransformer2DModel, FluxTransformerConfig.from_pretrained(f"{path}/transformer")
+        )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(
             vae_scale_factor=self.vae_scale_factor * 2, vae_latent_channels=self.vae.config.latent_channels

@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 import torch
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
 from diffserve.models.denoise import denoise, flow_step_inputs
 from diffserve.models.flow_match import default_sigmas, set_timesteps, shift_from_scheduler_config
@@ -90,13 +89,7 @@ class QwenImagePipeline(DiffusionPipelineBase):
         self.tokenizer = Qwen2Tokenizer.from_pretrained(path, subfolder="tokenizer")
 
         config = QwenImageTransformerConfig.from_pretrained(f"{path}/transformer")
-        with torch.device("meta"):  # weights come from weights_sources
-            self.transformer = QwenImageTransformer2DModel(config, od_config=od_config).to(dtype)
-        self.weights_sources = [
-            DiffusersPipelineLoader.ComponentSource(
-                model_or_path=path, subfolder="transformer", prefix="transformer.", fall_back_to_pt=True
-            )
-        ]
+        self.add_checkpoint_module("transformer", QwenImageTransformer2DModel, config)
         # Each temporal-downsample entry of the config is one spatial 2x downsampling.
         self.vae_scale_factor = 2 ** len(self.vae.config.temperal_downsample)
 

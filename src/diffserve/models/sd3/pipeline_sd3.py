@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
 from diffserve.models.denoise import denoise
 from diffserve.models.flow_match import set_timesteps, shift_from_scheduler_config
@@ -77,14 +76,9 @@ class StableDiffusion3Pipeline(DiffusionPipelineBase):
         self.text_encoder_3 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", dtype=dtype)
         self.tokenizer_3 = T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_3")
 
-        config = SD3TransformerConfig.from_pretrained(f"{path}/transformer")
-        with torch.device("meta"):  # weights come from weights_sources
-            self.transformer = SD3Transformer2DModel(config, od_config=od_config).to(dtype)
-        self.weights_sources = [
-            DiffusersPipelineLoader.ComponentSource(
-                model_or_path=path, subfolder="transformer", prefix="transformer.", fall_back_to_pt=True
-            )
-        ]
+        self.add_checkpoint_module(
+            "transformer", SD3Transformer2DModel, SD3TransformerConfig.from_pretrained(f"{path}/transformer")
+        )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def sampling_spec(self) -> SamplingSpec:

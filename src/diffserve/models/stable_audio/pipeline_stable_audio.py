@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import torch
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
 from diffserve.models.denoise import denoise
 from diffserve.models.outputs import seeded_noise
@@ -89,14 +88,9 @@ class StableAudioPipeline(DiffusionPipelineBase):
         )
         self.vae = AutoencoderOobleck.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
 
-        config = StableAudioDiTConfig.from_pretrained(f"{path}/transformer")
-        with torch.device("meta"):  # weights come from weights_sources
-            self.transformer = StableAudioDiTModel(config, od_config=od_config).to(dtype)
-        self.weights_sources = [
-            DiffusersPipelineLoader.ComponentSource(
-                model_or_path=path, subfolder="transformer", prefix="transformer.", fall_back_to_pt=True
-            )
-        ]
+        self.add_checkpoint_module(
+            "transformer", StableAudioDiTModel, StableAudioDiTConfig.from_pretrained(f"{path}/transformer")
+        )
 
     @property
     def sample_rate(self) -> int:

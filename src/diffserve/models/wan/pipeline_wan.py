@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 import torch
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.loader import DiffusersPipelineLoader
 from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
 from diffserve.models.denoise import denoise
 from diffserve.models.flow_match import set_timesteps
@@ -91,16 +90,8 @@ class WanPipeline(DiffusionPipelineBase):
                 "(Wan2.2's two experts switch at the boundary)"
             )
         transformer_cls = WanTI2VTransformer3DModel if self.expand_timesteps else WanTransformer3DModel
-        self.weights_sources = []
         for name in self._dit_modules:
-            config = WanTransformerConfig.from_pretrained(f"{path}/{name}")
-            with torch.device("meta"):  # weights come from weights_sources
-                setattr(self, name, transformer_cls(config, od_config=od_config).to(dtype))
-            self.weights_sources.append(
-                DiffusersPipelineLoader.ComponentSource(
-                    model_or_path=path, subfolder=name, prefix=f"{name}.", fall_back_to_pt=True
-                )
-            )
+            self.add_checkpoint_module(name, transformer_cls, WanTransformerConfig.from_pretrained(f"{path}/{name}"))
 
     @property
     def is_dual(self) -> bool:
