@@ -27,13 +27,14 @@ def tiny_clip_text_model(tokenizer, model_class: Any = None, **overrides):
     return (model_class or CLIPTextModel)(CLIPTextConfig(**{**config, **overrides})).eval()
 
 
-def tiny_t5_encoder(tokenizer, **overrides):
-    """A 2-layer T5 encoder (d_model 32) for `tokenizer`."""
+def tiny_t5_encoder(tokenizer, model_class: Any = None, config_class: Any = None, **overrides):
+    """A 2-layer T5 encoder (d_model 32) for `tokenizer`; `model_class`/`config_class` e.g.
+    UMT5EncoderModel/UMT5Config (default T5EncoderModel/T5Config)."""
     from transformers import T5Config, T5EncoderModel
 
     config = dict(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)
-    return T5EncoderModel(T5Config(**{**config, **overrides})).eval()
+    return (model_class or T5EncoderModel)((config_class or T5Config)(**{**config, **overrides})).eval()
 
 
 def tiny_autoencoder_kl(**overrides):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from diffserve.testing.flux import perturb_
+from diffserve.testing.components import perturb_, tiny_clip_text_model, tiny_t5_encoder
 from diffserve.testing.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 HEADS, HEAD_DIM = 2, 16
@@ -32,42 +32,10 @@ VARIANTS = {
 }
 
 
-def _clip_text_encoder(vocab_size: int, dim: int):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def _clip_text_encoder(tokenizer, dim: int):
+    from transformers import CLIPTextModelWithProjection
 
-    return CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=dim,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=dim,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_act="gelu",
-        )
-    ).eval()
-
-
-def _t5_text_encoder(vocab_size: int):
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=vocab_size,
-            d_model=T5_DIM,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    ).eval()
+    return tiny_clip_text_model(tokenizer, CLIPTextModelWithProjection, hidden_size=dim, projection_dim=dim)
 
 
 def _vae():
@@ -124,11 +92,11 @@ def build_tiny_sd3(path: str, seed: int = 0, variant: str = "sd3.5-large") -> st
         transformer=_transformer(variant, seed),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=_vae(),
-        text_encoder=_clip_text_encoder(len(clip_tokenizer), CLIP_DIMS[0]),
+        text_encoder=_clip_text_encoder(clip_tokenizer, CLIP_DIMS[0]),
         tokenizer=clip_tokenizer,
-        text_encoder_2=_clip_text_encoder(len(clip_tokenizer), CLIP_DIMS[1]),
+        text_encoder_2=_clip_text_encoder(clip_tokenizer, CLIP_DIMS[1]),
         tokenizer_2=clip_tokenizer,
-        text_encoder_3=_t5_text_encoder(len(t5_tokenizer)),
+        text_encoder_3=tiny_t5_encoder(t5_tokenizer, d_model=T5_DIM),
         tokenizer_3=t5_tokenizer,
     )
     pipe.save_pretrained(path, safe_serialization=True)

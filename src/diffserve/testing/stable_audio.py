@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from diffserve.testing.flux import perturb_
+from diffserve.testing.components import perturb_, tiny_t5_encoder
 from diffserve.testing.tokenizers import build_t5_tokenizer
 
 # stabilityai/stable-audio-open-1.0 scheduler/scheduler_config.json.
@@ -42,23 +42,9 @@ def build_tiny_stable_audio(path: str, seed: int = 0) -> str:
         StableAudioPipeline,
         StableAudioProjectionModel,
     )
-    from transformers import T5Config, T5EncoderModel
-
     torch.manual_seed(seed)
     tokenizer = build_t5_tokenizer(max_length=32)
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    text_encoder = tiny_t5_encoder(tokenizer)
     projection_model = StableAudioProjectionModel(
         text_encoder_dim=32, conditioning_dim=32, min_value=SECONDS_RANGE[0], max_value=SECONDS_RANGE[1]
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from diffserve.testing.components import perturb_
+from diffserve.testing.components import perturb_, tiny_t5_encoder
 from diffserve.testing.tokenizers import build_t5_tokenizer
 
 HEADS, HEAD_DIM = 2, 12  # head_dim 12 -> RoPE widths (frame, row, col) = (4, 4, 4)
@@ -20,22 +20,10 @@ WAN21_VAE_CHANNELS = 16
 WAN22_VAE_CHANNELS = 48
 
 
-def _text_encoder(vocab_size: int):
+def _text_encoder(tokenizer):
     from transformers import UMT5Config, UMT5EncoderModel
 
-    return UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=vocab_size,
-            d_model=TEXT_DIM,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    ).eval()
+    return tiny_t5_encoder(tokenizer, UMT5EncoderModel, UMT5Config, d_model=TEXT_DIM)
 
 
 def _vae(ti2v: bool):
@@ -102,7 +90,7 @@ def build_tiny_wan_t2v(path: str, seed: int = 0, dual: bool = False, ti2v: bool 
     channels = WAN22_VAE_CHANNELS if ti2v else WAN21_VAE_CHANNELS
     pipe = WanPipeline(
         tokenizer=tokenizer,
-        text_encoder=_text_encoder(len(tokenizer)),
+        text_encoder=_text_encoder(tokenizer),
         vae=_vae(ti2v),
         scheduler=_scheduler(flow_shift=5.0 if ti2v else 3.0),
         transformer=_transformer(channels, channels, seed + 10),
@@ -147,7 +135,7 @@ def build_tiny_wan_i2v(path: str, seed: int = 0, dual: bool = False, ti2v: bool 
     image_dim = image_encoder.config.hidden_size if with_clip else None
     pipe = WanImageToVideoPipeline(
         tokenizer=tokenizer,
-        text_encoder=_text_encoder(len(tokenizer)),
+        text_encoder=_text_encoder(tokenizer),
         vae=_vae(ti2v),
         scheduler=_scheduler(flow_shift=5.0 if ti2v else 3.0),
         image_processor=image_processor,
