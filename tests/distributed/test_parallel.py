@@ -33,9 +33,11 @@ MODES = {
     "ulysses2xring2": {"ulysses_degree": 2, "ring_degree": 2},
 }
 FOUR_PROCESS_MODES = ("tp2xcfg2", "ulysses2xcfg2", "ulysses2xring2")
-# The default run checks each family in three worlds that together exercise every mode (TP with CFG
-# parallel, Ulysses with ring, HSDP); the single modes and the other pairs are the slow tier.
-DEFAULT_MODES = ("tp2xcfg2", "ulysses2xring2", "hsdp2")
+# The default run checks each family in two worlds that together exercise TP, CFG parallel, Ulysses
+# and ring; HSDP (FSDP2 over the blocks the engine derives from every model's block lists) on FLUX
+# and the demo model. The single modes, the other pairs and the other families' HSDP are the slow tier.
+DEFAULT_MODES = ("tp2xcfg2", "ulysses2xring2")
+DEFAULT_HSDP_FAMILIES = ("flux", "demo-dit")
 
 
 def _one_case_per_pipeline(backend: str = "native"):
@@ -83,8 +85,12 @@ def single_process(tiny_checkpoint):
     return get
 
 
+def _in_default_run(case, mode: str) -> bool:
+    return mode in DEFAULT_MODES or (mode == "hsdp2" and case.arch in DEFAULT_HSDP_FAMILIES)
+
+
 PARAMS = [
-    pytest.param(case, mode, id=f"{case.arch}-{mode}", marks=() if mode in DEFAULT_MODES else pytest.mark.slow)
+    pytest.param(case, mode, id=f"{case.arch}-{mode}", marks=() if _in_default_run(case, mode) else pytest.mark.slow)
     for case in _one_case_per_pipeline()
     for mode in MODES
 ]
