@@ -76,8 +76,8 @@ def test_requests_report_their_peaks(tiny_flux, monkeypatch):
         probes.clear()
         out = omni.generate("a fox", OmniDiffusionSamplingParams(num_inference_steps=1, max_sequence_length=8))[0]
     worker_probe, timer_probe = probes  # made by the worker, then by the pipeline's stage timer
-    assert worker_probe.resets == 1 and timer_probe.resets == 3  # one per stage
-    for stage in ("encode", "denoise", "decode"):
+    assert worker_probe.resets == 1 and timer_probe.resets == 4  # one per stage
+    for stage in ("encode", "prepare", "denoise", "decode"):
         assert out.metrics[f"{stage}_peak_gpu_bytes"] == 2
     assert out.metrics["peak_gpu_bytes"] == 2
 

@@ -187,6 +187,9 @@ def check_lora_modules(modules: Any) -> None:
             raise ValueError(f"LoRA adapter {name!r}: {path!r} does not exist")
 
 
+BATCHING_MODES = ("request", "step")
+
+
 @dataclass
 class OmniDiffusionConfig:
     """Everything the engine needs to build and run one model."""
@@ -229,6 +232,12 @@ class OmniDiffusionConfig:
     quantization: str | None = None
     # Most prompts the engine merges into one pipeline call.
     max_batch_size: int = 4
+    # "request": a batch is formed when it starts and runs to its end. "step": requests join and leave
+    # a running batch between denoise steps (diffserve.engine.step_batching, docs/step_batching.md).
+    batching: str = "request"
+    # batching="step": steps a waiting request that cannot join the running batch lets pass before the
+    # batch stops admitting and drains, so that request starts next.
+    step_max_wait: int = 8
     disable_progress_bar: bool = ENV_DISABLE_PROGRESS_BAR
     # Where start_profile()/stop_profile() write traces; None: ./diffserve_profiles.
     profile_dir: str | None = None
@@ -279,10 +288,26 @@ class OmniDiffusionConfig:
 
         self.cache_config = parse_cache_config(self.cache_backend, self.cache_config)
         _check_positive_int("max_batch_size", self.max_batch_size)
+        self._check_batching()
         if self.quantization not in (None, "fp8"):
             raise ValueError(f"quantization must be None or 'fp8', got {self.quantization!r}")
         check_lora_modules(self.lora_modules)
         self._check_memory_options()
+
+    def _check_batching(self) -> None:
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
+        _check_positive_int("step_max_wait", self.step_max_wait)
+        if self.batching != "step":
+            return
+        # Refused until they are exact per request: a step cache keeps one state for the whole batch,
+        # and several ranks would have to agree on the running set at every step.
+        if self.cache_backend is not None:
+            raise ValueError(f"batching='step' does not run with a step cache (cache_backend={self.cache_backend!r}); "
+                             "use batching='request' or no cache_backend")
+        if self.parallel_config.world_size > 1:
+            raise ValueError("batching='step' runs on one device only (no tensor, sequence, CFG or data "
+                             "parallelism, no HSDP); use batching='request'")
 
     def _check_memory_options(self) -> None:
         for name in ("enable_cpu_offload", "enable_layerwise_offload", "vae_use_tiling", "vae_use_slicing"):

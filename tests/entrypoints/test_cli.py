@@ -121,3 +121,14 @@ def test_generate_passes_skip_layer_guidance_flags(tiny_checkpoint, tmp_path, ca
     assert main([*common, "--skip-guidance-layers", "1", "2", "--skip-layer-guidance-scale", "2.5",
                  "--skip-layer-guidance-stop", "0.6"]) == 0
     assert Image.open(out).size == (48, 32)
+
+
+def test_generate_with_step_batching(tiny_flux, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    common = ["-o", str(out), "--height", "16", "--width", "16", "--steps", "1", "--max-sequence-length", "8",
+              "--disable-progress-bar", "--batching", "step", "--step-max-wait", "2"]
+    assert main(["generate", "--model", tiny_flux, "x", "--num-outputs", "2", *common]) == 0
+    assert out.exists() and (tmp_path / "img_1.png").exists()
+    assert main(["generate", "--model", tiny_checkpoint("sd3"), "x", *common]) == 2
+    err = capsys.readouterr().err
+    assert "batching='step' is not supported by StableDiffusion3Pipeline" in err and "Traceback" not in err

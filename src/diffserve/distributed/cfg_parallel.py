@@ -1,7 +1,9 @@
 """Classifier-free guidance as a pipeline mixin.
 
-Pipelines call `predict_noise_maybe_with_cfg` and `scheduler_step_maybe_with_cfg` in their denoise
-loop and never branch on parallelism themselves. Three ways to run the two branches:
+The shared denoise step (diffserve.models.denoise) calls `predict_noise_maybe_with_cfg`, or with
+several requests in one call `predict_cfg_branches` and `combine_cfg_noise`; pipelines never branch
+on parallelism themselves. Every rank holds the combined prediction, so every rank steps its own
+scheduler identically. Three ways to run the two branches:
 
 - CFG parallel (cfg_parallel_size=2): CFG rank 0 runs the positive branch, rank 1 the negative one,
   and the predictions are exchanged with one all-gather;
@@ -85,9 +87,3 @@ class CFGParallelMixin:
                     f"cfg_batched_inputs; add it there if it has a batch dimension"
                 )
         return batched
-
-    def scheduler_step_maybe_with_cfg(
-        self, noise_pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, do_true_cfg: bool
-    ) -> torch.Tensor:
-        # Every rank holds the combined prediction, so every rank steps its own scheduler identically.
-        return self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]

@@ -333,6 +333,9 @@ class AsyncDiffusionEngine:
         source, replica.source = replica.source, None
         try:
             engine = source if isinstance(source, DiffusionEngine) else source()
+            if engine.od_config.batching != "request":
+                raise ValueError(f"the async engine (the server) runs batching='request' only, not "
+                                 f"{engine.od_config.batching!r}; step batching runs offline (Omni, diffserve generate)")
             if self.warmup is not None and not isinstance(source, DiffusionEngine):
                 self.warmup(engine)
         except Exception as exc:

@@ -14,6 +14,7 @@ from diffserve.engine.cost import CostProfile, describe_request, estimate_second
 from diffserve.engine.errors import RequestAborted
 from diffserve.engine.executor import Executor, make_executor
 from diffserve.engine.scheduler import Scheduler, merge_requests, split_output
+from diffserve.engine.step_batching import StepBatcher, check_step_batching
 from diffserve.memory import gib
 from diffserve.models.spec import SamplingSpec
 from diffserve.registry import resolve_model
@@ -52,6 +53,8 @@ class DiffusionEngine:
         self.spec: SamplingSpec = self.executor.collective_rpc("sampling_spec")[0]
         self.cost: CostProfile = self.executor.collective_rpc("cost_profile")[0]
         self.load_report = self._load_report()
+        if od_config.batching == "step":
+            check_step_batching(self)
 
     def _load_report(self) -> list[dict]:
         """Per rank: load time and peak host memory (also in the server's /metrics)."""
@@ -84,15 +87,32 @@ class DiffusionEngine:
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
         """Admit every request (InvalidRequestError before anything runs), then run them in batches of
         compatible ones; one output per request, in order."""
-        scheduler = self.make_scheduler()
-        for req in [scheduler.admit(req) for req in requests]:
+        admitted = [self.admit(req) for req in requests]
+        for req in admitted:
             self.warn_if_large(req)
+        if self.od_config.batching == "step":
+            return self._generate_step_batched(admitted)
+        scheduler = self.make_scheduler()
+        for req in admitted:
             scheduler.add(req)
         results: dict[str, DiffusionOutput] = {}
         while (batch := scheduler.start_batch()) is not None:
             for out in self.run_batch(batch.requests):
                 results[out.request_id] = out
         return [results[req.request_id] for req in requests]
+
+    def _generate_step_batched(self, admitted: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
+        batcher = self.step_batcher()
+        for req in admitted:
+            batcher.add(req)
+        results = {out.request_id: out for out in batcher.run_all()}
+        return [results[req.request_id] for req in admitted]
+
+    def step_batcher(self) -> StepBatcher:
+        """A driver of this engine's worker step by step (batching="step"); see step_batching."""
+        if self.od_config.batching != "step":
+            raise ValueError("step_batcher() needs an engine built with batching='step'")
+        return StepBatcher(self)
 
     def run_batch(
         self, batch: list[OmniDiffusionRequest], progress: Callable[[int, int], None] | None = None
@@ -101,26 +121,26 @@ class DiffusionEngine:
         start = time.perf_counter()
         if not self.executor.is_healthy():
             dead = RuntimeError("the engine's workers are not running (a worker died or the engine was shut down)")
-            return [self._error_output(req, dead) for req in batch]
+            return [self.error_output(req, dead) for req in batch]
         try:
             output = self.executor.execute(merge_requests(batch), progress)
         except RequestAborted as exc:
-            return [self._error_output(req, exc) for req in batch]
+            return [self.error_output(req, exc) for req in batch]
         except Exception as exc:
             if not self.executor.is_healthy():  # nothing to retry on
-                return [self._error_output(req, exc) for req in batch]
+                return [self.error_output(req, exc) for req in batch]
             if len(batch) > 1:
                 # Find the culprit: run each request alone so only the failing one reports an error.
                 logger.warning("batch of %d failed (%s); retrying its requests one by one", len(batch), exc)
                 return [out for req in batch for out in self.run_batch([req], progress)]
-            return [self._error_output(batch[0], exc)]
+            return [self.error_output(batch[0], exc)]
         outputs = split_output(output, batch)
         for out in outputs:
             out.metrics["e2e_s"] = time.perf_counter() - start
         return outputs
 
     @staticmethod
-    def _error_output(req: OmniDiffusionRequest, exc: Exception) -> DiffusionOutput:
+    def error_output(req: OmniDiffusionRequest, exc: Exception) -> DiffusionOutput:
         invalid = isinstance(exc, ValueError)
         if isinstance(exc, RequestAborted):
             return DiffusionOutput(request_id=req.request_id, error=str(exc), error_type="aborted")

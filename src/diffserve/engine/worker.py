@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -24,6 +25,8 @@ from diffserve.layers.quantization import check_fp8_supported, quantize_linear_l
 from diffserve.loader import DiffusersPipelineLoader
 from diffserve.lora import LoRAManager
 from diffserve.memory import PeakMemory, peak_host_rss_bytes
+from diffserve.models.base import PipelineRun
+from diffserve.models.denoise import denoise_step
 from diffserve.models.interface import discover_components, is_repeated_block
 from diffserve.models.outputs import POST_PROCESS
 from diffserve.models.spec import SamplingSpec
@@ -90,6 +93,8 @@ class DiffusionWorker:
         self.pre_process = get_pre_process_func(od_config)
         self.post_process = get_post_process_func(od_config) or POST_PROCESS[self.sampling_spec().modality]
         self._profiler: torch.profiler.profile | None = None
+        # batching="step": the running requests by id, each between the pipeline's begin and finish.
+        self._running: dict[str, PipelineRun] = {}
 
     def load_pipeline(self) -> nn.Module:
         """Load on the device; with CPU offload on the host (the offloader brings weights over as they
@@ -203,22 +208,16 @@ class DiffusionWorker:
         reports_progress = hasattr(self.pipeline, "set_step_callback")
         if reports_progress:
             self.pipeline.set_step_callback(self._on_step(progress))
-        # FSDP2's parameter all-gathers cannot run under inference mode; no_grad is enough there.
-        grad_off = torch.no_grad() if self.od_config.parallel_config.use_hsdp else torch.inference_mode()
-        with grad_off:
-            if self.pre_process is not None:
-                req = self.pre_process(req)
+        with self._grad_off():
+            req = self._prepare_request(req)
             if self.cache_backend is not None:
                 self.cache_backend.refresh(self.pipeline, req.sampling_params.num_inference_steps)
-            if self.lora is not None:
-                self.lora.activate(req.sampling_params.lora)
             try:
                 output = self.pipeline(req)
             finally:
                 if reports_progress:
                     self.pipeline.set_step_callback(None)
-            if self.post_process is not None and self.rank == 0:
-                output = self.post_process(output, req.sampling_params.output_type)
+            output = self._post_process(output, req)
         output.metrics["pipeline_s"] = time.perf_counter() - start
         if memory is not None:
             # The stages' peaks (StageTimer) cover the pipeline up to its last stage; the rest is read here.
@@ -226,6 +225,54 @@ class DiffusionWorker:
         if self.cache_backend is not None:
             output.metrics.update(self.cache_backend.request_metrics())
         return output
+
+    def _grad_off(self):
+        # FSDP2's parameter all-gathers cannot run under inference mode; no_grad is enough there.
+        return torch.no_grad() if self.od_config.parallel_config.use_hsdp else torch.inference_mode()
+
+    def _prepare_request(self, req: OmniDiffusionRequest) -> OmniDiffusionRequest:
+        if self.pre_process is not None:
+            req = self.pre_process(req)
+        if self.lora is not None:
+            self.lora.activate(req.sampling_params.lora)
+        return req
+
+    def _post_process(self, output: DiffusionOutput, req: OmniDiffusionRequest) -> DiffusionOutput:
+        if self.post_process is not None and self.rank == 0:
+            output = self.post_process(output, req.sampling_params.output_type)
+        return output
+
+    # -- batching="step" (diffserve.engine.step_batching decides; the worker runs) -----------------
+
+    def supports_step_batching(self) -> bool:
+        return bool(getattr(self.pipeline, "supports_step_batching", False))
+
+    def step_begin(self, request_id: str, req: OmniDiffusionRequest) -> None:
+        """Encode and prepare `req`; it runs from the next step_run on. Running requests share a
+        step key, so they share the LoRA set activated here."""
+        with self._grad_off():
+            req = self._prepare_request(req)
+            run = self.pipeline.begin(req)
+        # Each request steps its own scheduler: FlowMatchEulerDiscreteScheduler keeps a step index.
+        run.state.scheduler = copy.deepcopy(run.state.scheduler)
+        self._running[request_id] = run
+
+    def step_run(self) -> tuple[int, list[tuple[str, DiffusionOutput]]]:
+        """One step of every running request in one transformer call. The samples stepped, and
+        (id, output) of each request that finished with this step (decoded and post-processed)."""
+        runs = list(self._running.items())
+        with self._grad_off():
+            denoise_step(self.pipeline, [run.state for _, run in runs])
+            finished = [(rid, self._finish(rid)) for rid, run in runs if run.state.done]
+        return sum(run.state.num_samples for _, run in runs), finished
+
+    def _finish(self, request_id: str) -> DiffusionOutput:
+        run = self._running.pop(request_id)
+        return self._post_process(self.pipeline.finish(run), run.req)
+
+    def step_reset(self) -> None:
+        """Drop every running request (a step failed: its requests are answered with the error)."""
+        self._running.clear()
 
     def cost_profile(self) -> CostProfile:
         """What the engine needs to estimate a request's work (see diffserve.engine.cost)."""

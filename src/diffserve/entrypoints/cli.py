@@ -180,7 +180,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     from diffserve.media import check_output_path
 
-    with Omni(args.model, **engine_kwargs(args)) as omni:
+    batching = {key: getattr(args, key) for key in ("batching", "step_max_wait") if getattr(args, key) is not None}
+    with Omni(args.model, **engine_kwargs(args), **batching) as omni:
         modality = omni.engine.spec.modality
         path = args.output or DEFAULT_OUTPUT[modality]
         check_output_path(path, modality)  # before the work, not after
@@ -362,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", type=name_value(float), nargs="+", default=None, metavar="NAME=SCALE",
                      help="apply LoRA adapters loaded with --lora-modules, each at its scale")
     add_engine_args(gen)
+    step = gen.add_argument_group("batching (docs/step_batching.md)")
+    step.add_argument("--batching", choices=("request", "step"), default=None,
+                      help="request (default): a batch runs from its first step to its last; step: requests join "
+                           "and leave a running batch between denoise steps (demo and FLUX text-to-image; one device, "
+                           "no step cache)")
+    step.add_argument("--step-max-wait", type=int, default=None,
+                      help="with --batching step: steps a request of another shape or CFG mode waits before the "
+                           "running batch stops admitting and drains (default 8)")
     gen.set_defaults(func=cmd_generate)
 
     tiny = sub.add_parser(

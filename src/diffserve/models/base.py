@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -22,13 +23,23 @@ import torch.nn as nn
 from diffserve.config import OmniDiffusionConfig
 from diffserve.distributed.cfg_parallel import CFGParallelMixin
 from diffserve.loader import AutoWeightsLoader
+from diffserve.models.denoise import DenoiseState, run_to_end
 from diffserve.models.interface import SupportsComponentDiscovery
 from diffserve.models.progress_bar import ProgressBarMixin
 from diffserve.models.spec import DEFAULTS_KEY, SamplingSpec
 from diffserve.models.stage_timer import StageTimer
-from diffserve.request import OmniDiffusionRequest
+from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class PipelineRun:
+    """One request between `begin` and `finish`: its denoising state and its stage timings."""
+
+    req: OmniDiffusionRequest
+    state: DenoiseState
+    timer: StageTimer
 
 
 class DiffusionPipelineBase(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsComponentDiscovery):
@@ -69,6 +80,27 @@ class DiffusionPipelineBase(nn.Module, CFGParallelMixin, ProgressBarMixin, Suppo
         if self.od_config.lora_modules:  # every model built from our linear layers takes adapters
             spec = spec.replace(params=spec.params | {"lora"}, lora_adapters=frozenset(self.od_config.lora_modules))
         return spec
+
+    # -- the call as stages: begin + denoise + finish ------------------------------------------------
+    # A pipeline that implements `begin` and `finish` (and sets this) has one code path for both
+    # batching modes: `forward` below runs a request alone; under batching="step" the engine runs
+    # `begin`, steps the states of compatible running requests together (denoise.denoise_step), and
+    # `finish`es each when its steps are done.
+    supports_step_batching: ClassVar[bool] = False
+
+    def begin(self, req: OmniDiffusionRequest) -> PipelineRun:
+        """Encode the prompts and prepare the latents, timesteps and fixed transformer inputs."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its call into begin/finish")
+
+    def finish(self, run: PipelineRun) -> DiffusionOutput:
+        """The output of a run whose steps are done (decoded unless output_type is "latent")."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its call into begin/finish")
+
+    def forward(self, req: OmniDiffusionRequest) -> DiffusionOutput:
+        run = self.begin(req)
+        with run.timer.stage("denoise"):
+            run_to_end(self, run.state)
+        return self.finish(run)
 
     # -- shared input handling ----------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
+from diffserve.models.base import DiffusionPipelineBase, PipelineRun, repeat_per_output
 from diffserve.models.demo_dit import captions
 from diffserve.models.demo_dit.configs import (
     DEFAULT_GUIDANCE_SCALE,
@@ -26,7 +26,7 @@ from diffserve.models.demo_dit.configs import (
 )
 from diffserve.models.demo_dit.demo_dit_transformer import DemoDiTTransformer2DModel
 from diffserve.models.demo_dit.text_encoder import DemoTextEncoder
-from diffserve.models.denoise import denoise
+from diffserve.models.denoise import DenoiseState
 from diffserve.models.flow_match import default_sigmas, set_timesteps
 from diffserve.models.outputs import denormalize_images, seeded_noise
 from diffserve.models.spec import SamplingSpec
@@ -63,6 +63,7 @@ def image_ids(height: int, width: int, patch_size: int, device: torch.device) ->
 
 
 class DiffservePixelDiTPipeline(DiffusionPipelineBase):
+    supports_step_batching: ClassVar[bool] = True
     _encoder_modules: ClassVar[list[str]] = ["text_encoder"]
     _vae_modules: ClassVar[list[str]] = []  # pixel space: nothing to decode
     # Per-sample transformer inputs: without CFG parallelism both branches run as one batch.
@@ -150,11 +151,11 @@ class DiffservePixelDiTPipeline(DiffusionPipelineBase):
         """Patch tokens in [-1, 1] -> float images [B, C, H, W] in [0, 1]."""
         return denormalize_images(unpatchify(latents, height, width, self.patch_size))
 
-    # -- the whole call -----------------------------------------------------------------------------
+    # -- the whole call: begin + denoise (DiffusionPipelineBase.forward) + finish ------------------
 
-    def forward(self, req: OmniDiffusionRequest) -> DiffusionOutput:
+    def begin(self, req: OmniDiffusionRequest) -> PipelineRun:
         sp = req.sampling_params
-        height, width, k = sp.height, sp.width, sp.num_outputs_per_prompt
+        k = sp.num_outputs_per_prompt
         timer = self.stage_timer()
         # Classic CFG: the negative branch is each prompt's negative prompt, or "" (the unconditional
         # caption the model was trained with).
@@ -164,8 +165,8 @@ class DiffservePixelDiTPipeline(DiffusionPipelineBase):
             if do_cfg:
                 neg_text, neg_pooled = self.encode_prompt(self.negative_prompts(req), k, sp.max_sequence_length)
 
-        with timer.stage("denoise"):
-            latents, img_ids = self.prepare_latents(req.seeds, k, height, width)
+        with timer.stage("prepare"):
+            latents, img_ids = self.prepare_latents(req.seeds, k, sp.height, sp.width)
             timesteps = self.prepare_timesteps(sp.num_inference_steps)
             txt_ids = torch.zeros(text.shape[1], 2, device=self.device)
             common = {"img_ids": img_ids, "txt_ids": txt_ids}
@@ -173,13 +174,18 @@ class DiffservePixelDiTPipeline(DiffusionPipelineBase):
             negative = (
                 {**common, "encoder_hidden_states": neg_text, "pooled_projections": neg_pooled} if do_cfg else None
             )
-            latents = denoise(self, latents, timesteps, positive, negative, sp.guidance_scale)
+        state = DenoiseState.build(self, latents, timesteps, positive, negative, sp.guidance_scale)
+        return PipelineRun(req, state, timer)
 
+    def finish(self, run: PipelineRun) -> DiffusionOutput:
+        sp = run.req.sampling_params
+        height, width, timer = sp.height, sp.width, run.timer
         metrics = {"num_inference_steps": sp.num_inference_steps, "guidance_scale": sp.guidance_scale}
         if sp.output_type == "latent":
             return DiffusionOutput(
-                output=unpatchify(latents, height, width, self.patch_size), metrics={**timer.timings, **metrics}
+                output=unpatchify(run.state.latents, height, width, self.patch_size),
+                metrics={**timer.timings, **metrics},
             )
         with timer.stage("decode"):
-            images = self.decode_latents(latents, height, width)
+            images = self.decode_latents(run.state.latents, height, width)
         return DiffusionOutput(output=images, metrics={**timer.timings, **metrics})

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 import torch
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
-from diffserve.models.denoise import denoise
+from diffserve.models.base import DiffusionPipelineBase, PipelineRun, repeat_per_output
+from diffserve.models.denoise import DenoiseState
 from diffserve.models.flow_match import default_sigmas, set_timesteps, shift_from_scheduler_config
 from diffserve.models.flux.flux_transformer import FluxTransformer2DModel, FluxTransformerConfig
 from diffserve.models.outputs import denormalize_images, seeded_noise
@@ -46,6 +46,7 @@ class FluxPipeline(DiffusionPipelineBase):
     _encoder_modules: ClassVar[list[str]] = ["text_encoder", "text_encoder_2"]
     _vae_modules: ClassVar[list[str]] = ["vae"]
     cfg_batched_inputs = ("hidden_states", "timestep", "guidance", "encoder_hidden_states", "pooled_projections")
+    supports_step_batching: ClassVar[bool] = True
 
     def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
         super().__init__(od_config=od_config, prefix=prefix)
@@ -172,7 +173,7 @@ class FluxPipeline(DiffusionPipelineBase):
         latents, img_ids = self.prepare_image_latents(images, req.seeds, k, height, width, timesteps[:1])
         return latents, timesteps, {"img_ids": img_ids}
 
-    def forward(self, req: OmniDiffusionRequest) -> DiffusionOutput:
+    def begin(self, req: OmniDiffusionRequest) -> PipelineRun:
         sp = req.sampling_params
         k = sp.num_outputs_per_prompt
         timer = self.stage_timer()
@@ -183,7 +184,7 @@ class FluxPipeline(DiffusionPipelineBase):
             if do_true_cfg:
                 neg_embeds, neg_pooled = self.encode_prompt(self.negative_prompts(req), k, sp.max_sequence_length)
 
-        with timer.stage("denoise"):
+        with timer.stage("prepare"):
             latents, timesteps, image_inputs = self.prepare_denoise(req)
             guidance = None
             if sp.guidance_scale is not None:
@@ -195,10 +196,15 @@ class FluxPipeline(DiffusionPipelineBase):
                 if do_true_cfg
                 else None
             )
-            latents = denoise(self, latents, timesteps, positive, negative, sp.true_cfg_scale)
+        state = DenoiseState.build(self, latents, timesteps, positive, negative, sp.true_cfg_scale)
+        return PipelineRun(req, state, timer)
 
+    def finish(self, run: PipelineRun) -> DiffusionOutput:
+        sp, timer, latents = run.req.sampling_params, run.timer, run.state.latents
         if sp.output_type == "latent":
             return DiffusionOutput(output=latents, metrics=timer.timings)
         with timer.stage("decode"):
             images = self.decode_latents(latents, sp.height, sp.width)
-        return DiffusionOutput(output=images, metrics={**timer.timings, "num_inference_steps": len(timesteps)})
+        return DiffusionOutput(
+            output=images, metrics={**timer.timings, "num_inference_steps": len(run.state.timesteps)}
+        )

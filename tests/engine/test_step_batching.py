@@ -1,0 +1,129 @@
+"""batching="step": requests join and leave a running batch between denoise steps, and every request's
+output equals its output run alone (CPU, fp32, tiny random weights)."""
+
+import pytest
+import torch
+
+from diffserve import Omni
+from diffserve.config import OmniDiffusionConfig
+from diffserve.engine.admission import admit
+from diffserve.request import OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
+
+TOLERANCE = 1e-5
+
+
+def _request(engine, prompt, seed, steps, negative=None, **params):
+    sp = OmniDiffusionSamplingParams(num_inference_steps=steps, max_sequence_length=8, output_type="pt", **params)
+    return admit(engine.spec, OmniDiffusionRequest(prompts=[PromptInput(prompt, seed=seed, negative_prompt=negative)],
+                                                   sampling_params=sp))
+
+
+def _run_staggered(engine, arrivals):
+    """`arrivals`: {step boundary: [requests]}; each list is added before that boundary's step."""
+    batcher = engine.step_batcher()
+    outputs, boundary = {}, 0
+    while boundary <= max(arrivals) or not batcher.idle:
+        for req in arrivals.get(boundary, []):
+            batcher.add(req)
+        outputs.update({out.request_id: out for out in batcher.step()})
+        boundary += 1
+    return outputs, batcher.occupancy
+
+
+def _max_error_vs_alone(engine, req, out):
+    assert out.error is None, out.error
+    alone = engine.run_batch([req])[0]  # the request-level path: pipeline.forward on this request only
+    return (out.images - alone.images).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_checkpoint):
+    with Omni(tiny_checkpoint("demo-dit"), dtype="float32", device="cpu", batching="step", max_batch_size=4,
+              step_max_wait=2, disable_progress_bar=True) as omni:
+        yield omni.engine
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_flux):
+    with Omni(tiny_flux, dtype="float32", device="cpu", batching="step", max_batch_size=4,
+              disable_progress_bar=True) as omni:
+        yield omni.engine
+
+
+def test_demo_staggered_mixed_steps_and_cfg_equal_alone(demo):
+    """Measured max-abs against each request alone: 3.6e-7, 7.7e-7 and 0.0 (fp32 rounding of the larger
+    batch; the last ran alone)."""
+    cfg_a = _request(demo, "a red circle", 1, steps=4, guidance_scale=3.0)
+    cfg_b = _request(demo, "a blue square", 2, steps=2, guidance_scale=5.0)  # joins mid-denoise
+    plain = _request(demo, "a green circle", 3, steps=3, guidance_scale=1.0)  # no CFG: another group
+    outputs, occupancy = _run_staggered(demo, {0: [cfg_a], 1: [cfg_b, plain]})
+    # cfg_a alone, then cfg_a + cfg_b for two steps, cfg_a alone, then plain's three steps.
+    assert occupancy == [1, 2, 2, 1, 1, 1, 1]
+    assert outputs[cfg_b.request_id].metrics["step_batch_occupancy"] == [2, 2]
+    for req in (cfg_a, cfg_b, plain):
+        assert _max_error_vs_alone(demo, req, outputs[req.request_id]) <= TOLERANCE
+
+
+def test_demo_waiting_request_of_another_key_starts_after_step_max_wait(demo):
+    """A stream of compatible arrivals does not starve a request of another key: after step_max_wait=2
+    steps the running batch admits no more and drains; the waiting one runs next, then the rest."""
+    first = _request(demo, "a red circle", 1, steps=3, guidance_scale=1.0)
+    other = _request(demo, "a blue square", 2, steps=2, guidance_scale=3.0)  # CFG on: another key
+    late = [_request(demo, "a green circle", 10 + i, steps=3, guidance_scale=1.0) for i in range(3)]
+    outputs, occupancy = _run_staggered(demo, {0: [first, other], 1: [late[0]], 2: [late[1]], 3: [late[2]]})
+    # first and late[0] run; late[1] arrives after `other` waited 2 steps: not admitted.
+    assert occupancy[:4] == [1, 2, 2, 1]
+    assert outputs[other.request_id].metrics["step_batch_occupancy"] == [1, 1]
+    assert outputs[late[1].request_id].metrics["step_batch_occupancy"] == [2, 2, 2]
+    order = list(outputs)
+    assert order.index(other.request_id) < order.index(late[1].request_id)
+
+
+def test_flux_staggered_true_cfg_and_guidance_equal_alone(flux):
+    """Tiny FLUX (distilled guidance) with and without true CFG, different step counts and guidance
+    scales. Measured max-abs against each request alone: 6.6e-7, 7.7e-7, 7.5e-7 and 1.0e-6."""
+    a = _request(flux, "a fox", 1, steps=3, guidance_scale=3.5)
+    b = _request(flux, "a car", 2, steps=2, guidance_scale=2.0)
+    cfg_a = _request(flux, "a fox", 3, steps=2, negative="blurry", true_cfg_scale=2.0)
+    cfg_b = _request(flux, "a dog", 4, steps=3, negative="dark", true_cfg_scale=4.0)
+    outputs, occupancy = _run_staggered(flux, {0: [a, cfg_a], 1: [b, cfg_b]})
+    assert occupancy == [1, 2, 2, 2, 2, 1]
+    for req in (a, b, cfg_a, cfg_b):
+        assert _max_error_vs_alone(flux, req, outputs[req.request_id]) <= TOLERANCE
+
+
+def test_refused_configurations(tiny_checkpoint):
+    with pytest.raises(ValueError, match="batching must be one of request, step"):
+        OmniDiffusionConfig(model="x", batching="token")
+    with pytest.raises(ValueError, match="does not run with a step cache"):
+        OmniDiffusionConfig(model="x", batching="step", cache_backend="tea_cache")
+    with pytest.raises(ValueError, match="runs on one device only"):
+        OmniDiffusionConfig(model="x", batching="step", parallel_config={"cfg_parallel_size": 2})
+    with pytest.raises(ValueError, match="not supported by StableDiffusion3Pipeline; it is by FluxPipeline"):
+        Omni(tiny_checkpoint("sd3"), dtype="float32", device="cpu", batching="step")
+
+
+def test_a_failed_step_answers_its_batch_and_the_next_requests_run(demo, monkeypatch):
+    batcher = demo.step_batcher()
+    broken = [_request(demo, "a red circle", i, steps=2, guidance_scale=1.0) for i in (1, 2)]
+    for req in broken:
+        batcher.add(req)
+    transformer = demo.executor.worker.pipeline.transformer
+    monkeypatch.setattr(transformer, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    outputs = batcher.step()
+    assert [(out.request_id, out.error_type) for out in outputs] == [(r.request_id, "internal") for r in broken]
+    monkeypatch.undo()
+    later = _request(demo, "a blue square", 3, steps=2, guidance_scale=1.0)
+    batcher.add(later)
+    assert [out.error for out in batcher.run_all()] == [None]
+
+
+def test_the_server_engine_refuses_step_batching(demo):
+    from diffserve.engine.async_engine import AsyncDiffusionEngine
+
+    server = AsyncDiffusionEngine(demo, max_queue=None, batch_wait_ms=0, step_timeout_s=None)
+    server.wait_until_all_loaded()
+    try:
+        assert "runs batching='request' only" in str(server.load_exception)
+    finally:
+        server.shutdown()
