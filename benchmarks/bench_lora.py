@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from bench_flux_transformer import CONFIGS, make_inputs
-from forward_timing import compare, device_name, synchronize, time_forward
+from forward_timing import compare, device_name, report_and_exit_code, synchronize, time_forward
 
 # diffusers module names (inside each block) an adapter targets.
 DOUBLE_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -271,13 +270,7 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    print()
-    print(markdown_report(result))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nwrote {args.json_out}")
-    return 0 if result["passed"] else 1
+    return report_and_exit_code(result, markdown_report(result), args.json_out)
 
 
 if __name__ == "__main__":

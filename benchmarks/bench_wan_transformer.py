@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from dataclasses import asdict
 
 import torch
 
-from forward_timing import compare, device_name, time_forward
+from forward_timing import compare, device_name, report_and_exit_code, time_forward
 
 # Keyword arguments accepted by both diffusers' model and our WanTransformerConfig.
 _COMMON = dict(
@@ -324,13 +323,7 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    print()
-    print(markdown_report(result))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nwrote {args.json_out}")
-    return 0 if result["passed"] else 1
+    return report_and_exit_code(result, markdown_report(result), args.json_out)
 
 
 if __name__ == "__main__":

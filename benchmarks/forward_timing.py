@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import time
@@ -76,3 +77,14 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine() or device.type
+
+
+def report_and_exit_code(result: dict, markdown: str, json_out: str | None) -> int:
+    """Print a benchmark's markdown table, write its JSON if asked; 0 if its checks passed."""
+    print()
+    print(markdown)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"\nwrote {json_out}")
+    return 0 if result["passed"] else 1
