@@ -109,10 +109,16 @@ class Offloader:
             stages.append(Stage("vae", "vae", list(plan.vae_modules.values()), vae_sets))
         self.components = ComponentOffloader(stages, self.transfers, device)
         self.components.install(self.hooks, block_sets)
+        if callable(getattr(pipeline, "stage_timer", None)):
+            self.hooks.wrap_method(pipeline, "stage_timer", after=self._watch_stages)
         # Weights now wait on the host: the pipeline computes on `device` whatever its first denoiser
         # parameter says (SupportsComponentDiscovery.device reads this).
         pipeline._execution_device = device
         logger.info("%s", self.describe())
+
+    def _watch_stages(self, timer):
+        timer.on_stage = self.components.stage_started
+        return timer
 
     def _weight_set(self, name: str, tensors: list[torch.Tensor], module: nn.Module) -> WeightSet:
         ws = WeightSet(name, tensors, self.pinning)
