@@ -283,7 +283,8 @@ def measure_mode(path: str, mode: str, engine: dict, setup: dict) -> dict:
     median = sorted(runs, key=lambda m: m["e2e_s"])[len(runs) // 2]
     return {
         "mode": mode,
-        "options": {k: v for k, v in engine.items() if k in ("ffn_chunk_size", "layerwise_resident_blocks")},
+        "options": {k: v for k, v in engine.items()
+                    if k in ("ffn_chunk_size", "layerwise_resident_blocks", "layerwise_prefetch")},
         # What layerwise offload copies to the device per denoise step: its streamed blocks, once per
         # transformer call (one per step with the CFG branches batched).
         "streamed_gib_per_step": streamed * len(calls) / (steps * len(runs)) / GIB,
@@ -431,6 +432,7 @@ def main() -> None:
                         help="layerwise_resident_blocks of layerwise_resident: a number, or auto (the fewest with "
                              "which the copies take at most --resident-copy-ratio x the step without offload)")
     parser.add_argument("--resident-copy-ratio", type=float, default=1.1)
+    parser.add_argument("--layerwise-prefetch", type=int, default=1, help="layerwise_prefetch of the layerwise modes")
     parser.add_argument("--flux-steps", type=int, default=4)
     parser.add_argument("--wan-steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="timed FLUX requests per mode (Wan: one)")
@@ -464,6 +466,8 @@ def main() -> None:
                         resident_blocks_for(results[0]["blocks"], results[0]["step_s"], bandwidth,
                                             args.resident_copy_ratio) if results else 0)
             options = engine | engine_options(mode, args.ffn_chunk_size, resident)
+            if mode.startswith("layerwise") and args.layerwise_prefetch != 1:
+                options["layerwise_prefetch"] = args.layerwise_prefetch
             result = measure_mode(path, mode, options, setup)
             print(f"{model} {mode}: step {result['step_s']:.3f} s, e2e {result['e2e_s']:.2f} s, peak "
                   f"{result['peak_gib']:.2f} GiB (denoise {result['denoise_peak_gib']:.2f}), load {result['load_s']:.0f} s",
