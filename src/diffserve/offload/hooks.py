@@ -64,7 +64,8 @@ class Hooks:
             module.register_forward_hook(torch.compiler.disable(hook), with_kwargs=True, always_call=True)
         )
 
-    def wrap_method(self, module: nn.Module, name: str, before: Callable[[tuple, dict], tuple[tuple, dict]] | None = None,
+    def wrap_method(self, module: nn.Module, name: str,
+                    before: Callable[[tuple, dict], tuple[tuple, dict]] | None = None,
                     after: Callable[[Any], Any] | None = None) -> None:
         """Call `before(args, kwargs) -> (args, kwargs)` ahead of `module.<name>` (whatever is installed
         there now, e.g. a tiled decode), and `after(result) -> result` on what it returns."""
