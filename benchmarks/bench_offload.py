@@ -4,6 +4,13 @@ and whether the outputs are identical to no offload. One command, a few minutes 
 
     python benchmarks/bench_offload.py --json-out offload.json
 
+Modes (--modes, `none` first): none, model, layerwise; none_chunked and layerwise_chunked
+(ffn_chunk_size=--ffn-chunk-size: their latents are compared bit for bit with none_chunked, and
+their max-abs distance from none is printed); layerwise_resident (layerwise_resident_blocks=
+--resident-blocks, by default the fewest with which copying the streamed blocks takes at most
+--resident-copy-ratio x the step time of none, from the measured bandwidth). For each layerwise mode
+it prints the bytes copied per step and the bound they set (bytes / bandwidth).
+
 No checkpoint is read or written: each model's folder holds only its configs (the real ones: the
 FLUX.1-dev transformer, CLIP-L, T5-XXL and the FLUX VAE; the Wan2.1 14B transformer, UMT5-XXL and the
 Wan2.1 VAE, vocabularies included) and the small test tokenizers, and the weights are drawn at load,
@@ -43,10 +50,15 @@ from contextlib import contextmanager
 import torch
 
 GIB = 1024**3
+# mode -> engine options; "chunked" modes add ffn_chunk_size=--ffn-chunk-size, and "layerwise_resident"
+# layerwise_resident_blocks=--resident-blocks (auto: see resident_blocks_for).
 MODES = {
     "none": {},
+    "none_chunked": {"chunked": True},
     "model": {"enable_cpu_offload": True},
     "layerwise": {"enable_layerwise_offload": True},
+    "layerwise_chunked": {"enable_layerwise_offload": True, "chunked": True},
+    "layerwise_resident": {"enable_layerwise_offload": True, "resident": True},
 }
 TARGETS = {"layerwise_peak_share": 0.30, "layerwise_step_ratio": 1.3, "model_e2e_ratio": 1.05}
 
@@ -213,24 +225,70 @@ def capture_latents(pipeline) -> list[torch.Tensor]:
     return seen
 
 
+def engine_options(mode: str, ffn_chunk_size: int, resident_blocks: int) -> dict:
+    options = {k: v for k, v in MODES[mode].items() if k not in ("chunked", "resident")}
+    if MODES[mode].get("chunked"):
+        options["ffn_chunk_size"] = ffn_chunk_size
+    if MODES[mode].get("resident"):
+        options["layerwise_resident_blocks"] = resident_blocks
+    return options
+
+
+def block_bytes(pipeline) -> list[list[int]]:
+    """Per denoiser, the bytes of each block in call order (as layerwise offload streams them)."""
+    from diffserve.offload.plan import plan_offload, total_bytes
+
+    return [[total_bytes(b.tensors) for b in d.blocks] for d in plan_offload(pipeline).denoisers]
+
+
+def resident_blocks_for(blocks: list[list[int]], step_s: float, bandwidth: float | None, copy_ratio: float) -> int:
+    """The fewest resident blocks (per denoiser) with which copying the streamed ones takes at most
+    `copy_ratio` x the step time without offload: the copies then hide behind the compute, if the
+    resident blocks between the streamed ones are compute enough. Without a bandwidth (no GPU): half."""
+    from diffserve.offload.layerwise import resident_block_indices
+
+    count = max(len(b) for b in blocks)
+    if bandwidth is None:
+        return count // 2
+    for n in range(count):
+        kept = [set(resident_block_indices(len(b), n)) for b in blocks]
+        streamed = max(sum(size for i, size in enumerate(b) if i not in k) for b, k in zip(blocks, kept))
+        if streamed / GIB / bandwidth <= copy_ratio * step_s:
+            return n
+    return count - 1
+
+
 def measure_mode(path: str, mode: str, engine: dict, setup: dict) -> dict:
     from diffserve import Omni, OmniDiffusionSamplingParams
+    from diffserve.models.interface import discover_components
 
     steps = setup["steps"]
     start = time.perf_counter()
-    with Omni(path, disable_progress_bar=True, **engine, **MODES[mode]) as omni:
+    with Omni(path, disable_progress_bar=True, **engine) as omni:
         load_s = time.perf_counter() - start
         worker = omni.engine.executor.worker
         dit_bytes = sum(worker.dit_param_bytes().values())
+        blocks = block_bytes(worker.pipeline) if mode == "none" else None
         latents = capture_latents(worker.pipeline)
         omni.generate(setup["prompt"], OmniDiffusionSamplingParams(**setup["warmup"]))
+        calls = []
+        for dit in discover_components(worker.pipeline)["dit"].values():
+            dit.register_forward_pre_hook(lambda module, args: calls.append(1))
         runs = [omni.generate(setup["prompt"], OmniDiffusionSamplingParams(num_inference_steps=steps,
                                                                            **setup["params"]))[0].metrics
                 for _ in range(setup["repeats"])]
         final = latents[-1]
+        offloader = worker.offloader
+        streamed = sum(offloader.streamed_bytes_per_call.values()) if offloader is not None else 0
     median = sorted(runs, key=lambda m: m["e2e_s"])[len(runs) // 2]
     return {
         "mode": mode,
+        "options": {k: v for k, v in engine.items()
+                    if k in ("ffn_chunk_size", "layerwise_resident_blocks", "layerwise_prefetch")},
+        # What layerwise offload copies to the device per denoise step: its streamed blocks, once per
+        # transformer call (one per step with the CFG branches batched).
+        "streamed_gib_per_step": streamed * len(calls) / (steps * len(runs)) / GIB,
+        "blocks": blocks,
         "load_s": load_s,
         "step_s": sorted(m["denoise_s"] for m in runs)[len(runs) // 2] / steps,
         "e2e_s": median["e2e_s"],
@@ -243,24 +301,38 @@ def measure_mode(path: str, mode: str, engine: dict, setup: dict) -> dict:
     }
 
 
+def reference_mode(mode: str, modes: list[str]) -> str:
+    """The mode whose latents `mode` must equal bit for bit: no offload with the same chunking."""
+    return "none_chunked" if MODES[mode].get("chunked") and "none_chunked" in modes else "none"
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    if a.shape != b.shape:
+        return None
+    return (a.float() - b.float()).abs().nan_to_num(float("inf")).max().item()
+
+
 def compare(results: list[dict], steps: int, default_steps: int) -> list[dict]:
     """Ratios against the first mode (no offload), the e2e ratio projected to `default_steps`, and
-    bit-identity of the final latents."""
+    bit-identity of the final latents with the reference mode (no offload, with the same chunking)."""
     base = results[0]
     base_e2e_default = base["e2e_s"] + (default_steps - steps) * base["step_s"]
+    by_mode = {r["mode"]: r for r in results}
     rows = []
     for r in results:
-        same_shape = r["latents"].shape == base["latents"].shape
-        identical = same_shape and torch.equal(r["latents"].view(torch.uint8), base["latents"].view(torch.uint8))
-        diff = (r["latents"].float() - base["latents"].float()).abs().nan_to_num(float("inf")) if same_shape else None
-        rows.append({k: v for k, v in r.items() if k != "latents"} | {
+        reference = by_mode[reference_mode(r["mode"], list(by_mode))]
+        same_shape = r["latents"].shape == reference["latents"].shape
+        identical = same_shape and torch.equal(r["latents"].view(torch.uint8), reference["latents"].view(torch.uint8))
+        rows.append({k: v for k, v in r.items() if k not in ("latents", "blocks")} | {
             "step_ratio": r["step_s"] / base["step_s"],
             "e2e_ratio": r["e2e_s"] / base["e2e_s"],
             # The copies are a cost per request: the same seconds over a longer request.
             f"e2e_ratio_at_{default_steps}_steps": (base_e2e_default + r["e2e_s"] - base["e2e_s"]) / base_e2e_default,
             "denoise_peak_share_of_dit": r["denoise_peak_gib"] / r["dit_gib"],
+            "reference": reference["mode"],
             "identical": identical,
-            "max_abs_vs_none": None if diff is None else diff.max().item(),
+            # Chunking changes matmul rounding only: how far from the unchunked model without offload.
+            "max_abs_vs_none": _max_abs(r["latents"], base["latents"]),
             "finite": bool(torch.isfinite(r["latents"].float()).all()),
         })
     return rows
@@ -270,10 +342,12 @@ def verdicts(rows: list[dict], default_steps: int) -> list[str]:
     by_mode = {row["mode"]: row for row in rows}
     met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
     lines = []
-    if "layerwise" in by_mode:
-        row = by_mode["layerwise"]
+    for row in rows:
+        if not row["mode"].startswith("layerwise"):
+            continue
         share, ratio = row["denoise_peak_share_of_dit"], row["step_ratio"]
-        lines.append(f"layerwise: denoise peak {share:.0%} of the transformer's weight bytes (target <= "
+        options = "".join(f", {k}={v}" for k, v in row["options"].items())
+        lines.append(f"{row['mode']}{options}: denoise peak {share:.0%} of the transformer's weight bytes (target <= "
                      f"{TARGETS['layerwise_peak_share']:.0%}: {met(share <= TARGETS['layerwise_peak_share'])}), "
                      f"step time {ratio:.2f}x (target <= {TARGETS['layerwise_step_ratio']}x: "
                      f"{met(ratio <= TARGETS['layerwise_step_ratio'])})")
@@ -284,24 +358,32 @@ def verdicts(rows: list[dict], default_steps: int) -> list[str]:
                      f"{default_steps} steps (target <= {TARGETS['model_e2e_ratio']}x: "
                      f"{met(projected <= TARGETS['model_e2e_ratio'])})")
     for row in rows[1:]:
-        lines.append(f"{row['mode']}: latents {'bit-identical to' if row['identical'] else 'DIFFERENT from'} no offload")
+        same = "bit-identical to" if row["identical"] else "DIFFERENT from"
+        lines.append(f"{row['mode']}: latents {same} {row['reference']}; max-abs vs none (unchunked): "
+                     f"{row['max_abs_vs_none']}")
     return lines
 
 
 def report(title: str, rows: list[dict], default_steps: int, bandwidth: float | None, on_gpu: bool) -> list[str]:
     print(f"\n**{title}**\n")
-    print(f"| mode | per-step s | step vs none | e2e s | e2e vs none | e2e vs none at {default_steps} steps | "
-          "peak GiB | denoise peak GiB | denoise peak / DiT bytes | latents identical | load s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    print(f"| mode | options | per-step s | step vs none | e2e s | e2e vs none | e2e vs none at {default_steps} steps | "
+          "peak GiB | denoise peak GiB | denoise peak / DiT bytes | copied GiB / step | latents identical to | "
+          "max-abs vs none | load s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in rows:
-        same = "yes" if r["identical"] else f"no (max-abs {r['max_abs_vs_none']})"
-        print(f"| {r['mode']} | {r['step_s']:.3f} | {r['step_ratio']:.2f}x | {r['e2e_s']:.2f} | {r['e2e_ratio']:.3f}x | "
-              f"{r[f'e2e_ratio_at_{default_steps}_steps']:.3f}x | {r['peak_gib']:.2f} | {r['denoise_peak_gib']:.2f} | "
-              f"{r['denoise_peak_share_of_dit']:.0%} | {same} | {r['load_s']:.0f} |")
+        same = f"{r['reference']}: {'yes' if r['identical'] else 'NO'}"
+        options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+        print(f"| {r['mode']} | {options} | {r['step_s']:.3f} | {r['step_ratio']:.2f}x | {r['e2e_s']:.2f} | "
+              f"{r['e2e_ratio']:.3f}x | {r[f'e2e_ratio_at_{default_steps}_steps']:.3f}x | {r['peak_gib']:.2f} | "
+              f"{r['denoise_peak_gib']:.2f} | {r['denoise_peak_share_of_dit']:.0%} | {r['streamed_gib_per_step']:.2f} | "
+              f"{same} | {r['max_abs_vs_none']} | {r['load_s']:.0f} |")
     lines = verdicts(rows, default_steps) if on_gpu else ["(no GPU: no memory figures and no verdicts)"]
     if bandwidth:
-        lines.append(f"bound: {rows[0]['dit_gib']:.1f} GiB of transformer over {bandwidth:.1f} GiB/s host-to-device = "
-                     f"{rows[0]['dit_gib'] / bandwidth:.2f} s per transformer call under layerwise offload")
+        for r in rows:
+            if r["streamed_gib_per_step"]:
+                lines.append(f"bound, {r['mode']}: {r['streamed_gib_per_step']:.1f} GiB copied per step over "
+                             f"{bandwidth:.1f} GiB/s host-to-device = {r['streamed_gib_per_step'] / bandwidth:.3f} s "
+                             f"per step (no offload: {rows[0]['step_s']:.3f} s)")
     if not all(r["finite"] for r in rows):
         lines.append("WARNING: non-finite latents (random weights); identity is compared bit for bit all the same")
     print()
@@ -343,7 +425,14 @@ def model_setups(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="flux,wan")
-    parser.add_argument("--modes", default="none,model,layerwise", help="none must come first (the baseline)")
+    parser.add_argument("--modes", default="none,model,layerwise",
+                        help=f"some of {', '.join(MODES)}; none must come first (the baseline)")
+    parser.add_argument("--ffn-chunk-size", type=int, default=4096, help="ffn_chunk_size of the *_chunked modes")
+    parser.add_argument("--resident-blocks", default="auto",
+                        help="layerwise_resident_blocks of layerwise_resident: a number, or auto (the fewest with "
+                             "which the copies take at most --resident-copy-ratio x the step without offload)")
+    parser.add_argument("--resident-copy-ratio", type=float, default=1.1)
+    parser.add_argument("--layerwise-prefetch", type=int, default=1, help="layerwise_prefetch of the layerwise modes")
     parser.add_argument("--flux-steps", type=int, default=4)
     parser.add_argument("--wan-steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="timed FLUX requests per mode (Wan: one)")
@@ -356,6 +445,8 @@ def main() -> None:
     modes = args.modes.split(",")
     if modes[0] != "none" or not set(modes) <= set(MODES):
         parser.error(f"--modes: some of {', '.join(MODES)}, starting with none (the baseline)")
+    if args.resident_blocks != "auto" and not args.resident_blocks.isdigit():
+        parser.error(f"--resident-blocks: a number or auto, got {args.resident_blocks!r}")
 
     device = torch.device(args.device)
     install_random_weights(device)
@@ -371,7 +462,13 @@ def main() -> None:
         path = write_config_folder(setup["tiny"], os.path.join(args.dir, model), setup["configs"])
         results = []
         for mode in modes:
-            result = measure_mode(path, mode, engine, setup)
+            resident = (int(args.resident_blocks) if args.resident_blocks != "auto" else
+                        resident_blocks_for(results[0]["blocks"], results[0]["step_s"], bandwidth,
+                                            args.resident_copy_ratio) if results else 0)
+            options = engine | engine_options(mode, args.ffn_chunk_size, resident)
+            if mode.startswith("layerwise") and args.layerwise_prefetch != 1:
+                options["layerwise_prefetch"] = args.layerwise_prefetch
+            result = measure_mode(path, mode, options, setup)
             print(f"{model} {mode}: step {result['step_s']:.3f} s, e2e {result['e2e_s']:.2f} s, peak "
                   f"{result['peak_gib']:.2f} GiB (denoise {result['denoise_peak_gib']:.2f}), load {result['load_s']:.0f} s",
                   flush=True)

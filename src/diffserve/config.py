@@ -217,6 +217,12 @@ class OmniDiffusionConfig:
     enable_layerwise_offload: bool = False
     # Layerwise offload: blocks copied ahead of the running one (0: each block only when it runs).
     layerwise_prefetch: int = 1
+    # Layerwise offload: blocks of each denoiser that stay on the device, spread evenly through the call
+    # order (fewer bytes cross to the device per step; more stay there).
+    layerwise_resident_blocks: int = 0
+    # Tokens the denoisers' feed-forward layers take at a time (None: whole sequences): the hidden
+    # activation of a long sequence then exists one chunk at a time (diffserve.layers.mlp).
+    ffn_chunk_size: int | None = None
     # Decode large latents in overlapping tiles (the VAE's own tile size); implied by
     # parallel_config.vae_patch_parallel_size > 1, which spreads the tiles over ranks.
     vae_use_tiling: bool = False
@@ -318,6 +324,15 @@ class OmniDiffusionConfig:
             raise ValueError(f"layerwise_prefetch must be an integer >= 0 (blocks fetched ahead), got {prefetch!r}")
         if prefetch != 1 and not self.enable_layerwise_offload:
             raise ValueError("layerwise_prefetch is only meaningful with enable_layerwise_offload=True")
+        resident = self.layerwise_resident_blocks
+        if isinstance(resident, bool) or not isinstance(resident, int) or resident < 0:
+            raise ValueError(f"layerwise_resident_blocks must be an integer >= 0 (blocks kept on the device), "
+                             f"got {resident!r}")
+        if resident and not self.enable_layerwise_offload:
+            raise ValueError("layerwise_resident_blocks is only meaningful with enable_layerwise_offload=True")
+        chunk = self.ffn_chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"ffn_chunk_size must be None or a positive number of tokens, got {chunk!r}")
         budget = self.max_gpu_memory
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
             raise ValueError(f"max_gpu_memory must be a positive number of GiB, got {budget!r}")

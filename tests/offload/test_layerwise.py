@@ -5,14 +5,18 @@ import pytest
 import torch
 
 from diffserve.offload import Offloader
+from diffserve.offload.budget import estimate_device_bytes
+from diffserve.offload.layerwise import resident_block_indices
+from diffserve.offload.plan import plan_offload, total_bytes
 from tests.offload.toy import ToyPipeline, ids
 
 CPU = torch.device("cpu")
 
 
-def _offload(pipeline, prefetch=1):
+def _offload(pipeline, prefetch=1, resident_blocks=0):
     moves = []
-    offloader = Offloader(pipeline, "layerwise", CPU, prefetch, trace=lambda action, name: moves.append((action, name)))
+    offloader = Offloader(pipeline, "layerwise", CPU, prefetch, trace=lambda action, name: moves.append((action, name)),
+                          resident_blocks=resident_blocks)
     return offloader, moves
 
 
@@ -173,3 +177,59 @@ def test_remove_takes_every_hook_and_wrapper_away():
     moves.clear()
     assert torch.equal(pipeline(ids()), reference)
     assert moves == []
+
+
+def test_resident_blocks_are_spread_through_the_call_order():
+    assert resident_block_indices(6, 0) == []
+    assert resident_block_indices(6, 2) == [1, 4]
+    assert resident_block_indices(6, 3) == [1, 3, 5]
+    assert resident_block_indices(57, 29) == sorted(set(resident_block_indices(57, 29))) and \
+        len(resident_block_indices(57, 29)) == 29
+    with pytest.raises(ValueError, match="would keep all 6 blocks of transformer on the device"):
+        resident_block_indices(6, 6, "transformer")
+
+
+def test_resident_blocks_stay_where_they_were_and_the_others_stream():
+    reference = ToyPipeline(depth=6)
+    pipeline = ToyPipeline(depth=6)
+    blocks = list(pipeline.transformer.blocks)
+    pointers = [b.linear.weight.data_ptr() for b in blocks]
+    offloader, moves = _offload(pipeline, prefetch=1, resident_blocks=2)
+    # Blocks 1 and 4 keep their weights (not packed into host buffers), the others wait on the host.
+    kept = [b.linear.weight.data_ptr() == p for b, p in zip(blocks, pointers)]
+    assert kept == [False, True, False, False, True, False]
+    assert [m.module for m in offloader.resident_blocks["transformer"]] == [blocks[1], blocks[4]]
+    assert not any(n in offloader.sets for n in ("transformer.blocks.1", "transformer.blocks.4"))
+    assert offloader.streamed_bytes_per_call == {"transformer": sum(
+        total_bytes(offloader.sets[f"transformer.blocks.{i}"].tensors) for i in (0, 2, 3, 5))}
+    seen = []
+
+    def check(block, args):
+        assert offloader.is_resident(block)
+        seen.append([i for i, b in enumerate(blocks) if offloader.is_resident(b)])
+
+    for block in blocks:
+        block.register_forward_pre_hook(check)
+    x = torch.randn(2, 8)
+    assert torch.equal(pipeline.transformer(x), reference.transformer(x))
+    # Only the streamed blocks move, one ahead in their own order: 2 follows 0, 5 follows 3.
+    assert _block_moves(moves) == [
+        ("load", 0), ("wait", 0), ("load", 2),
+        ("release", 0), ("wait", 2), ("load", 3),
+        ("release", 2), ("wait", 3), ("load", 5),
+        ("release", 3), ("wait", 5),
+        ("release", 5), ("load", 0),
+    ]
+    # Each block on the device when it runs; 1 and 4 always are, with at most 2 streamed ones.
+    assert all({1, 4} <= set(r) and len(set(r) - {1, 4}) <= 2 for r in seen)
+    assert [b.linear.weight.data_ptr() for b in (blocks[1], blocks[4])] == [pointers[1], pointers[4]]
+
+
+def test_resident_blocks_count_in_the_estimate():
+    plan = plan_offload(ToyPipeline(depth=6, experts=2))
+    block = total_bytes(plan.denoisers[0].blocks[0].tensors)  # the toy's blocks are all alike
+    without = estimate_device_bytes(plan, "layerwise", prefetch=1)
+    # Two denoisers, two blocks of each kept; encoders and VAE of the toy are smaller than two blocks.
+    assert estimate_device_bytes(plan, "layerwise", prefetch=1, resident_blocks=2) == without + 4 * block
+    with pytest.raises(ValueError, match="would keep all 6 blocks of transformer"):
+        estimate_device_bytes(plan, "layerwise", resident_blocks=6)

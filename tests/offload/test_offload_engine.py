@@ -202,3 +202,31 @@ def test_the_flags_turn_offload_on_and_fp8_weights_move_like_any_other(tiny_chec
             assert all(s.streamer.prefetch == 0 for s in (offloader.stages if offloader else []) if s.streamer)
             outputs.append(_run(omni, scenario)[0])
     assert torch.equal(outputs[1], outputs[0]) and torch.equal(outputs[2], outputs[0])
+
+
+@pytest.mark.parametrize("mode", ["model", "layerwise"])
+def test_the_encoders_go_when_the_denoise_stage_starts(tiny_flux, mode):
+    """Before the stage's memory is measured, not at the first transformer call inside it."""
+    scenario = _scenario("flux")
+    with Omni(tiny_flux, dtype="float32", device="cpu", disable_progress_bar=True) as omni:
+        worker = omni.engine.executor.worker
+        expected, _ = _run(omni, scenario)
+        moves = []
+        offloader = Offloader(worker.pipeline, mode, worker.device, 1, trace=lambda *move: moves.append(move))
+        make_timer = worker.pipeline.stage_timer
+
+        def marked_timer():
+            timer = make_timer()
+            started = timer.on_stage
+            timer.on_stage = lambda name: (moves.append(("stage", name)), started(name))
+            return timer
+
+        worker.pipeline.stage_timer = marked_timer
+        actual, _ = _run(omni, scenario)
+        worker.pipeline.stage_timer = make_timer  # the offloader's wrapper, which remove() takes away
+        offloader.remove()
+    assert torch.equal(actual, expected)
+    start = moves.index(("stage", "denoise"))
+    encoders = {name for action, name in moves[:start] if action == "load"}  # the encode stage's
+    assert encoders and {name for action, name in moves[start + 1 : start + 1 + len(encoders)]} == encoders
+    assert all(action == "release" for action, _ in moves[start + 1 : start + 1 + len(encoders)])

@@ -79,6 +79,34 @@ def test_layerwise_holds_prefetch_plus_one_blocks_and_matches(prefetch):
     assert held < DEPTH * _block_bytes() / 3
 
 
+def test_resident_blocks_stay_on_the_gpu_and_the_others_stream():
+    device = torch.device("cuda")
+    x = torch.randn(64, WIDTH, device=device)
+    expected = _run(Pipeline().to(device), x)
+    pipeline = Pipeline()
+    offloader = Offloader(pipeline, "layerwise", device, 1, resident_blocks=4)
+    kept = {id(b.module) for b in offloader.resident_blocks["transformer"]}
+    assert len(kept) == 4
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = _run(pipeline, x)
+    torch.cuda.synchronize()
+    held = torch.cuda.max_memory_allocated() - base
+    assert torch.equal(out, expected)
+    # Between calls: the kept blocks on the GPU, and the first streamed one (fetched for the next call);
+    # the others on the host.
+    blocks = list(pipeline.transformer.blocks)
+    first_streamed = next(b for b in blocks if id(b) not in kept)
+    for block in blocks:
+        on_gpu = id(block) in kept or block is first_streamed
+        assert all(p.is_cuda == on_gpu for p in block.parameters())
+    activations = 4 * x.numel() * 4
+    # base already holds the 4 kept blocks; the streamed ones come 2 at a time (prefetch 1).
+    assert held <= 2 * _block_bytes() + activations, (held, _block_bytes())
+    assert offloader.streamed_bytes_per_call == {"transformer": (DEPTH - 4) * _block_bytes()}
+
+
 def test_model_level_copies_block_by_block_and_matches():
     device = torch.device("cuda")
     x = torch.randn(64, WIDTH, device=device)

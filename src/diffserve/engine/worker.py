@@ -21,6 +21,7 @@ from diffserve.distributed.vae_patch import apply_vae_slicing, apply_vae_tiling
 from diffserve.engine.cost import CostProfile, profile_denoisers
 from diffserve.engine.errors import RequestAborted
 from diffserve.layers.attention import select_attention_backend, set_attention_backend
+from diffserve.layers.mlp import set_ffn_chunk_size
 from diffserve.layers.quantization import check_fp8_supported, quantize_linear_layers
 from diffserve.loader import DiffusersPipelineLoader
 from diffserve.lora import LoRAManager
@@ -118,6 +119,8 @@ class DiffusionWorker:
             self._quantize(self.od_config.quantization)
         backend = select_attention_backend(self.od_config.attention_backend, self.device, self.od_config.torch_dtype)
         set_attention_backend(self.pipeline, backend)
+        if self.od_config.ffn_chunk_size is not None:
+            self._chunk_feed_forwards(self.od_config.ffn_chunk_size)
         if self.od_config.parallel_config.sequence_parallel_size > 1:
             apply_sequence_parallel(self.pipeline, self.od_config.parallel_config)
         if self.od_config.vae_use_tiling or self.od_config.parallel_config.vae_patch_parallel_size > 1:
@@ -155,6 +158,15 @@ class DiffusionWorker:
         for path, module in discover_components(self.pipeline)["dit"].items():
             count = quantize_linear_layers(module, method)
             logger.info("%s: %d linear layers compute in %s", path, count, method)
+
+    def _chunk_feed_forwards(self, chunk_size: int) -> None:
+        denoisers = discover_components(self.pipeline)["dit"]
+        count = sum(set_ffn_chunk_size(module, chunk_size) for module in denoisers.values())
+        if count == 0:
+            raise ValueError(f"ffn_chunk_size: {type(self.pipeline).__name__}'s transformers have no diffserve "
+                             "feed-forward layers to chunk (a diffusers-adapter pipeline runs diffusers' own); "
+                             "leave ffn_chunk_size unset")
+        logger.info("%d feed-forward layers take %d tokens at a time", count, chunk_size)
 
     def _blocks_compiled(self) -> bool:
         return not self.od_config.enforce_eager and self.device.type == "cuda"

@@ -35,6 +35,12 @@ ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--quantization", "quantization", str, "fp8: the denoiser's linear layers in float8 (Ada/Hopper GPUs; default none)"),
     ("--layerwise-prefetch", "layerwise_prefetch", int,
      "with --enable-layerwise-offload: blocks copied ahead of the running one (default 1; 0: none)"),
+    ("--layerwise-resident-blocks", "layerwise_resident_blocks", int,
+     "with --enable-layerwise-offload: blocks of each transformer kept on the GPU, spread through the call "
+     "order (default 0): fewer bytes copied per step, more memory"),
+    ("--ffn-chunk-size", "ffn_chunk_size", int,
+     "tokens the transformers' feed-forward layers take at a time (default: whole sequences); less "
+     "activation memory for long sequences"),
     ("--max-gpu-memory", "max_gpu_memory", float,
      "GiB of weights the GPU may hold; checked at start, naming the offload modes that would fit"),
     ("--profile-dir", "profile_dir", str, "where profiler traces go"),

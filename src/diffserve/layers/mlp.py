@@ -1,4 +1,13 @@
-"""Feed-forward blocks: column-parallel up projection, activation (or gate), row-parallel down projection."""
+"""Feed-forward blocks: column-parallel up projection, activation (or gate), row-parallel down projection.
+
+Chunking (`chunk_size`, set on a whole model by `set_ffn_chunk_size`; the engine's `ffn_chunk_size`):
+the feed-forward acts on each token alone, so a long sequence can go through it `chunk_size` tokens at
+a time, each chunk's output written into one output tensor. The hidden activation (4x or more the
+width of the input) then exists for one chunk at a time instead of for the whole sequence, which is
+what bounds the memory of a long sequence (a video). Values are the same up to matmul rounding (a
+kernel may pick another reduction order for fewer rows); under TP each chunk is reduced on its own,
+still the same sums.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +18,30 @@ from diffserve.layers.embeddings import get_activation
 from diffserve.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
 
 
-class FeedForward(nn.Module):
+class ChunkedFeedForward(nn.Module):
+    """A per-token feed-forward whose `forward` runs `chunk_size` tokens at a time when set."""
+
+    # Tokens per chunk along the token dim (-2); None: the whole sequence at once.
+    chunk_size: int | None = None
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.chunk_size
+        if size is None or x.dim() < 2 or x.shape[-2] <= size:
+            return self.feed_forward(x)
+        parts = x.split(size, dim=-2)
+        first = self.feed_forward(parts[0])
+        out = first.new_empty(*first.shape[:-2], x.shape[-2], first.shape[-1])
+        out[..., :size, :] = first
+        del first
+        for i, part in enumerate(parts[1:], start=1):
+            out[..., i * size : i * size + part.shape[-2], :] = self.feed_forward(part)
+        return out
+
+
+class FeedForward(ChunkedFeedForward):
     def __init__(
         self,
         dim: int,
@@ -25,11 +57,11 @@ class FeedForward(nn.Module):
         self.act = get_activation(act)
         self.proj_out = RowParallelLinear(hidden_dim, dim_out or dim, bias=bias, prefix=f"{prefix}.proj_out")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_out(self.act(self.proj_in(x)))
 
 
-class GatedFeedForward(nn.Module):
+class GatedFeedForward(ChunkedFeedForward):
     """Gated-linear-unit feed-forward (SwiGLU with act="silu", GEGLU with "gelu"): one up projection
     yields a value half and a gate half, the block returns proj_out(value * act(gate)).
 
@@ -44,6 +76,17 @@ class GatedFeedForward(nn.Module):
         self.act = get_activation(act)
         self.proj_out = RowParallelLinear(hidden_dim, dim_out or dim, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj_in(x).chunk(2, dim=-1)
         return self.proj_out(value * self.act(gate))
+
+
+def set_ffn_chunk_size(model: nn.Module, chunk_size: int | None) -> int:
+    """Run every feed-forward under `model` `chunk_size` tokens at a time (None: whole sequences);
+    returns how many were set."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, ChunkedFeedForward):
+            module.chunk_size = chunk_size
+            count += 1
+    return count

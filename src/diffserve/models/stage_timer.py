@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 
@@ -16,6 +17,10 @@ from diffserve.memory import PeakMemory
 
 
 class StageTimer:
+    # Called with a stage's name as it starts, before its memory is measured (CPU offload lets go of
+    # the encoders when the denoise stage starts: diffserve.offload).
+    on_stage: Callable[[str], None] | None = None
+
     def __init__(self, device: torch.device, memory: PeakMemory | None = None):
         self.device = device
         self.memory = memory if memory is not None else PeakMemory.for_device(device)
@@ -24,6 +29,8 @@ class StageTimer:
 
     @contextmanager
     def stage(self, name: str):
+        if self.on_stage is not None:
+            self.on_stage(name)
         if self.memory is not None:
             # Resetting forgets the peak so far: keep it first, so the request's peak stays whole.
             self._peak = max(self._peak, self.memory.peak())

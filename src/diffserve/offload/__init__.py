@@ -22,9 +22,9 @@ import torch.nn as nn
 
 from diffserve.memory import gib
 from diffserve.offload.hooks import Hooks
-from diffserve.offload.layerwise import BlockStreamer
+from diffserve.offload.layerwise import BlockStreamer, resident_block_indices
 from diffserve.offload.model_level import ComponentOffloader, Stage
-from diffserve.offload.plan import OffloadPlan, plan_offload
+from diffserve.offload.plan import BlockPlan, OffloadPlan, plan_offload
 from diffserve.offload.weights import HostPinning, Trace, Transfers, WeightSet
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class Offloader:
     """The applied offload of one pipeline: its stages, hooks and host memory, removable."""
 
     def __init__(self, pipeline: nn.Module, mode: str, device: torch.device, prefetch: int = 1,
-                 trace: Trace | None = None):
+                 trace: Trace | None = None, resident_blocks: int = 0):
         plan = plan_offload(pipeline)
         check_plan(pipeline, plan, mode)
         self.pipeline = pipeline
@@ -71,10 +71,17 @@ class Offloader:
         self.hooks = Hooks()
         self.sets: dict[str, WeightSet] = {}
         self._set_of_module: dict[int, WeightSet] = {}
+        # Layerwise: per denoiser path, the blocks that stay on the device, and those streamed.
+        self.resident_blocks: dict[str, list[BlockPlan]] = {}
+        streamed: dict[str, list[BlockPlan]] = {}
 
         on_device = list(plan.resident)
         if mode == "layerwise":
-            on_device += [t for dit in plan.denoisers for t in dit.rest]
+            for dit in plan.denoisers:
+                kept = set(resident_block_indices(len(dit.blocks), resident_blocks, dit.path))
+                self.resident_blocks[dit.path] = [b for i, b in enumerate(dit.blocks) if i in kept]
+                streamed[dit.path] = [b for i, b in enumerate(dit.blocks) if i not in kept]
+                on_device += dit.rest + [t for b in self.resident_blocks[dit.path] for t in b.tensors]
         for t in on_device:
             t.data = t.data.to(device)
 
@@ -85,12 +92,13 @@ class Offloader:
             stages.append(Stage("encoders", "encoder", list(plan.encoder_modules.values()), encoder_sets))
         block_sets: dict[str, list] = {}
         for dit in plan.denoisers:
-            blocks = [self._weight_set(b.name, b.tensors, b.module) for b in dit.blocks]
             if mode == "layerwise":
+                blocks = [self._weight_set(b.name, b.tensors, b.module) for b in streamed[dit.path]]
                 streamer = BlockStreamer(dit.path, blocks, self.transfers, prefetch)
-                streamer.install_block_hooks(self.hooks, [b.module for b in dit.blocks])
+                streamer.install_block_hooks(self.hooks, [b.module for b in streamed[dit.path]])
                 stages.append(Stage(dit.path, "dit", [dit.module], [], streamer=streamer))
             else:
+                blocks = [self._weight_set(b.name, b.tensors, b.module) for b in dit.blocks]
                 rest = self._weight_set(dit.path, dit.rest, dit.module)
                 # The rest of the denoiser and its first block before the first step; a step cache
                 # reads the first block's weights before the block runs.
@@ -101,10 +109,16 @@ class Offloader:
             stages.append(Stage("vae", "vae", list(plan.vae_modules.values()), vae_sets))
         self.components = ComponentOffloader(stages, self.transfers, device)
         self.components.install(self.hooks, block_sets)
+        if callable(getattr(pipeline, "stage_timer", None)):
+            self.hooks.wrap_method(pipeline, "stage_timer", after=self._watch_stages)
         # Weights now wait on the host: the pipeline computes on `device` whatever its first denoiser
         # parameter says (SupportsComponentDiscovery.device reads this).
         pipeline._execution_device = device
         logger.info("%s", self.describe())
+
+    def _watch_stages(self, timer):
+        timer.on_stage = self.components.stage_started
+        return timer
 
     def _weight_set(self, name: str, tensors: list[torch.Tensor], module: nn.Module) -> WeightSet:
         ws = WeightSet(name, tensors, self.pinning)
@@ -116,8 +130,16 @@ class Offloader:
     def stages(self) -> list[Stage]:
         return self.components.stages
 
+    @property
+    def streamed_bytes_per_call(self) -> dict[str, int]:
+        """Layerwise: per denoiser, the bytes of blocks copied to the device in each of its calls."""
+        return {stage.name: sum(ws.nbytes for ws in stage.streamer.sets)
+                for stage in self.stages if stage.streamer is not None}
+
     def is_resident(self, module: nn.Module) -> bool:
         """Whether the offloaded weights of `module` (a component or a block) are on the device now."""
+        if any(b.module is module for blocks in self.resident_blocks.values() for b in blocks):
+            return True  # a block layerwise_resident_blocks keeps on the device
         ws = self._set_of_module.get(id(module))
         if ws is None:
             raise KeyError(f"{type(module).__name__} is not a component or block this offloader moves")
@@ -126,6 +148,9 @@ class Offloader:
     def describe(self) -> str:
         parts = [f"{stage.name} {gib(stage.device_bytes)}" for stage in self.stages]
         what = "layerwise (denoiser blocks streamed)" if self.mode == "layerwise" else "model-level"
+        kept = {path: len(blocks) for path, blocks in self.resident_blocks.items() if blocks}
+        if kept:
+            what += ", kept on the device: " + ", ".join(f"{n} blocks of {path}" for path, n in kept.items())
         return f"CPU offload, {what}, on {self.device}: on the device while in use: {', '.join(parts)}"
 
     def remove(self) -> None:
@@ -151,4 +176,4 @@ def apply_offload(pipeline: nn.Module, od_config: "OmniDiffusionConfig", device:
     if od_config.enable_cpu_offload and od_config.enable_layerwise_offload:
         logger.info("enable_cpu_offload with enable_layerwise_offload: layerwise offload already moves the "
                     "encoders and VAEs model-level")
-    return Offloader(pipeline, mode, device, od_config.layerwise_prefetch, trace)
+    return Offloader(pipeline, mode, device, od_config.layerwise_prefetch, trace, od_config.layerwise_resident_blocks)

@@ -6,8 +6,9 @@ its shard; HSDP divides the denoisers over its shard group; with `quantization` 
 weights count at their quantized size), before they are loaded:
 - no offload: everything;
 - model-level: the resident part plus the largest stage (the encoders together, one denoiser, the VAEs);
-- layerwise: the resident part, the denoisers without their blocks, and the largest of: the encoders,
-  the VAEs, prefetch + 1 of the largest block.
+- layerwise: the resident part, the denoisers without their blocks, the blocks kept on the device
+  (`layerwise_resident_blocks`), and the largest of: the encoders, the VAEs, prefetch + 1 of the
+  largest streamed block.
 Activations come on top and depend on the request; the check is about whether the model can load and
 run at all, and says which mode would fit when the chosen one does not.
 """
@@ -23,7 +24,8 @@ import torch.nn as nn
 from diffserve.layers.quantization import quantized_weight_bytes
 from diffserve.memory import GIB, gib
 from diffserve.models.interface import discover_components
-from diffserve.offload.plan import OffloadPlan, Size, plan_offload
+from diffserve.offload.layerwise import resident_block_indices
+from diffserve.offload.plan import OffloadPlan, Size, plan_offload, total_bytes
 from diffserve.offload.weights import tensor_bytes
 
 if TYPE_CHECKING:
@@ -39,7 +41,19 @@ MODE_FLAGS = {
 }
 
 
-def estimate_device_bytes(plan: OffloadPlan, mode: str | None, prefetch: int = 1, dit_shards: int = 1) -> int:
+def _layerwise_split(plan: OffloadPlan, resident_blocks: int) -> tuple[int, int]:
+    """(bytes of the blocks kept on the device, bytes of the largest streamed block) over the denoisers."""
+    kept_bytes, largest = 0, 0
+    for d in plan.denoisers:
+        kept = set(resident_block_indices(len(d.blocks), resident_blocks, d.path))
+        sizes = [total_bytes(b.tensors, d.size) for b in d.blocks]
+        kept_bytes += sum(n for i, n in enumerate(sizes) if i in kept)
+        largest = max([largest] + [n for i, n in enumerate(sizes) if i not in kept])
+    return kept_bytes, largest
+
+
+def estimate_device_bytes(plan: OffloadPlan, mode: str | None, prefetch: int = 1, dit_shards: int = 1,
+                          resident_blocks: int = 0) -> int:
     """Weight bytes on the device at the busiest moment of a request under `mode`."""
     dits = [d.nbytes // dit_shards for d in plan.denoisers]
     if mode is None:
@@ -48,9 +62,10 @@ def estimate_device_bytes(plan: OffloadPlan, mode: str | None, prefetch: int = 1
         return plan.resident_bytes + max([plan.encoder_bytes, plan.vae_bytes, *dits])
     if mode == "layerwise":
         rests = sum(d.rest_bytes // dit_shards for d in plan.denoisers)
-        blocks = max((d.largest_block_bytes // dit_shards for d in plan.denoisers), default=0)
-        # Blocks are let go when the VAE starts, and fetched again only by the next denoise loop.
-        return plan.resident_bytes + rests + max(plan.encoder_bytes, plan.vae_bytes, (prefetch + 1) * blocks)
+        kept, largest = _layerwise_split(plan, resident_blocks)
+        # Streamed blocks are let go when the VAE starts, and fetched again only by the next denoise loop.
+        return (plan.resident_bytes + rests + kept // dit_shards
+                + max(plan.encoder_bytes, plan.vae_bytes, (prefetch + 1) * (largest // dit_shards)))
     raise ValueError(f"unknown offload mode {mode!r}; allowed: None, 'model', 'layerwise'")
 
 
@@ -82,9 +97,12 @@ def check_fits(pipeline: nn.Module, od_config: "OmniDiffusionConfig", device: to
     plan = plan_offload(pipeline, weight_sizes(pipeline, od_config.quantization))
     shards = pc.resolved_hsdp_shard_size if pc.use_hsdp else 1
     prefetch = od_config.layerwise_prefetch
-    estimates = {mode: estimate_device_bytes(plan, mode, prefetch, shards) for mode in MODE_FLAGS}
     if not plan.denoisers or not all(d.blocks for d in plan.denoisers):
-        estimates.pop("layerwise")  # no block lists to stream
+        modes = [m for m in MODE_FLAGS if m != "layerwise"]  # no block lists to stream
+    else:
+        modes = list(MODE_FLAGS)
+    resident = od_config.layerwise_resident_blocks
+    estimates = {mode: estimate_device_bytes(plan, mode, prefetch, shards, resident) for mode in modes}
     mode = offload_mode(od_config)
     budget = device_budget(od_config, device)
     needed = estimates.get(mode, estimates[None])

@@ -64,16 +64,20 @@ class Hooks:
             module.register_forward_hook(torch.compiler.disable(hook), with_kwargs=True, always_call=True)
         )
 
-    def wrap_method(self, module: nn.Module, name: str, before: Callable[[tuple, dict], tuple[tuple, dict]]) -> None:
+    def wrap_method(self, module: nn.Module, name: str,
+                    before: Callable[[tuple, dict], tuple[tuple, dict]] | None = None,
+                    after: Callable[[Any], Any] | None = None) -> None:
         """Call `before(args, kwargs) -> (args, kwargs)` ahead of `module.<name>` (whatever is installed
-        there now, e.g. a tiled decode)."""
+        there now, e.g. a tiled decode), and `after(result) -> result` on what it returns."""
         current = getattr(module, name)
         previous = module.__dict__.get(name)
 
         @functools.wraps(current)
         def wrapped(*args, **kwargs):
-            args, kwargs = before(args, kwargs)
-            return current(*args, **kwargs)
+            if before is not None:
+                args, kwargs = before(args, kwargs)
+            result = current(*args, **kwargs)
+            return result if after is None else after(result)
 
         setattr(module, name, wrapped)
         self._methods.append((module, name, previous))

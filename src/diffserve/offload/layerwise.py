@@ -12,6 +12,13 @@ Per call of the denoiser, with blocks numbered in call order:
   next call are fetched while the step finishes.
 So at most prefetch + 1 blocks of a denoiser are on the device. The rest of the denoiser stays there;
 under TP or sequence parallelism each rank streams the blocks it holds (its shard).
+
+Resident blocks (`layerwise_resident_blocks=N`): N blocks of each denoiser stay on the device and are
+not streamed, spread evenly through the call order (`resident_block_indices`), so that the compute of
+the resident blocks between two streamed ones hides the copy of the next streamed one. (Kept together
+at the start, they would compute while only `prefetch` blocks are copied, and the streamed blocks after
+them would each wait for their own copy.) The streamer sees only the streamed blocks: "ahead" and
+"before" count streamed blocks.
 """
 
 from __future__ import annotations
@@ -19,6 +26,16 @@ from __future__ import annotations
 import torch.nn as nn
 
 from diffserve.offload.weights import Transfers, WeightSet
+
+
+def resident_block_indices(num_blocks: int, resident: int, where: str = "the denoiser") -> list[int]:
+    """The call-order indices of the `resident` blocks kept on the device, spread evenly."""
+    if resident >= num_blocks and resident > 0:
+        raise ValueError(
+            f"layerwise_resident_blocks={resident} would keep all {num_blocks} blocks of {where} on the device, "
+            f"so nothing would stream; use fewer than {num_blocks}, or enable_cpu_offload, or no offload"
+        )
+    return sorted({int((i + 0.5) * num_blocks / resident) for i in range(resident)})
 
 
 class BlockStreamer:

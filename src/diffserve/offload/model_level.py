@@ -82,6 +82,14 @@ class ComponentOffloader:
         if via == "decode":
             self.prefetch_encoders()
 
+    def stage_started(self, name: str) -> None:
+        """The pipeline's stage `name` starts (its StageTimer says so). When the denoise stage starts,
+        the encoders (and a VAE that encoded an input image) are done: they go now rather than at the
+        first transformer call, so the denoise stage's memory holds only what denoising needs."""
+        if name == "denoise" and self.active is not None and self.active.kind != "dit":
+            self.release(self.active)
+            self.active = None
+
     def release(self, stage: Stage) -> None:
         for ws in stage.sets:
             self.transfers.release(ws)
