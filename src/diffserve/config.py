@@ -306,11 +306,8 @@ class OmniDiffusionConfig:
         _check_positive_int("step_max_wait", self.step_max_wait)
         if self.batching != "step":
             return
-        # Refused until they are exact per request: a step cache keeps one state for the whole batch,
-        # and several ranks would have to agree on the running set at every step.
-        if self.cache_backend is not None:
-            raise ValueError(f"batching='step' does not run with a step cache (cache_backend={self.cache_backend!r}); "
-                             "use batching='request' or no cache_backend")
+        # Several ranks would have to agree on the running set at every step: refused until they do.
+        # (Step caches keep a state per request: docs/step_batching.md.)
         if self.parallel_config.world_size > 1:
             raise ValueError("batching='step' runs on one device only (no tensor, sequence, CFG or data "
                              "parallelism, no HSDP); use batching='request'")

@@ -50,6 +50,75 @@ def flux(tiny_flux):
         yield omni.engine
 
 
+# Settings that skip steps on the tiny random weights after one warmup step.
+STEP_CACHES = {
+    "tea_cache": {"warmup_steps": 1, "rel_l1_thresh": 0.3},
+    "cache_dit": {"max_warmup_steps": 1, "residual_diff_threshold": 0.6},
+}
+
+
+def _cached_engine(path, backend):
+    return Omni(path, dtype="float32", device="cpu", batching="step", max_batch_size=4, cache_backend=backend,
+                cache_config=STEP_CACHES[backend], disable_progress_bar=True)
+
+
+@pytest.fixture(scope="module", params=list(STEP_CACHES))
+def demo_cached(request, tiny_checkpoint):
+    with _cached_engine(tiny_checkpoint("demo-dit"), request.param) as omni:
+        yield omni.engine
+
+
+@pytest.fixture(scope="module", params=list(STEP_CACHES))
+def flux_cached(request, tiny_flux):
+    with _cached_engine(tiny_flux, request.param) as omni:
+        yield omni.engine
+
+
+def _block_rows_per_call(engine) -> list[tuple[int, int]]:
+    """(rows of the transformer call, rows its last block ran on), appended as the engine runs. The
+    last block is one a cached step skips (cache-dit runs the first Fn blocks on every row)."""
+    transformer = engine.executor.worker.pipeline.transformer
+    seen, call_rows = [], []
+    transformer.register_forward_pre_hook(lambda m, a, k: call_rows.append(k["hidden_states"].shape[0]),
+                                          with_kwargs=True)
+    transformer.transformer_blocks[-1].register_forward_pre_hook(lambda m, a: seen.append((call_rows[-1],
+                                                                                           a[0].shape[0])))
+    return seen
+
+
+def _cached_staggered_equal_alone(engine, **params) -> list[float]:
+    """Three requests of 7, 5 and 6 steps joining at boundaries 0, 2 and 3: each skips the steps it
+    skips alone with the same cache, and its output equals its output alone; some steps ran the
+    skippable blocks on the computing requests' rows only. The max-abs errors."""
+    reqs = [_request(engine, p, seed, steps=steps, **params)
+            for p, seed, steps in (("a red circle", 1, 7), ("a blue square", 2, 5), ("a green circle", 3, 6))]
+    block_rows = _block_rows_per_call(engine)
+    outputs, _ = _run_staggered(engine, {0: [reqs[0]], 2: [reqs[1]], 3: [reqs[2]]})
+    assert any(ran < rows for rows, ran in block_rows)  # a sub-batch: the others reused their caches
+    errors = []
+    for req in reqs:
+        out = outputs[req.request_id]
+        alone = engine.run_batch([req])[0]
+        assert out.metrics["cached_steps"] == alone.metrics["cached_steps"] > 0
+        errors.append((out.images - alone.images).abs().max().item())
+    assert max(errors) <= TOLERANCE, errors
+    return errors
+
+
+def test_demo_step_cache_per_request_equal_alone(demo_cached):
+    """Demo model with CFG (TaylorSeer forecasts from its cache defaults). Measured max-abs against
+    each request alone with the same cache: tea_cache 2.4e-7, 3.0e-7, 2.4e-7; cache_dit 2.4e-7,
+    3.0e-7, 3.0e-7."""
+    _cached_staggered_equal_alone(demo_cached, guidance_scale=3.0)
+
+
+def test_flux_step_cache_per_request_equal_alone(flux_cached):
+    """Tiny FLUX (two block lists, the encoder stream cached too). Measured max-abs against each
+    request alone with the same cache: tea_cache 7.7e-7, 6.6e-7, 6.6e-7; cache_dit 6.0e-7, 5.4e-7,
+    8.3e-7."""
+    _cached_staggered_equal_alone(flux_cached, guidance_scale=3.5)
+
+
 def test_demo_staggered_mixed_steps_and_cfg_equal_alone(demo):
     """Measured max-abs against each request alone: 3.6e-7, 7.7e-7 and 0.0 (fp32 rounding of the larger
     batch; the last ran alone)."""
@@ -95,8 +164,6 @@ def test_flux_staggered_true_cfg_and_guidance_equal_alone(flux):
 def test_refused_configurations(tiny_checkpoint):
     with pytest.raises(ValueError, match="batching must be one of request, step"):
         OmniDiffusionConfig(model="x", batching="token")
-    with pytest.raises(ValueError, match="does not run with a step cache"):
-        OmniDiffusionConfig(model="x", batching="step", cache_backend="tea_cache")
     with pytest.raises(ValueError, match="runs on one device only"):
         OmniDiffusionConfig(model="x", batching="step", parallel_config={"cfg_parallel_size": 2})
     with pytest.raises(ValueError, match="not supported by StableDiffusion3Pipeline; it is by FluxPipeline"):

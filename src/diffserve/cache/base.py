@@ -12,6 +12,8 @@ from diffserve.cache.config import CacheConfig
 from diffserve.models.interface import discover_components
 
 if TYPE_CHECKING:
+    import torch
+
     from diffserve.config import OmniDiffusionConfig
 
 logger = logging.getLogger(__name__)
@@ -23,6 +25,10 @@ class CacheBackend(ABC):
     The worker calls `enable(pipeline)` once after loading, `refresh(pipeline, num_inference_steps)`
     before every request (so no state crosses requests, and requests may differ in step count), and
     `request_metrics()` after it.
+
+    Under batching="step" (diffserve.engine.step_batching) the worker instead calls
+    `begin_request` when a request joins the running batch, `select_requests` around each step's
+    transformer call, and `finish_request` when the request leaves: each keeps a state of its own.
 
     Both backends assume one call of each denoiser per denoise step on each rank: CFG branches run as
     one batch or on separate CFG-parallel ranks, never one after the other (see
@@ -51,14 +57,35 @@ class CacheBackend(ABC):
     def cached_steps(self) -> int:
         """Denoise steps of the last request that reused the cache (per rank; ranks agree)."""
 
+    @abstractmethod
+    def begin_request(self, request_id: str, num_inference_steps: int | None, scheduler: Any) -> None:
+        """batching="step": a request joins the running batch with a fresh state of its own (what
+        refresh() gives a request alone); `scheduler` is its own scheduler copy."""
+
+    @abstractmethod
+    def select_requests(self, layout: "list[tuple[str, torch.Tensor]] | None") -> None:
+        """The rows of each running request in the next transformer call (diffserve.models.denoise.
+        batch_rows); None after the call, so that a request run alone uses refresh()'s state."""
+
+    @abstractmethod
+    def finish_request(self, request_id: str) -> dict[str, Any]:
+        """The request left the batch: its output metrics (as request_metrics()); its state is dropped."""
+
+    @abstractmethod
+    def drop_requests(self) -> None:
+        """Forget every running request's state (a step failed)."""
+
     def is_enabled(self) -> bool:
         return self._enabled
 
     def request_metrics(self) -> dict[str, Any]:
         """What the last request's output reports: the backend and its cached step count."""
-        count = self.cached_steps()
-        logger.info("%s: %d denoise steps reused the cache", self.name, count)
-        return {"cache_backend": self.name, "cached_steps": count}
+        return self.metrics(self.cached_steps())
+
+    def metrics(self, cached_steps: int) -> dict[str, Any]:
+        """A request's output metrics, given its cached step count (also logged)."""
+        logger.info("%s: %d denoise steps reused the cache", self.name, cached_steps)
+        return {"cache_backend": self.name, "cached_steps": cached_steps}
 
 
 def denoisers(pipeline: nn.Module) -> dict[str, nn.Module]:

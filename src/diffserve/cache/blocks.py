@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Any, Iterable
 
+import torch
 import torch.nn as nn
 
 from diffserve.models.interface import block_list_attrs
@@ -130,3 +132,47 @@ def cache_block_lists(transformer: nn.Module) -> list[CachedBlockList]:
             )
         lists.append(CachedBlockList(attr, blocks, pattern))
     return lists
+
+
+def run_blocks(blocks: Iterable[nn.Module], io: BlockIO, h: torch.Tensor, args: tuple, kwargs: dict):
+    """Call `blocks` in turn as the block list would (args[0] is the encoder stream when the blocks
+    take one); the final (hidden, encoder) streams, encoder None without one."""
+    e = args[0] if io.takes_encoder else None
+    rest = args[1:] if io.takes_encoder else args
+    for block in blocks:
+        out = block(h, e, *rest, **kwargs) if io.takes_encoder else block(h, *rest, **kwargs)
+        if io.returns == (H,):
+            h = out
+        elif io.returns == (H, E):
+            h, e = out
+        else:
+            e, h = out
+    return h, e
+
+
+def pack_outputs(io: BlockIO, h: torch.Tensor, e: torch.Tensor | None):
+    """(hidden, encoder) as the block list returns them."""
+    if io.returns == (H,):
+        return h
+    if io.returns == (H, E):
+        return h, e
+    return e, h
+
+
+def take_rows(value: Any, rows: torch.Tensor | None, batch: int) -> Any:
+    """`rows` of a per-sample block argument (a tensor whose first dimension is the batch); shared
+    arguments (rotary tables, or tuples of them) pass unchanged. Step caches under step-level
+    batching run blocks on the rows of some requests only."""
+    if rows is None or not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
+        return value
+    return value.index_select(0, rows)
+
+
+def args_rows(args: tuple, kwargs: dict, rows: torch.Tensor, batch: int) -> tuple[tuple, dict]:
+    """`rows` of the per-sample ones among a block list's arguments (see take_rows)."""
+    return tuple(take_rows(a, rows, batch) for a in args), {k: take_rows(v, rows, batch) for k, v in kwargs.items()}
+
+
+def rows_of(x: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    """`rows` of a per-sample tensor (None rows: all of them; None stays None)."""
+    return x if x is None or rows is None else x.index_select(0, rows)

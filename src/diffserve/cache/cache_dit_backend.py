@@ -17,12 +17,15 @@ The diffusers adapter registers one (diffserve.models.diffusers_adapter.cache).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
 
 import torch.nn as nn
 
 from diffserve.cache.base import CacheBackend, check_cfg_runs_in_one_call, denoisers
 from diffserve.cache.blocks import cache_block_lists
+from diffserve.cache.cache_dit_steps import CacheDiTSteps, RequestRows
 from diffserve.cache.config import CacheDiTConfig, resolve_for
 
 if TYPE_CHECKING:
@@ -163,9 +166,14 @@ def context_cached_steps(transformer: nn.Module) -> set[int]:
     manager = getattr(transformer, "_context_manager", None)
     if manager is None:
         return set()
+    return cached_steps_of(manager.get_context(name) for name in getattr(transformer, "_context_names", []))
+
+
+def cached_steps_of(contexts) -> set[int]:
+    """Steps in which any of one transformer's contexts (one per block list) reused its cache."""
     steps: set[int] = set()
-    for name in getattr(transformer, "_context_names", []):
-        steps.update(manager.get_context(name).get_cached_steps())
+    for context in contexts:
+        steps.update(context.get_cached_steps())
     return steps
 
 
@@ -187,6 +195,10 @@ class CacheDiTBackend(CacheBackend):
         super().__init__(config)
         self._refresh: CacheDiTRefresh | None = None
         self._transformers: list[nn.Module] = []
+        # batching="step" (diffserve.cache.cache_dit_steps): installed when the first request joins;
+        # each running request's contexts, one dict per transformer, by request id.
+        self._steps: list[CacheDiTSteps] = []
+        self._requests: dict[str, list[dict[str, Any]]] = {}
 
     def enable(self, pipeline: nn.Module) -> None:
         if self._enabled:
@@ -222,6 +234,9 @@ class CacheDiTBackend(CacheBackend):
     def disable(self, pipeline: nn.Module) -> None:
         if not self._enabled:
             return
+        for steps in self._steps:
+            steps.remove()
+        self._steps, self._requests = [], {}
         for transformer in self._transformers:
             uninstall(transformer)
         self._transformers, self._refresh, self._enabled = [], None, False
@@ -229,3 +244,28 @@ class CacheDiTBackend(CacheBackend):
     def cached_steps(self) -> int:
         # Wan2.2's experts run disjoint steps, each counted from 0 in its own contexts: add them up.
         return sum(len(context_cached_steps(t)) for t in self._transformers)
+
+    # -- batching="step": cache-dit contexts per running request ----------------------------------
+
+    def begin_request(self, request_id: str, num_inference_steps: int | None, scheduler: Any) -> None:
+        # The contexts carry no step count (db_cache_config): nothing here depends on it.
+        if not self._steps:
+            self._steps = [CacheDiTSteps(t) for t in self._transformers]
+        self._requests[request_id] = [steps.new_contexts() for steps in self._steps]
+
+    def select_requests(self, layout: list[tuple[str, torch.Tensor]] | None) -> None:
+        for i, steps in enumerate(self._steps):
+            steps.requests = None if layout is None else [
+                RequestRows(self._requests[rid][i], rows) for rid, rows in layout
+            ]
+
+    def finish_request(self, request_id: str) -> dict[str, Any]:
+        contexts = self._requests.pop(request_id)
+        count = sum(len(cached_steps_of(per_list.values())) for per_list in contexts)
+        for per_list in contexts:
+            for context in per_list.values():
+                context.clear_buffers()
+        return self.metrics(count)
+
+    def drop_requests(self) -> None:
+        self._requests.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -27,7 +28,7 @@ from diffserve.loader import DiffusersPipelineLoader
 from diffserve.lora import LoRAManager
 from diffserve.memory import PeakMemory, peak_host_rss_bytes
 from diffserve.models.base import PipelineRun
-from diffserve.models.denoise import denoise_step
+from diffserve.models.denoise import batch_rows, denoise_step
 from diffserve.models.interface import discover_components, is_repeated_block
 from diffserve.models.outputs import POST_PROCESS
 from diffserve.models.spec import SamplingSpec
@@ -267,24 +268,46 @@ class DiffusionWorker:
             run = self.pipeline.begin(req)
         # Each request steps its own scheduler: FlowMatchEulerDiscreteScheduler keeps a step index.
         run.state.scheduler = copy.deepcopy(run.state.scheduler)
+        if self.cache_backend is not None:  # its own cache state, as refresh() gives a request alone
+            self.cache_backend.begin_request(request_id, req.sampling_params.num_inference_steps, run.state.scheduler)
         self._running[request_id] = run
 
     def step_run(self) -> tuple[int, list[tuple[str, DiffusionOutput]]]:
         """One step of every running request in one transformer call. The samples stepped, and
         (id, output) of each request that finished with this step (decoded and post-processed)."""
         runs = list(self._running.items())
+        states = [run.state for _, run in runs]
         with self._grad_off():
-            denoise_step(self.pipeline, [run.state for _, run in runs])
+            with self._cache_rows([rid for rid, _ in runs], states):
+                denoise_step(self.pipeline, states)
             finished = [(rid, self._finish(rid)) for rid, run in runs if run.state.done]
         return sum(run.state.num_samples for _, run in runs), finished
 
+    @contextlib.contextmanager
+    def _cache_rows(self, request_ids: list[str], states):
+        """Around a step's transformer call: the step cache knows whose rows the batch holds (each
+        request keeps its own cache state)."""
+        if self.cache_backend is None:
+            yield
+            return
+        self.cache_backend.select_requests(list(zip(request_ids, batch_rows(states))))
+        try:
+            yield
+        finally:
+            self.cache_backend.select_requests(None)
+
     def _finish(self, request_id: str) -> DiffusionOutput:
         run = self._running.pop(request_id)
-        return self._post_process(self.pipeline.finish(run), run.req)
+        output = self._post_process(self.pipeline.finish(run), run.req)
+        if self.cache_backend is not None:
+            output.metrics.update(self.cache_backend.finish_request(request_id))
+        return output
 
     def step_reset(self) -> None:
         """Drop every running request (a step failed: its requests are answered with the error)."""
         self._running.clear()
+        if self.cache_backend is not None:
+            self.cache_backend.drop_requests()
 
     def cost_profile(self) -> CostProfile:
         """What the engine needs to estimate a request's work (see diffserve.engine.cost)."""

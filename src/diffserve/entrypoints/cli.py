@@ -372,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     step = gen.add_argument_group("batching (docs/step_batching.md)")
     step.add_argument("--batching", choices=("request", "step"), default=None,
                       help="request (default): a batch runs from its first step to its last; step: requests join "
-                           "and leave a running batch between denoise steps (demo and FLUX text-to-image; one device, "
-                           "no step cache)")
+                           "and leave a running batch between denoise steps (demo and FLUX text-to-image; one device; "
+                           "step caches keep a state per request)")
     step.add_argument("--step-max-wait", type=int, default=None,
                       help="with --batching step: steps a request of another shape or CFG mode waits before the "
                            "running batch stops admitting and drains (default 8)")

@@ -80,6 +80,16 @@ def _stack_inputs(pipeline, per_request: list[dict[str, Any]]) -> dict[str, Any]
     }
 
 
+def batch_rows(states: list[DenoiseState]) -> list[torch.Tensor]:
+    """Each state's rows in the transformer batch `denoise_step` builds: its samples among all states'
+    positive inputs, then (CFG, both branches batched) among their negative inputs."""
+    total = sum(s.num_samples for s in states)
+    bounds = list(itertools.accumulate((s.num_samples for s in states), initial=0))
+    device = states[0].latents.device
+    rows = [torch.arange(a, b, device=device) for a, b in zip(bounds, bounds[1:])]
+    return [torch.cat([r, r + total]) for r in rows] if states[0].do_cfg else rows
+
+
 def denoise_step(pipeline, states: list[DenoiseState]) -> None:
     """Advance every state by one step with one transformer call (two without batched CFG branches).
 

@@ -15,13 +15,15 @@ transformer calibrates it by declaring
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import torch
 import torch.nn as nn
 
 from diffserve.cache.base import CacheBackend, check_cfg_runs_in_one_call, denoisers
 from diffserve.cache.blocks import cache_block_lists
 from diffserve.cache.config import TeaCacheConfig, resolve_for
-from diffserve.cache.teacache.hook import StepCounter, TeaCacheHook
+from diffserve.cache.teacache.hook import RowGroup, StepCounter, TeaCacheHook, TeaCacheMemory
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ class TeaCacheBackend(CacheBackend):
         super().__init__(config)
         self.counter = StepCounter()
         self.hooks: list[TeaCacheHook] = []
+        # batching="step": each running request's step counter and memory per hook, by request id.
+        self._requests: dict[str, tuple[StepCounter, list[TeaCacheMemory]]] = {}
 
     def enable(self, pipeline: nn.Module) -> None:
         if self._enabled:
@@ -105,3 +109,24 @@ class TeaCacheBackend(CacheBackend):
 
     def cached_steps(self) -> int:
         return len(self.counter.cached_steps)
+
+    # -- batching="step": one counter and memory per running request ---------------------------------
+
+    def begin_request(self, request_id: str, num_inference_steps: int | None, scheduler: Any) -> None:
+        counter = StepCounter()
+        # As refresh() for a request run alone, with the request's own scheduler copy.
+        counter.reset(num_inference_steps, scheduler)
+        self._requests[request_id] = (counter, [TeaCacheMemory() for _ in self.hooks])
+
+    def select_requests(self, layout: list[tuple[str, torch.Tensor]] | None) -> None:
+        for i, hook in enumerate(self.hooks):
+            hook.step_groups = None if layout is None else [
+                RowGroup(self._requests[rid][0], self._requests[rid][1][i], rows) for rid, rows in layout
+            ]
+
+    def finish_request(self, request_id: str) -> dict[str, Any]:
+        counter, _ = self._requests.pop(request_id)
+        return self.metrics(len(counter.cached_steps))
+
+    def drop_requests(self) -> None:
+        self._requests.clear()

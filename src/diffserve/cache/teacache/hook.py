@@ -11,17 +11,24 @@ batch each keeps its own previous input and accumulated distance. A step is skip
 has accumulated the threshold, and the decision is all-reduced over every rank: CFG-parallel ranks
 (one branch each) then take the decision the single-process batched run takes, and ranks that share
 collectives inside the blocks (TP, HSDP, sequence parallel) always take the same path.
+
+Under step-level batching (diffserve.engine.step_batching) the batch holds several requests, each at
+its own step: the backend gives each its own step counter and memory (`TeaCacheMemory`: previous
+input, accumulated distance, stored residuals) and tells the hook which rows are whose (`RowGroup`).
+Each request decides by itself, as it would alone; the blocks run on the sub-batch of the computing
+requests' rows, and each skipping request adds its own stored residual to its rows.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from diffserve.cache.blocks import CachedBlockList
+from diffserve.cache.blocks import CachedBlockList, args_rows, pack_outputs, rows_of, run_blocks
 from diffserve.distributed.parallel_state import get_world_group
 
 # (first block, *its positional args, **its keyword args) -> modulated input [B, ...]
@@ -107,8 +114,44 @@ class ResidualForecast:
         return prediction
 
 
+class TeaCacheMemory:
+    """What TeaCache keeps of one request on one transformer between its steps."""
+
+    def __init__(self) -> None:
+        self.previous_input: torch.Tensor | None = None
+        self.accumulated: torch.Tensor | None = None
+        # Block list -> forecasts of what it adds to the hidden and the encoder stream.
+        self.residuals: dict[str, tuple[ResidualForecast, ResidualForecast | None]] = {}
+        self.continuous_cached_steps = 0
+
+    def record(self, attr: str, step: int, order: int, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
+        """What block list `attr` added on computed step `step`, for the skipped steps to come."""
+        forecast_h, forecast_e = self.residuals.get(attr, (None, None))
+        forecast_h = forecast_h or ResidualForecast(order)
+        forecast_h.update(step, hidden)
+        if encoder is None:
+            forecast_e = None
+        else:
+            forecast_e = forecast_e or ResidualForecast(order)
+            forecast_e.update(step, encoder)
+        self.residuals[attr] = (forecast_h, forecast_e)
+
+
+@dataclass(eq=False)
+class RowGroup:
+    """The rows of the current transformer batch that belong to one request, with its step counter and
+    memory; each group decides by itself whether its rows run the blocks."""
+
+    counter: StepCounter
+    memory: TeaCacheMemory
+    rows: torch.Tensor | None = None  # None: every row (the request is the whole batch)
+    step: int = 0
+    skip: bool = False
+
+
 class TeaCacheBlocks(nn.Module):
-    """Stands in for one block list during a hooked forward: runs it, or replays its residual."""
+    """Stands in for one block list during a hooked forward: runs it on the rows whose request
+    computes this step, and replays the stored residual on the others."""
 
     def __init__(self, hook: "TeaCacheHook", index: int, block_list: CachedBlockList):
         super().__init__()
@@ -124,51 +167,97 @@ class TeaCacheBlocks(nn.Module):
         if self.index == 0:
             hook.decide(self._blocks[0], hidden_states, *args, **kwargs)
         encoder = args[0] if self.io.takes_encoder else None
-        rest = args[1:] if self.io.takes_encoder else args
-        if hook.skip:
-            replayed = self._replay(hidden_states, encoder)
+        groups = hook.groups
+        if len(groups) == 1:  # one request: no rows to pick
+            return self._pack(*self._whole_batch(groups[0], hidden_states, encoder, args, kwargs))
+        return self._pack(*self._per_request(groups, hidden_states, encoder, args, kwargs))
+
+    def _whole_batch(self, group: RowGroup, h: torch.Tensor, e: torch.Tensor | None, args: tuple, kwargs: dict):
+        if group.skip:
+            replayed = self._replay(group, h, e)
             if replayed is not None:
                 return replayed
-        h, e = self._run(hidden_states, encoder, rest, kwargs)
-        hook.record_residuals(
-            self.attr, h - hidden_states, e - encoder if self.io.returns_encoder and encoder is not None else None
-        )
-        return self._pack(h, e)
+        out_h, out_e = self._run(h, args, kwargs)
+        self._record(group, None, h, e, out_h, out_e)
+        return out_h, out_e
 
-    def _run(self, h: torch.Tensor, e: torch.Tensor | None, rest: tuple, kwargs: dict):
-        for block in self._blocks:
-            out = block(h, e, *rest, **kwargs) if self.io.takes_encoder else block(h, *rest, **kwargs)
-            if self.io.returns == ("hidden_states",):
-                h = out
-            elif self.io.returns == ("hidden_states", "encoder_hidden_states"):
-                h, e = out
-            else:
-                e, h = out
-        return h, e
+    def _per_request(self, groups: list[RowGroup], h: torch.Tensor, e: torch.Tensor | None, args: tuple,
+                     kwargs: dict):
+        """Several requests: the blocks run on the sub-batch of the computing requests' rows; each
+        skipping request adds its own residual to its rows."""
+        replays = {}
+        for group in groups:
+            if group.skip:
+                replayed = self._replay(group, h.index_select(0, group.rows), rows_of(e, group.rows))
+                if replayed is not None:
+                    replays[group] = replayed
+        computing = [g for g in groups if g not in replays]
+        if len(computing) == len(groups):  # every row runs: in the batch's own order
+            out_h, out_e = self._run(h, args, kwargs)
+            for group in computing:
+                self._record(group, group.rows, h, e, out_h, out_e)
+            return out_h, out_e
+        out_h = torch.empty_like(h)
+        out_e = torch.empty_like(e) if self._returns_encoder(e) else e
+        if computing:
+            self._run_rows(computing, h, args, kwargs, out_h, out_e)
+        for group, (replay_h, replay_e) in replays.items():
+            out_h.index_copy_(0, group.rows, replay_h)
+            if self._returns_encoder(e):
+                out_e.index_copy_(0, group.rows, replay_e)
+        return out_h, out_e
 
-    def _replay(self, h: torch.Tensor, e: torch.Tensor | None):
-        forecast_h, forecast_e = self._hook.residuals.get(self.attr, (None, None))
+    def _run_rows(self, computing: list[RowGroup], h: torch.Tensor, args: tuple, kwargs: dict,
+                  out_h: torch.Tensor, out_e: torch.Tensor | None) -> None:
+        """Run the blocks on the computing groups' rows only; write them into `out_h`/`out_e`."""
+        rows = torch.cat([g.rows for g in computing])
+        sub_args, sub_kwargs = args_rows(args, kwargs, rows, h.shape[0])
+        sub_h, sub_e = h.index_select(0, rows), (sub_args[0] if self.io.takes_encoder else None)
+        run_h, run_e = self._run(sub_h, sub_args, sub_kwargs)
+        start = 0
+        for group in computing:
+            local = torch.arange(start, start + len(group.rows), device=rows.device)
+            self._record(group, local, sub_h, sub_e, run_h, run_e)
+            start += len(group.rows)
+        out_h.index_copy_(0, rows, run_h)
+        if self._returns_encoder(sub_e):
+            out_e.index_copy_(0, rows, run_e)
+
+    def _returns_encoder(self, e: torch.Tensor | None) -> bool:
+        return self.io.returns_encoder and e is not None
+
+    def _record(self, group: RowGroup, rows: torch.Tensor | None, h_in, e_in, h_out, e_out) -> None:
+        """Store what the blocks added to `group`'s rows (`rows` of the batch they ran on)."""
+        hook = self._hook
+        encoder = rows_of(e_out - e_in, rows) if self._returns_encoder(e_in) else None
+        group.memory.record(self.attr, group.step, hook.forecast_order, rows_of(h_out - h_in, rows), encoder)
+
+    def _run(self, h: torch.Tensor, args: tuple, kwargs: dict):
+        return run_blocks(self._blocks, self.io, h, args, kwargs)
+
+    def _replay(self, group: RowGroup, h: torch.Tensor, e: torch.Tensor | None):
+        """`group`'s rows plus their forecast residual, or None when this list has none usable."""
+        forecast_h, forecast_e = group.memory.residuals.get(self.attr, (None, None))
         # A list that never ran in this request (or ran on other shapes) has no usable residual: it
         # runs instead.
         if forecast_h is None or forecast_h.shape != h.shape:
             return None
-        step = self._hook.step
         if forecast_e is not None:
             if e is None or forecast_e.shape != e.shape:
                 return None
-            e = e + forecast_e.predict(step)
-        return self._pack(h + forecast_h.predict(step), e)
+            e = e + forecast_e.predict(group.step)
+        return h + forecast_h.predict(group.step), e
 
     def _pack(self, h: torch.Tensor, e: torch.Tensor | None):
-        if self.io.returns == ("hidden_states",):
-            return h
-        if self.io.returns == ("hidden_states", "encoder_hidden_states"):
-            return h, e
-        return e, h
+        return pack_outputs(self.io, h, e)
 
 
 class TeaCacheHook:
-    """Replaces `transformer.forward` until `remove()`; `reset()` forgets everything cached."""
+    """Replaces `transformer.forward` until `remove()`; `reset()` forgets everything cached.
+
+    Alone, a request's counter is `counter` and its memory `memory`. Under step batching the backend
+    sets `step_groups` (each running request's rows, counter and memory) before each step's call.
+    """
 
     def __init__(
         self,
@@ -196,28 +285,17 @@ class TeaCacheHook:
             lst.attr: nn.ModuleList([TeaCacheBlocks(self, i, lst)]) for i, lst in enumerate(block_lists)
         }
         self._original_forward: Callable | None = None
+        self.step_groups: list[RowGroup] | None = None
+        self.groups: list[RowGroup] = []  # the current call's
         self.reset()
 
     def reset(self) -> None:
-        self.previous_input: torch.Tensor | None = None
-        self.accumulated: torch.Tensor | None = None
-        # Block list -> forecasts of what it adds to the hidden and the encoder stream.
-        self.residuals: dict[str, tuple[ResidualForecast, ResidualForecast | None]] = {}
-        self.step = 0
-        self.skip = False
-        self.continuous_cached_steps = 0
+        """Forget the request run alone (the step-batched requests' memories are the backend's)."""
+        self.memory = TeaCacheMemory()
 
-    def record_residuals(self, attr: str, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
-        """What block list `attr` added on this computed step, for the skipped steps to come."""
-        forecast_h, forecast_e = self.residuals.get(attr, (None, None))
-        forecast_h = forecast_h or ResidualForecast(self.forecast_order)
-        forecast_h.update(self.step, hidden)
-        if encoder is None:
-            forecast_e = None
-        else:
-            forecast_e = forecast_e or ResidualForecast(self.forecast_order)
-            forecast_e.update(self.step, encoder)
-        self.residuals[attr] = (forecast_h, forecast_e)
+    @property
+    def previous_input(self) -> torch.Tensor | None:
+        return self.memory.previous_input
 
     def install(self) -> None:
         self._had_instance_forward = "forward" in self.transformer.__dict__
@@ -235,8 +313,10 @@ class TeaCacheHook:
         self.reset()
 
     def forward(self, *args: Any, **kwargs: Any):
-        self.step = self.counter.begin_step()
-        self.skip = False
+        self.groups = self.step_groups or [RowGroup(self.counter, self.memory)]
+        for group in self.groups:
+            group.step = group.counter.begin_step()
+            group.skip = False
         originals = {attr: getattr(self.transformer, attr) for attr in self.wrappers}
         try:
             for attr, wrapper in self.wrappers.items():
@@ -246,18 +326,28 @@ class TeaCacheHook:
             for attr, blocks in originals.items():
                 setattr(self.transformer, attr, blocks)
 
-    def decide(self, first_block: nn.Module, *args: Any, **kwargs: Any) -> None:
-        """Called by the first block list, with the first block's inputs: sets `skip` for this step."""
+    def decide(self, first_block: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Called by the first block list, with the first block's inputs: sets each group's `skip`."""
+        self._check_rows(hidden_states.shape[0])
         if self.rel_l1_thresh <= 0:  # never skips, so needs no signal
-            self.skip = False
             return
-        modulated = self._modulated_input_of(first_block, *args, **kwargs)
-        self.skip = not self._must_compute(modulated)
-        if self.skip:
-            self.counter.cached_steps.append(self.step)
-            self.continuous_cached_steps += 1
-        else:
-            self.continuous_cached_steps = 0
+        modulated = self._modulated_input_of(first_block, hidden_states, *args, **kwargs)
+        inputs = [modulated if g.rows is None else modulated.index_select(0, g.rows) for g in self.groups]
+        for group, compute in zip(self.groups, self._must_compute(inputs)):
+            group.skip = not compute
+            if group.skip:
+                group.counter.cached_steps.append(group.step)
+                group.memory.continuous_cached_steps += 1
+            else:
+                group.memory.continuous_cached_steps = 0
+
+    def _check_rows(self, batch: int) -> None:
+        expected = sum(len(g.rows) for g in self.groups if g.rows is not None)
+        if self.step_groups is not None and batch != expected:
+            raise RuntimeError(
+                f"TeaCache expected the {expected} rows of the running requests in one transformer call, got "
+                f"{batch}: under batching='step' both CFG branches of every request must run in one call"
+            )
 
     def _modulated_input_of(self, block: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not (hasattr(block, "unshard") and hasattr(block, "reshard")):
@@ -270,24 +360,34 @@ class TeaCacheHook:
         finally:
             block.reshard()
 
-    def _must_compute(self, modulated: torch.Tensor) -> bool:
-        previous, self.previous_input = self.previous_input, modulated
-        always_runs = (
-            self.step < self.warmup_steps
-            or self.step == self.counter.last_step
-            or self.continuous_cached_steps == self.max_continuous_cached_steps
-        )
-        if previous is None or previous.shape != modulated.shape or always_runs:
-            self.accumulated = torch.zeros(modulated.shape[0], device=modulated.device, dtype=torch.float32)
-            return True
-        self.accumulated = self.accumulated + rescale(relative_l1_distance(previous, modulated), self.coefficients)
-        # Written as "not below" so that a NaN distance (an all-zero previous input) computes.
-        rows_due = (~(self.accumulated < self.rel_l1_thresh)).any().to(torch.float32)
+    def _must_compute(self, inputs: list[torch.Tensor]) -> list[bool]:
+        """Per group (with its rows' modulated input): whether its rows run the blocks this step."""
+        compute = [True] * len(self.groups)
+        due: dict[int, torch.Tensor] = {}  # group index -> whether any of its rows reached the threshold
+        for i, (group, modulated) in enumerate(zip(self.groups, inputs)):
+            memory = group.memory
+            previous, memory.previous_input = memory.previous_input, modulated
+            always_runs = (
+                group.step < self.warmup_steps
+                or group.step == group.counter.last_step
+                or memory.continuous_cached_steps == self.max_continuous_cached_steps
+            )
+            if previous is None or previous.shape != modulated.shape or always_runs:
+                memory.accumulated = torch.zeros(modulated.shape[0], device=modulated.device, dtype=torch.float32)
+                continue
+            memory.accumulated = memory.accumulated + rescale(relative_l1_distance(previous, modulated),
+                                                              self.coefficients)
+            # Written as "not below" so that a NaN distance (an all-zero previous input) computes.
+            due[i] = (~(memory.accumulated < self.rel_l1_thresh)).any()
+        if not due:
+            return compute
+        rows_due = torch.stack(list(due.values())).to(torch.float32)
         # Every rank of the world group runs this request (a data-parallel replica is a process group
         # of its own): summing over the world gives all ranks one decision.
         get_world_group().all_reduce(rows_due)
-        # The one host sync of a step: whether it runs the transformer blocks.
-        compute = rows_due.item() > 0
-        if compute:
-            self.accumulated.zero_()
+        # The one host sync of a step: which requests run the transformer blocks.
+        for i, flag in zip(due, rows_due.tolist()):
+            compute[i] = flag > 0
+            if compute[i]:
+                self.groups[i].memory.accumulated.zero_()
         return compute
