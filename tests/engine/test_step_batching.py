@@ -164,8 +164,13 @@ def test_flux_staggered_true_cfg_and_guidance_equal_alone(flux):
 def test_refused_configurations(tiny_checkpoint):
     with pytest.raises(ValueError, match="batching must be one of request, step"):
         OmniDiffusionConfig(model="x", batching="token")
-    with pytest.raises(ValueError, match="runs on one device only"):
-        OmniDiffusionConfig(model="x", batching="step", parallel_config={"cfg_parallel_size": 2})
+    for parallel in ({"cfg_parallel_size": 2}, {"data_parallel_size": 2}):  # the group steps as one
+        OmniDiffusionConfig(model="x", batching="step", parallel_config=parallel)
+    for key, value, message in (("step_max_batch_tokens", 0, "step_max_batch_tokens must be a positive integer"),
+                                ("step_latency_target_ms", -5, "step_latency_target_ms must be a positive number"),
+                                ("step_preemption", "yes", "step_preemption must be a bool")):
+        with pytest.raises(ValueError, match=message):
+            OmniDiffusionConfig(model="x", batching="step", **{key: value})
     with pytest.raises(ValueError, match="not supported by StableDiffusion3Pipeline; it is by FluxPipeline"):
         Omni(tiny_checkpoint("sd3"), dtype="float32", device="cpu", batching="step")
 
@@ -183,14 +188,3 @@ def test_a_failed_step_answers_its_batch_and_the_next_requests_run(demo, monkeyp
     later = _request(demo, "a blue square", 3, steps=2, guidance_scale=1.0)
     batcher.add(later)
     assert [out.error for out in batcher.run_all()] == [None]
-
-
-def test_the_server_engine_refuses_step_batching(demo):
-    from diffserve.engine.async_engine import AsyncDiffusionEngine
-
-    server = AsyncDiffusionEngine(demo, max_queue=None, batch_wait_ms=0, step_timeout_s=None)
-    server.wait_until_all_loaded()
-    try:
-        assert "runs batching='request' only" in str(server.load_exception)
-    finally:
-        server.shutdown()
