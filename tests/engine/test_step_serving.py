@@ -237,6 +237,8 @@ def test_step_times_predict_unmeasured_sizes_from_measured_ones():
 
 
 def test_data_parallel_replicas_each_run_their_own_step_batch(demo_path):
+    """Four requests, batches of two: one replica takes two, and the other two go to the idle replica
+    (a busy replica takes nothing while another idles), each stepping its own batch."""
     def build():
         return DiffusionEngine(OmniDiffusionConfig.from_kwargs(
             demo_path, dtype="float32", device="cpu", batching="step", max_batch_size=2, disable_progress_bar=True))
@@ -245,9 +247,22 @@ def test_data_parallel_replicas_each_run_their_own_step_batch(demo_path):
     server = AsyncDiffusionEngine(engines, max_queue=None, batch_wait_ms=0, step_timeout_s=None)
     try:
         requests = [_request(engines[0], "a red circle", i, steps=2, guidance_scale=1.0) for i in range(4)]
+        until(lambda: all(replica.idle_since is not None for replica in server.replicas))  # both wait for work
         outputs = server.run_all(requests)
     finally:
         server.shutdown()
     replicas = [out.metrics["replica"] for out in outputs]
     assert replicas[0] == replicas[1] != replicas[2] == replicas[3]
     assert [out.metrics["step_batch_occupancy"] for out in outputs] == [[2, 2]] * 4
+
+
+def test_a_failed_step_fails_its_requests_and_the_replica_serves_on(demo_path, monkeypatch):
+    with serving(demo_path, max_batch_size=4) as (engine, server):
+        transformer = engine.executor.worker.pipeline.transformer
+        monkeypatch.setattr(transformer, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        broken = server.run_all([_request(engine, "a red circle", i, steps=2, guidance_scale=1.0) for i in (1, 2)])
+        monkeypatch.undo()
+        later = server.run_all([_request(engine, "a blue square", 3, steps=2, guidance_scale=1.0)])
+        status = server.status
+    assert [(out.error_type, "boom" in out.error) for out in broken] == [("internal", True)] * 2
+    assert later[0].error is None and status == "ready"
