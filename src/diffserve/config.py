@@ -311,14 +311,12 @@ class OmniDiffusionConfig:
         self._check_memory_options()
 
     def _check_batching(self) -> None:
+        # batching="step" takes step caches (they keep a state per request) and parallel groups (every
+        # rank gets the same step calls, so the group steps as one): docs/step_batching.md.
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
         _check_positive_int("step_max_wait", self.step_max_wait)
         self._check_step_caps()
-        if self.batching != "step":
-            return
-        # Step caches keep a state per request (docs/step_batching.md). Several ranks are fine: every
-        # rank gets the same step calls, so the group steps as one.
 
     def _check_step_caps(self) -> None:
         if not isinstance(self.step_preemption, bool):
