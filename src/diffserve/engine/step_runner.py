@@ -107,4 +107,3 @@ def _publish(engine: "AsyncDiffusionEngine", replica: "Replica", batcher: StepBa
             # A dead group takes no more work; _recover decides what happens to it.
             healthy = replica.engine.is_healthy()
             replica.status = "recovering" if not healthy else "busy" if batcher.busy else "ready"
-        engine._cond.notify_all()
