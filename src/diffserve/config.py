@@ -244,6 +244,16 @@ class OmniDiffusionConfig:
     # batching="step": steps a waiting request that cannot join the running batch lets pass before the
     # batch stops admitting and drains, so that request starts next.
     step_max_wait: int = 8
+    # batching="step": when that fairness rule fires, park the running requests (their denoising states
+    # stay on the device) and start the waiting one at once, instead of draining the batch first.
+    step_preemption: bool = False
+    # batching="step": a request joins the running batch only while the batch's activation tokens
+    # (samples x latent tokens x CFG branches, diffserve.engine.cost.activation_tokens) stay within this.
+    # None: only max_batch_size bounds the batch.
+    step_max_batch_tokens: int | None = None
+    # batching="step": a request joins only while the batch's measured step time with it stays within
+    # this many milliseconds. None: no latency cap.
+    step_latency_target_ms: float | None = None
     disable_progress_bar: bool = ENV_DISABLE_PROGRESS_BAR
     # Where start_profile()/stop_profile() write traces; None: ./diffserve_profiles.
     profile_dir: str | None = None
@@ -301,16 +311,22 @@ class OmniDiffusionConfig:
         self._check_memory_options()
 
     def _check_batching(self) -> None:
+        # batching="step" takes step caches (they keep a state per request) and parallel groups (every
+        # rank gets the same step calls, so the group steps as one): docs/step_batching.md.
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
         _check_positive_int("step_max_wait", self.step_max_wait)
-        if self.batching != "step":
-            return
-        # Several ranks would have to agree on the running set at every step: refused until they do.
-        # (Step caches keep a state per request: docs/step_batching.md.)
-        if self.parallel_config.world_size > 1:
-            raise ValueError("batching='step' runs on one device only (no tensor, sequence, CFG or data "
-                             "parallelism, no HSDP); use batching='request'")
+        self._check_step_caps()
+
+    def _check_step_caps(self) -> None:
+        if not isinstance(self.step_preemption, bool):
+            raise ValueError(f"step_preemption must be a bool, got {self.step_preemption!r}")
+        if self.step_max_batch_tokens is not None:
+            _check_positive_int("step_max_batch_tokens", self.step_max_batch_tokens)
+        target = self.step_latency_target_ms
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or target <= 0):
+            raise ValueError(f"step_latency_target_ms must be a positive number of milliseconds (or None), "
+                             f"got {target!r}")
 
     def _check_memory_options(self) -> None:
         for name in ("enable_cpu_offload", "enable_layerwise_offload", "vae_use_tiling", "vae_use_slicing"):

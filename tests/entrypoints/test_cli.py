@@ -104,6 +104,23 @@ def test_memory_flags_reach_the_engine_config():
                                        "layerwise_prefetch": 2, "vae_use_slicing": True, "max_gpu_memory": 23.5}
 
 
+def test_step_batching_flags_reach_the_engine_config(capsys):
+    from diffserve.config import OmniDiffusionConfig
+    from diffserve.entrypoints.cli import build_parser, engine_kwargs
+
+    flags = ["--batching", "step", "--step-max-wait", "3", "--step-preemption", "--step-max-batch-tokens", "8192",
+             "--step-latency-target-ms", "250"]
+    for command in (["generate", "x"], ["serve"]):
+        kwargs = engine_kwargs(build_parser().parse_args(command + flags))
+        assert kwargs == {"batching": "step", "step_max_wait": 3, "step_preemption": True,
+                          "step_max_batch_tokens": 8192, "step_latency_target_ms": 250.0}
+        OmniDiffusionConfig(model="x", **kwargs)  # valid
+    assert main(["serve", "--batching", "step", "--step-latency-target-ms", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "step_latency_target_ms must be a positive number of milliseconds (or None), got 0.0" in err
+    assert "Traceback" not in err
+
+
 def test_make_tiny_and_models(tmp_path, capsys):
     assert main(["make-tiny", "flux-schnell", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "model_index.json").exists()

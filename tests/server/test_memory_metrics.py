@@ -47,8 +47,8 @@ def test_a_cpu_run_reports_no_gpu_memory():
 
 
 def _replica(index, engine):
-    return SimpleNamespace(index=index, status="ready", running=[], completed_steps=0, restarts=0, healthy=True,
-                           engine=engine)
+    return SimpleNamespace(index=index, status="ready", running=[], completed_steps=0, restarts=0, preemptions=0,
+                           healthy=True, engine=engine)
 
 
 def test_each_ranks_peak_host_memory_while_loading():

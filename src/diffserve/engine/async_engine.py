@@ -10,7 +10,9 @@ goes to the least-loaded replica: one that runs nothing, and of several such the
 (light traffic alternates over the replicas). A busy replica takes nothing: requests wait in the one
 shared queue, where they can still join a batch, never behind another replica's batch. One replica
 (the default) is the same mechanism with one runner. `run_all` is the offline form (Omni with data
-parallelism): it queues a list of requests and blocks for their outputs.
+parallelism): it queues a list of requests and blocks for their outputs. With batching="step" each
+runner drives a StepBatcher instead (diffserve.engine.step_runner): queued requests join its running
+batch at the next step boundary, and each caller is answered as soon as its own request is decoded.
 
 Nothing accepted is lost or left hanging:
 - a caller that goes away leaves the queue at once; if it was running and every caller of its batch
@@ -44,6 +46,7 @@ from typing import Callable, Sequence
 from diffserve.engine.engine import DiffusionEngine, format_duration
 from diffserve.engine.errors import EngineUnavailable
 from diffserve.engine.scheduler import Batch, QueueFullError, ScheduledRequest
+from diffserve.engine.step_runner import run_steps
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
 logger = logging.getLogger(__name__)
@@ -114,6 +117,7 @@ class Replica:
         self.restart_times: list[float] = []
         self.restarts = 0
         self.completed_steps = 0
+        self.preemptions = 0  # batching="step": step boundaries where its running requests were parked
         # When it last became free to take a batch; None while it runs one (or is not waiting).
         self.idle_since: float | None = None
         self.thread: threading.Thread | None = None
@@ -160,6 +164,10 @@ class AsyncDiffusionEngine:
         # expects, so no request pays a compile stall).
         self.warmup = warmup
         self.on_batch = on_batch
+        # Under batching="step", for /metrics: the outputs answered at a step boundary, and every step
+        # run: on_step(replica index, samples, seconds).
+        self.on_outputs: Callable[[list[DiffusionOutput]], None] | None = None
+        self.on_step: Callable[[int, int, float], None] | None = None
         self.step_timeout_s = step_timeout_s
         # More than max_restarts of one replica within restart_window_s: that replica is broken for
         # good ("failed").
@@ -325,7 +333,7 @@ class AsyncDiffusionEngine:
             self.scheduler.remove(entry)
             for replica in self.replicas:
                 if entry in replica.running and all(e.cancelled for e in replica.running):
-                    replica.engine.executor.request_abort()
+                    self._stop_batch(replica)
 
     # -- the runner threads, one per replica ------------------------------------------------------
 
@@ -333,9 +341,6 @@ class AsyncDiffusionEngine:
         source, replica.source = replica.source, None
         try:
             engine = source if isinstance(source, DiffusionEngine) else source()
-            if engine.od_config.batching != "request":
-                raise ValueError(f"the async engine (the server) runs batching='request' only, not "
-                                 f"{engine.od_config.batching!r}; step batching runs offline (Omni, diffserve generate)")
             if self.warmup is not None and not isinstance(source, DiffusionEngine):
                 self.warmup(engine)
         except Exception as exc:
@@ -381,6 +386,9 @@ class AsyncDiffusionEngine:
                 self._all_loaded.set()
 
     def _loop(self, replica: Replica) -> None:
+        if replica.engine.od_config.batching == "step":
+            run_steps(self, replica)
+            return
         while True:
             batch = self._next_batch(replica)
             if batch is None:
@@ -455,14 +463,23 @@ class AsyncDiffusionEngine:
         finally:
             self._finish_batch(replica)
         elapsed = time.monotonic() - start
+        answered = self._answer(replica, list(zip(live, outputs)))
+        if self.on_batch is not None and answered:
+            self.on_batch([e.req for e, _ in answered], [out for _, out in answered], elapsed)
+
+    def _answer(self, replica: Replica, results: list[tuple[ScheduledRequest, DiffusionOutput]]
+                ) -> list[tuple[ScheduledRequest, DiffusionOutput]]:
+        """Resolve each caller with its output, except requests whose replica died under them, which go
+        back to the queue once (_may_run_again); the pairs answered."""
         replica_died = not replica.engine.is_healthy()
         answered, again = [], []
-        for entry, out in zip(live, outputs):
+        for entry, out in results:
             out.metrics["replica"] = replica.index
             if replica_died and self._may_run_again(entry, out):
                 again.append(entry)
                 continue
-            out.metrics["queue_s"] = start - entry.enqueued_at
+            if entry.handle.started_at is not None:
+                out.metrics["queue_s"] = entry.handle.started_at - entry.enqueued_at
             # A request the watchdog stopped (timeout, shutdown) reports why, not "aborted".
             self._resolve(entry, entry.handle.stop_reason or out)
             answered.append((entry, out))
@@ -472,8 +489,15 @@ class AsyncDiffusionEngine:
             with self._cond:
                 self.scheduler.requeue(again)
                 self._cond.notify_all()
-        if self.on_batch is not None and answered:
-            self.on_batch([e.req for e, _ in answered], [out for _, out in answered], elapsed)
+        return answered
+
+    @staticmethod
+    def _stop_batch(replica: Replica) -> None:
+        """Its requests are all cancelled: under batching="request" the batch stops at its next step (or
+        block). Under batching="step" the runner drops them at the next step boundary itself (an abort
+        would fail the step of requests that join meanwhile)."""
+        if replica.engine.od_config.batching == "request":
+            replica.engine.executor.request_abort()
 
     def _may_run_again(self, entry: ScheduledRequest, out: DiffusionOutput) -> bool:
         """A request whose replica died under it runs again elsewhere, once: not one that finished,
@@ -561,7 +585,7 @@ class AsyncDiffusionEngine:
                     entry.cancelled = True
                     entry.handle.stop_reason = _stopped(entry, "the server is shutting down", "unavailable")
         if all(e.cancelled for e in batch):
-            replica.engine.executor.request_abort()
+            self._stop_batch(replica)
         if self.step_timeout_s is not None and now - replica.last_progress > self.step_timeout_s:
             self._declare_wedged(replica)
 
@@ -632,7 +656,7 @@ class AsyncDiffusionEngine:
                 for entry in replica.running:
                     entry.cancelled = True
                 if replica.running:
-                    replica.engine.executor.request_abort()
+                    self._stop_batch(replica)
             self._cond.notify_all()
         deadline = time.monotonic() + 30
         for replica in self.replicas:

@@ -88,6 +88,13 @@ def latent_tokens(spec: SamplingSpec, req: OmniDiffusionRequest) -> int:
     return tokens
 
 
+def activation_tokens(spec: SamplingSpec, req: OmniDiffusionRequest) -> int:
+    """The tokens a request puts through each transformer call: its samples x latent tokens x CFG branches
+    (what a step's activation memory grows with; step batching caps a batch by it)."""
+    branches = 2 if cfg_enabled(spec, req.sampling_params) else 1
+    return latent_tokens(spec, req) * req.batch_size * branches
+
+
 def estimate_flops(spec: SamplingSpec, profile: CostProfile, req: OmniDiffusionRequest) -> float:
     sp = req.sampling_params
     sized = spec.fixed_tokens is not None or (sp.height is not None and sp.width is not None)

@@ -9,12 +9,12 @@ import time
 from typing import Callable
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.engine.admission import admit
+from diffserve.engine.admission import admit, batch_key
 from diffserve.engine.cost import CostProfile, describe_request, estimate_seconds, smaller_request_hint
 from diffserve.engine.errors import RequestAborted
 from diffserve.engine.executor import Executor, make_executor
 from diffserve.engine.scheduler import Scheduler, merge_requests, split_output
-from diffserve.engine.step_batching import StepBatcher, check_step_batching
+from diffserve.engine.step_batching import StepBatcher, check_step_batching, step_key
 from diffserve.memory import gib
 from diffserve.models.spec import SamplingSpec
 from diffserve.registry import resolve_model
@@ -82,7 +82,8 @@ class DiffusionEngine:
         return admit(self.spec, req)
 
     def make_scheduler(self, max_queue: int | None = None) -> Scheduler:
-        return Scheduler(self.spec, self.od_config.max_batch_size, max_queue)
+        key = step_key if self.od_config.batching == "step" else batch_key
+        return Scheduler(self.spec, self.od_config.max_batch_size, max_queue, key)
 
     def generate(self, requests: list[OmniDiffusionRequest]) -> list[DiffusionOutput]:
         """Admit every request (InvalidRequestError before anything runs), then run them in batches of

@@ -15,7 +15,7 @@ import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from diffserve.engine.admission import admit, batch_key
 from diffserve.models.spec import SamplingSpec
@@ -39,6 +39,8 @@ class ScheduledRequest:
     cancelled: bool = False
     # Times it was put back in the queue because the replica running it failed (see requeue).
     requeued: int = 0
+    # batching="step": steps run while it waited with a key other than the running batch's (fairness).
+    waited_steps: int = 0
 
     @property
     def num_prompts(self) -> int:
@@ -60,12 +62,16 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, spec: SamplingSpec, max_batch_size: int, max_queue: int | None = None):
+    """`key(spec, req)`: which requests may share a batch (batch_key; step batching passes its step_key)."""
+
+    def __init__(self, spec: SamplingSpec, max_batch_size: int, max_queue: int | None = None,
+                 key: Callable[[SamplingSpec, OmniDiffusionRequest], tuple] = batch_key):
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.spec = spec
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.key = key
         self._waiting: deque[ScheduledRequest] = deque()
 
     def __len__(self) -> int:
@@ -79,7 +85,7 @@ class Scheduler:
         """Queue an admitted request."""
         if self.max_queue is not None and len(self._waiting) >= self.max_queue:
             raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
-        entry = ScheduledRequest(req, batch_key(self.spec, req), handle)
+        entry = ScheduledRequest(req, self.key(self.spec, req), handle)
         self._waiting.append(entry)
         return entry
 

@@ -9,20 +9,33 @@ who runs:
   the parameters each request keeps to itself (`PER_REQUEST_PARAMS`: its step count and guidance
   scales), so requests with different step counts or scales share steps, while shapes, CFG on/off,
   text length and adapter set still match.
-- Between steps, waiting requests with the running key join in arrival order while the batch holds at
-  most `max_batch_size` prompts; finished requests leave (decoded at once).
+- Between steps, waiting requests with the running key join in arrival order while the batch stays
+  within its caps: `max_batch_size` prompts, `step_max_batch_tokens` activation tokens
+  (diffserve.engine.cost.activation_tokens) and `step_latency_target_ms` of predicted step time
+  (StepTimes: measured per step key and batch size). Finished requests leave (decoded at once);
+  requests whose callers left (`cancelled`) are dropped, their states freed.
 - Fairness: a waiting request whose key differs waits at most `step_max_wait` steps of the running
   batch; then the batch stops admitting and drains, and the next batch starts with that request's key.
-  Its wait is bounded by step_max_wait plus the longest remaining step count of the batch.
+  Its wait is bounded by step_max_wait plus the longest remaining step count of the batch. With
+  `step_preemption` the running requests are parked instead (their states stay in the worker) and
+  the waiting one starts at once: its wait is bounded by step_max_wait steps. Parked requests count
+  their waited steps like queued ones and resume, before newer requests of their key, when their key
+  runs again.
+
+The waiting requests live in a Scheduler queue: the batcher's own offline, the async engine's shared
+one when serving (each data-parallel replica's runner drives its own StepBatcher over it, under the
+engine's lock; diffserve.engine.step_runner).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from diffserve.engine.admission import batch_key
+from diffserve.engine.cost import activation_tokens
+from diffserve.engine.scheduler import ScheduledRequest
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
 # Sampling parameters each running request keeps in its own DenoiseState (its timesteps and CFG
@@ -53,58 +66,135 @@ def check_step_batching(engine) -> None:
 
 
 @dataclass(eq=False)
-class _Entry:
-    req: OmniDiffusionRequest
-    key: tuple
-    added_at: float = field(default_factory=time.perf_counter)
-    waited_steps: int = 0  # steps run while it waited with a key other than the running one
+class _Run:
+    """A started request: its queue entry, its step count and the batch sizes it ran in."""
+
+    entry: ScheduledRequest
+    total_steps: int
+    tokens: int  # activation tokens (the memory cap)
     occupancy: list[int] = field(default_factory=list)  # samples in each step it ran in
+    preemptions: int = 0
 
     @property
-    def num_prompts(self) -> int:
-        return len(self.req.prompts)
+    def request_id(self) -> str:
+        return self.entry.req.request_id
+
+
+@dataclass
+class _Plan:
+    """What one step boundary does on the worker, decided under the lock, done outside it."""
+
+    drop: list[_Run] = field(default_factory=list)
+    park: list[_Run] = field(default_factory=list)
+    resume: list[_Run] = field(default_factory=list)
+    start: list[ScheduledRequest] = field(default_factory=list)
+
+
+@dataclass
+class _Load:
+    """The prospective batch at a boundary: what the caps are checked against."""
+
+    prompts: int = 0
+    samples: int = 0
+    tokens: int = 0
+    empty: bool = True
+
+    def add(self, req: OmniDiffusionRequest, tokens: int) -> None:
+        self.prompts += len(req.prompts)
+        self.samples += req.batch_size
+        self.tokens += tokens
+        self.empty = False
+
+
+class StepTimes:
+    """Measured seconds of a step per (step key, samples), as moving averages. An unmeasured size is
+    predicted from the nearest measured one: a larger size's time (a step does not get faster with
+    more samples), else the largest smaller size's scaled linearly (batching costs at most linearly)."""
+
+    def __init__(self, weight: float = 0.3):
+        self.weight = weight  # of the newest measurement
+        self.seconds: dict[tuple, dict[int, float]] = {}
+
+    def observe(self, key: tuple, samples: int, seconds: float) -> None:
+        sizes = self.seconds.setdefault(key, {})
+        old = sizes.get(samples)
+        sizes[samples] = seconds if old is None else old + self.weight * (seconds - old)
+
+    def predict(self, key: tuple, samples: int) -> float | None:
+        """None: nothing measured for this key yet."""
+        sizes = self.seconds.get(key)
+        if not sizes:
+            return None
+        larger = [n for n in sizes if n >= samples]
+        if larger:
+            return sizes[min(larger)]
+        largest = max(sizes)
+        return sizes[largest] * samples / largest
 
 
 class StepBatcher:
     """Drives one engine's worker step by step. `add` queues admitted requests (also between steps),
-    `step` runs one step boundary and returns the requests finished by it."""
+    `step` runs one step boundary and returns the requests finished (or dropped) by it.
 
-    def __init__(self, engine):
+    `queue`: where waiting requests are (default: a queue of its own); `lock`: held while the queue and
+    its entries are read or changed (the async engine's condition); `may_take()`: whether requests may be
+    taken from the queue now (the async engine: not while another replica idles, which takes them)."""
+
+    def __init__(self, engine, queue=None, lock=None, may_take=None):
+        config = engine.od_config
         self.engine = engine
-        self.max_batch_size = engine.od_config.max_batch_size
-        self.max_wait = engine.od_config.step_max_wait
-        self.waiting: deque[_Entry] = deque()
-        self.running: dict[str, _Entry] = {}
+        self.queue = queue if queue is not None else engine.make_scheduler()
+        self.lock = lock if lock is not None else contextlib.nullcontext()
+        self.may_take = may_take or (lambda: True)
+        self.max_batch_size = config.max_batch_size
+        self.max_tokens = config.step_max_batch_tokens
+        target = config.step_latency_target_ms
+        self.latency_target_s = None if target is None else target / 1000
+        self.max_wait = config.step_max_wait
+        self.preemption = config.step_preemption
+        self.running: dict[str, _Run] = {}
+        self.parked: dict[str, _Run] = {}
         self.key: tuple | None = None  # the running batch's step key
         self.occupancy: list[int] = []  # samples per step, over all steps run
+        self.preemptions = 0  # step boundaries where the running requests were parked
+        self.step_times = StepTimes()
 
-    def add(self, req: OmniDiffusionRequest) -> None:
+    # Hooks for the async engine (diffserve.engine.step_runner); called on the runner's thread.
+    def started(self, entry: ScheduledRequest) -> None:
+        """`entry` left the queue to join the batch (called under the lock)."""
+
+    def progressed(self, entry: ScheduledRequest, done: int, total: int) -> None:
+        """`entry` finished its step `done` of `total`."""
+
+    def stepped(self, samples: int, seconds: float) -> None:
+        """A step of `samples` samples ran in `seconds`."""
+
+    def add(self, req: OmniDiffusionRequest) -> ScheduledRequest:
         """Queue a request admitted by the engine (it joins at a step boundary)."""
-        self.waiting.append(_Entry(req, step_key(self.engine.spec, req)))
+        with self.lock:
+            return self.queue.add(req)
+
+    @property
+    def busy(self) -> bool:
+        """Requests are running or parked."""
+        return bool(self.running or self.parked)
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.busy and not len(self.queue)
 
     def step(self) -> list[DiffusionOutput]:
         """Admit waiting requests, run one step of the running batch, retire the finished ones."""
-        outputs = self._admit()
-        if not self.running:
-            return outputs
-        rpc = self.engine.executor.collective_rpc
-        try:
-            samples, finished = rpc("step_run")[0]
-        except Exception as exc:  # the whole batch shared the failed call
-            rpc("step_reset")
-            failed = [self.engine.error_output(e.req, exc) for e in self.running.values()]
-            self.running.clear()
-            return outputs + failed
-        self.occupancy.append(samples)
-        for entry in self.running.values():
-            entry.occupancy.append(samples)
-        for entry in self.waiting:
-            entry.waited_steps += entry.key != self.key
-        return outputs + [self._retire(request_id, out) for request_id, out in finished]
+        return [out for _, out in self.advance()]
+
+    def advance(self) -> list[tuple[ScheduledRequest, DiffusionOutput]]:
+        """step(), with the queue entry of each output."""
+        with self.lock:
+            plan = self._plan()
+        answered = self._apply(plan)
+        if self.running:
+            answered += self._run_step()
+        return answered
 
     def run_all(self) -> list[DiffusionOutput]:
         outputs = []
@@ -112,42 +202,152 @@ class StepBatcher:
             outputs += self.step()
         return outputs
 
-    def _admit(self) -> list[DiffusionOutput]:
-        """Start waiting requests that may join now; error outputs of those whose start failed."""
+    def stop_all(self) -> list[tuple[ScheduledRequest, DiffusionOutput]]:
+        """Stop every running and parked request (shutdown); their outputs say so."""
+        runs = [*self.running.values(), *self.parked.values()]
+        self.running.clear()
+        self.parked.clear()
+        return [(run.entry, _stopped(run.entry.req)) for run in runs]
+
+    def fail_all(self, exc: Exception) -> list[tuple[ScheduledRequest, DiffusionOutput]]:
+        """Every running and parked request fails with `exc` (their worker group died: states lost)."""
+        runs = [*self.running.values(), *self.parked.values()]
+        self.running.clear()
+        self.parked.clear()
+        return [(run.entry, self.engine.error_output(run.entry.req, exc)) for run in runs]
+
+    # -- deciding, under the lock -----------------------------------------------------------------
+
+    def _plan(self) -> _Plan:
+        plan = _Plan(drop=[run for run in (*self.running.values(), *self.parked.values()) if run.entry.cancelled])
+        for run in plan.drop:
+            self.running.pop(run.request_id, None)
+            self.parked.pop(run.request_id, None)
+        if self.running and self._overdue():
+            if not self.preemption:
+                return plan  # drain: the waiting request's key runs next
+            plan.park = self._park_running()
         if not self.running:
             self.key = self._next_key()
-        elif self._draining():
-            return []
-        errors = []
-        size = sum(e.num_prompts for e in self.running.values())
-        for entry in [e for e in self.waiting if e.key == self.key]:
-            if size + entry.num_prompts > self.max_batch_size and self.running:
-                break  # arrival order within a key: nobody overtakes a request that does not fit
-            self.waiting.remove(entry)
-            try:
-                self.engine.executor.collective_rpc("step_begin", entry.req.request_id, entry.req)
-            except Exception as exc:
-                errors.append(self.engine.error_output(entry.req, exc))
-                continue
-            self.running[entry.req.request_id] = entry
-            size += entry.num_prompts
-        return errors
+        self._fill(plan)
+        return plan
+
+    def _candidates(self) -> list[ScheduledRequest]:
+        """Who may start or resume: parked requests first (they resume before newer ones), then the queue."""
+        parked = [run.entry for run in self.parked.values()]
+        if not self.may_take():
+            return parked
+        return parked + [e for e in self.queue.waiting() if not e.cancelled]
+
+    def _overdue(self) -> bool:
+        return any(e.key != self.key and e.waited_steps >= self.max_wait for e in self._candidates())
 
     def _next_key(self) -> tuple | None:
-        """The key of the request that has waited longest for another key, else the oldest's."""
-        if not self.waiting:
+        """The key of the request that has waited longest for another key, else the first candidate's."""
+        candidates = self._candidates()
+        if not candidates:
             return None
-        return max(self.waiting, key=lambda e: e.waited_steps).key  # max keeps the oldest of equals
+        return max(candidates, key=lambda e: e.waited_steps).key  # max keeps the first of equals
 
-    def _draining(self) -> bool:
-        return any(e.key != self.key and e.waited_steps >= self.max_wait for e in self.waiting)
+    def _park_running(self) -> list[_Run]:
+        parked = list(self.running.values())
+        for run in parked:
+            run.preemptions += 1
+            run.entry.waited_steps = 0
+            self.parked[run.request_id] = run
+        self.running.clear()
+        self.preemptions += 1
+        return parked
 
-    def _retire(self, request_id: str, output: DiffusionOutput) -> DiffusionOutput:
-        entry = self.running.pop(request_id)
+    def _fill(self, plan: _Plan) -> None:
+        """Resume parked requests with the running key, then take queued ones, while the caps allow."""
+        load = _Load()
+        for run in self.running.values():
+            load.add(run.entry.req, run.tokens)
+        for run in [run for run in self.parked.values() if run.entry.key == self.key]:
+            if not self._fits(load, run.entry.req, run.tokens):
+                return  # arrival order within a key: nobody overtakes a request that does not fit
+            self.running[run.request_id] = self.parked.pop(run.request_id)
+            plan.resume.append(run)
+            load.add(run.entry.req, run.tokens)
+        if not self.may_take():
+            return
+        for entry in [e for e in self.queue.waiting() if e.key == self.key and not e.cancelled]:
+            tokens = activation_tokens(self.engine.spec, entry.req)
+            if not self._fits(load, entry.req, tokens):
+                return
+            self.queue.remove(entry)
+            self.started(entry)
+            plan.start.append(entry)
+            load.add(entry.req, tokens)
+
+    def _fits(self, load: _Load, req: OmniDiffusionRequest, tokens: int) -> bool:
+        """Whether `req` may join the batch `load`: an empty batch takes anything (a request over a cap
+        runs alone), else every cap holds with it."""
+        if load.empty:
+            return True
+        if load.prompts + len(req.prompts) > self.max_batch_size:
+            return False
+        if self.max_tokens is not None and load.tokens + tokens > self.max_tokens:
+            return False
+        if self.latency_target_s is not None:
+            predicted = self.step_times.predict(self.key, load.samples + req.batch_size)
+            if predicted is not None and predicted > self.latency_target_s:
+                return False
+        return True
+
+    # -- doing, on the worker ---------------------------------------------------------------------
+
+    def _apply(self, plan: _Plan) -> list[tuple[ScheduledRequest, DiffusionOutput]]:
+        rpc = self.engine.executor.collective_rpc
+        answered = [(run.entry, _stopped(run.entry.req)) for run in plan.drop]
+        for method, runs in (("step_drop", plan.drop), ("step_park", plan.park), ("step_resume", plan.resume)):
+            if runs:
+                rpc(method, [run.request_id for run in runs])
+        for entry in plan.start:
+            try:
+                total = rpc("step_begin", entry.req.request_id, entry.req)[0]
+            except Exception as exc:
+                answered.append((entry, self.engine.error_output(entry.req, exc)))
+                continue
+            tokens = activation_tokens(self.engine.spec, entry.req)
+            self.running[entry.req.request_id] = _Run(entry, total, tokens)
+        return answered
+
+    def _run_step(self) -> list[tuple[ScheduledRequest, DiffusionOutput]]:
+        rpc = self.engine.executor.collective_rpc
+        try:
+            samples, seconds, finished = rpc("step_run")[0]
+        except Exception as exc:  # the whole batch shared the failed call
+            with contextlib.suppress(Exception):  # a dead worker group has nothing to reset
+                rpc("step_reset")
+            failed = [(run.entry, self.engine.error_output(run.entry.req, exc)) for run in self.running.values()]
+            self.running.clear()
+            return failed
+        self.occupancy.append(samples)
+        self.step_times.observe(self.key, samples, seconds)
+        for run in self.running.values():
+            run.occupancy.append(samples)
+            self.progressed(run.entry, len(run.occupancy), run.total_steps)
+        with self.lock:
+            for entry in self._candidates():
+                entry.waited_steps += entry.key != self.key
+        self.stepped(samples, seconds)
+        return [self._retire(request_id, out) for request_id, out in finished]
+
+    def _retire(self, request_id: str, output: DiffusionOutput) -> tuple[ScheduledRequest, DiffusionOutput]:
+        run = self.running.pop(request_id)
+        req = run.entry.req
         output.request_id = request_id
-        output.prompt = entry.req.prompts[0].prompt if len(entry.req.prompts) == 1 else None
-        output.seed = entry.req.prompts[0].seed if len(entry.req.prompts) == 1 else None
-        output.metrics["e2e_s"] = time.perf_counter() - entry.added_at
-        output.metrics["step_batch_occupancy"] = entry.occupancy
-        output.metrics["mean_step_batch_occupancy"] = sum(entry.occupancy) / len(entry.occupancy)
-        return output
+        output.prompt = req.prompts[0].prompt if len(req.prompts) == 1 else None
+        output.seed = req.prompts[0].seed if len(req.prompts) == 1 else None
+        output.metrics["e2e_s"] = time.monotonic() - run.entry.enqueued_at
+        output.metrics["step_batch_occupancy"] = run.occupancy
+        output.metrics["mean_step_batch_occupancy"] = sum(run.occupancy) / len(run.occupancy)
+        output.metrics["step_batch_preemptions"] = run.preemptions
+        return run.entry, output
+
+
+def _stopped(req: OmniDiffusionRequest) -> DiffusionOutput:
+    """The output of a request dropped at a step boundary (its caller left, or the engine stops)."""
+    return DiffusionOutput(request_id=req.request_id, error="the request was stopped", error_type="aborted")

@@ -97,6 +97,7 @@ class DiffusionWorker:
         self._profiler: torch.profiler.profile | None = None
         # batching="step": the running requests by id, each between the pipeline's begin and finish.
         self._running: dict[str, PipelineRun] = {}
+        self._parked: dict[str, PipelineRun] = {}  # preempted at a step boundary, resumed later
 
     def load_pipeline(self) -> nn.Module:
         """Load on the device; with CPU offload on the host (the offloader brings weights over as they
@@ -260,9 +261,9 @@ class DiffusionWorker:
     def supports_step_batching(self) -> bool:
         return bool(getattr(self.pipeline, "supports_step_batching", False))
 
-    def step_begin(self, request_id: str, req: OmniDiffusionRequest) -> None:
-        """Encode and prepare `req`; it runs from the next step_run on. Running requests share a
-        step key, so they share the LoRA set activated here."""
+    def step_begin(self, request_id: str, req: OmniDiffusionRequest) -> int:
+        """Encode and prepare `req`; it runs from the next step_run on; its number of steps. Running
+        requests share a step key, so they share the LoRA set activated here."""
         with self._grad_off():
             req = self._prepare_request(req)
             run = self.pipeline.begin(req)
@@ -271,17 +272,46 @@ class DiffusionWorker:
         if self.cache_backend is not None:  # its own cache state, as refresh() gives a request alone
             self.cache_backend.begin_request(request_id, req.sampling_params.num_inference_steps, run.state.scheduler)
         self._running[request_id] = run
+        return len(run.state.timesteps)
 
-    def step_run(self) -> tuple[int, list[tuple[str, DiffusionOutput]]]:
-        """One step of every running request in one transformer call. The samples stepped, and
-        (id, output) of each request that finished with this step (decoded and post-processed)."""
+    def step_run(self) -> tuple[int, float, list[tuple[str, DiffusionOutput]]]:
+        """One step of every running request in one transformer call. The samples stepped, the step's
+        seconds (decodes excluded), and (id, output) of each request that finished with this step
+        (decoded and post-processed)."""
         runs = list(self._running.items())
         states = [run.state for _, run in runs]
+        start = time.perf_counter()
         with self._grad_off():
             with self._cache_rows([rid for rid, _ in runs], states):
                 denoise_step(self.pipeline, states)
+            if self.device.type == "cuda":  # the step's time, not its launch's (the latency cap reads it)
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - start
             finished = [(rid, self._finish(rid)) for rid, run in runs if run.state.done]
-        return sum(run.state.num_samples for _, run in runs), finished
+        return sum(run.state.num_samples for _, run in runs), seconds, finished
+
+    def step_park(self, request_ids: list[str]) -> None:
+        """Take running requests out of the steps, keeping their states (preemption at a step boundary)."""
+        for rid in request_ids:
+            self._parked[rid] = self._running.pop(rid)
+
+    def step_resume(self, request_ids: list[str]) -> None:
+        """Parked requests step again from where they stopped, with their adapters active again (another
+        step key, with other adapters, may have run meanwhile)."""
+        for rid in request_ids:
+            run = self._running[rid] = self._parked.pop(rid)
+            if self.lora is not None:
+                self.lora.activate(run.req.sampling_params.lora)
+
+    def step_drop(self, request_ids: list[str]) -> None:
+        """Forget running or parked requests (their callers left): their states are freed."""
+        for rid in request_ids:
+            if self._running.pop(rid, None) or self._parked.pop(rid, None):
+                self._drop_cache_state(rid)
+
+    def _drop_cache_state(self, request_id: str) -> None:
+        if self.cache_backend is not None:
+            self.cache_backend.finish_request(request_id)  # its metrics go nowhere: nobody waits for them
 
     @contextlib.contextmanager
     def _cache_rows(self, request_ids: list[str], states):
@@ -304,10 +334,11 @@ class DiffusionWorker:
         return output
 
     def step_reset(self) -> None:
-        """Drop every running request (a step failed: its requests are answered with the error)."""
+        """Drop every running request (a step failed: its requests are answered with the error); parked
+        ones were not in the failed call and stay."""
+        for rid in self._running:
+            self._drop_cache_state(rid)
         self._running.clear()
-        if self.cache_backend is not None:
-            self.cache_backend.drop_requests()
 
     def cost_profile(self) -> CostProfile:
         """What the engine needs to estimate a request's work (see diffserve.engine.cost)."""

@@ -55,6 +55,21 @@ ENGINE_SWITCHES: list[tuple[str, str, str]] = [
     ("--enable-layerwise-offload", "enable_layerwise_offload",
      "layerwise CPU offload: transformer blocks stream through the GPU a few at a time"),
     ("--disable-progress-bar", "disable_progress_bar", "no progress bar"),
+    ("--step-preemption", "step_preemption",
+     "with --batching step: when a request of another shape or CFG mode has waited --step-max-wait steps, park "
+     "the running requests (their states kept) and start it at once, instead of draining the batch first"),
+]
+# Step-level batching (docs/step_batching.md), in a group of their own; --step-preemption is a switch above.
+BATCHING_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--step-max-wait", "step_max_wait", int,
+     "with --batching step: steps a request of another shape or CFG mode waits before the running batch stops "
+     "admitting (default 8)"),
+    ("--step-max-batch-tokens", "step_max_batch_tokens", int,
+     "with --batching step: a request joins the running batch only while its activation tokens (samples x "
+     "latent tokens x CFG branches) stay within this (default: no cap but --max-batch-size)"),
+    ("--step-latency-target-ms", "step_latency_target_ms", float,
+     "with --batching step: a request joins only while the batch's measured step time with it stays within "
+     "this (default: no cap)"),
 ]
 
 
@@ -103,11 +118,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "by name (docs/lora.md)")
     for flag, _, help_text in ENGINE_SWITCHES:
         group.add_argument(flag, action="store_true", default=None, help=help_text)
+    step = parser.add_argument_group("batching (docs/step_batching.md)")
+    step.add_argument("--batching", choices=("request", "step"), default=None,
+                      help="request (default): a batch runs from its first step to its last; step: requests join "
+                           "and leave a running batch between denoise steps (the models docs/step_batching.md "
+                           "lists; step caches keep a state per request)")
+    for flag, _, typ, help_text in BATCHING_FLAGS:
+        step.add_argument(flag, type=typ, default=None, help=help_text)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Only the flags the user gave: everything else keeps the config's default."""
-    keys = [key for _, key, _, _ in ENGINE_FLAGS] + [key for _, key, _ in ENGINE_SWITCHES] + ["cache_config"]
+    keys = ([key for _, key, _, _ in ENGINE_FLAGS + BATCHING_FLAGS] + [key for _, key, _ in ENGINE_SWITCHES]
+            + ["cache_config", "batching"])
     kwargs = {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
     if getattr(args, "lora_modules", None) is not None:
         kwargs["lora_modules"] = pairs_to_dict(args.lora_modules, "--lora-modules")
@@ -186,8 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     from diffserve.media import check_output_path
 
-    batching = {key: getattr(args, key) for key in ("batching", "step_max_wait") if getattr(args, key) is not None}
-    with Omni(args.model, **engine_kwargs(args), **batching) as omni:
+    with Omni(args.model, **engine_kwargs(args)) as omni:
         modality = omni.engine.spec.modality
         path = args.output or DEFAULT_OUTPUT[modality]
         check_output_path(path, modality)  # before the work, not after
@@ -369,14 +391,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", type=name_value(float), nargs="+", default=None, metavar="NAME=SCALE",
                      help="apply LoRA adapters loaded with --lora-modules, each at its scale")
     add_engine_args(gen)
-    step = gen.add_argument_group("batching (docs/step_batching.md)")
-    step.add_argument("--batching", choices=("request", "step"), default=None,
-                      help="request (default): a batch runs from its first step to its last; step: requests join "
-                           "and leave a running batch between denoise steps (demo and FLUX text-to-image; one device; "
-                           "step caches keep a state per request)")
-    step.add_argument("--step-max-wait", type=int, default=None,
-                      help="with --batching step: steps a request of another shape or CFG mode waits before the "
-                           "running batch stops admitting and drains (default 8)")
     gen.set_defaults(func=cmd_generate)
 
     tiny = sub.add_parser(

@@ -71,6 +71,15 @@ class ServerMetrics:
             "pipeline calls; rank 0)", ["stage"], registry=self.registry,
         )
         self._peaks: dict[str, int] = {}
+        # batching="step": every step of every replica's running batch.
+        self.step_batch_samples = Histogram(
+            "diffserve_step_batch_samples", "samples in each denoise step of a step-level batch (its occupancy)",
+            ["replica"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=self.registry,
+        )
+        self.step_preemptions = Gauge(
+            "diffserve_replica_step_preemptions", "step boundaries where the replica parked its running requests "
+            "for a waiting request of another step key", ["replica"], registry=self.registry,
+        )
         self.load_peak_host = Gauge("diffserve_load_peak_host_bytes", "peak host memory of each rank while loading",
                                     ["replica", "rank"], registry=self.registry)
 
@@ -92,22 +101,33 @@ class ServerMetrics:
             self.replica_running.labels(replica=label).set(len(replica.running))
             self.replica_steps.labels(replica=label).set(replica.completed_steps)
             self.replica_restarts.labels(replica=label).set(replica.restarts)
+            self.step_preemptions.labels(replica=label).set(replica.preemptions)
             for rank, stats in enumerate(getattr(replica.engine, "load_report", None) or []):
                 self.load_peak_host.labels(replica=label, rank=str(rank)).set(stats["peak_host_bytes"])
 
     def observe_batch(self, requests, outputs, elapsed_s: float) -> None:
+        """A request-level batch (pipeline call) finished."""
         self.batch_size.observe(sum(len(r.prompts) for r in requests))
+        for out in outputs:
+            steps = out.metrics.get("num_inference_steps")
+            if out.error is None and steps and "denoise_s" in out.metrics:
+                self.step_latency.observe(out.metrics["denoise_s"] / steps)
+                break  # one batch, one step time
+        self.observe_outputs(outputs)
+
+    def observe_step(self, replica: int, samples: int, seconds: float) -> None:
+        """A step of a step-level batch ran."""
+        self.step_batch_samples.labels(replica=str(replica)).observe(samples)
+        self.step_latency.observe(seconds)
+
+    def observe_outputs(self, outputs) -> None:
+        """Requests a replica answered (of a request-level batch, or under batching="step" as each finished)."""
         for out in outputs:
             self.replica_requests.labels(replica=str(out.metrics.get("replica", 0)),
                                          outcome="ok" if out.error is None else "error").inc()
         for out in outputs:
             if "queue_s" in out.metrics:
                 self.queue_wait.observe(out.metrics["queue_s"])
-        for out in outputs:
-            steps = out.metrics.get("num_inference_steps")
-            if out.error is None and steps and "denoise_s" in out.metrics:
-                self.step_latency.observe(out.metrics["denoise_s"] / steps)
-                break  # one batch, one step time
         self.observe_gpu_memory(next((out.metrics for out in outputs if out.error is None), {}))
 
     def observe_gpu_memory(self, metrics: dict) -> None:

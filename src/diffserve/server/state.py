@@ -65,6 +65,8 @@ class ServerState:
         self.background: set[asyncio.Task] = set()
         self.job_tasks: dict[str, asyncio.Task] = {}
         engine.on_batch = self.metrics.observe_batch
+        engine.on_outputs = self.metrics.observe_outputs
+        engine.on_step = self.metrics.observe_step
 
     @property
     def status(self) -> str:
