@@ -106,3 +106,72 @@ def test_inputs_on_another_device_are_moved():
     args = (cache, {"idx": [0]})
     same = move_to_device(args, torch.device("cpu"))
     assert same is args and same[0] is cache
+
+
+def _record_runs(pipeline, moves, dits=("transformer",)):
+    """Each block of the denoisers adds ("run", its name) to `moves` as it starts, after the offloader's
+    own hooks (which are prepended)."""
+    for dit in dits:
+        for i, block in enumerate(getattr(pipeline, dit).blocks):
+            block.register_forward_pre_hook(lambda m, args, name=f"{dit}.blocks.{i}": moves.append(("run", name)))
+
+
+def test_the_first_call_streams_each_block_waits_for_its_own_copy_only():
+    pipeline = ToyPipeline(depth=4)
+    offloader, moves = _offload(pipeline)
+    _record_runs(pipeline, moves)
+    pipeline.text_encoder(ids())
+    moves.clear()
+    x = torch.randn(2, 8)
+    pipeline.transformer(x)
+    blocks = [f"transformer.blocks.{i}" for i in range(4)]
+    assert moves == [
+        ("release", "text_encoder"),
+        # Every copy is issued at once, in call order (on a GPU: queued on the side stream) ...
+        ("load", "transformer"), *[("load", b) for b in blocks],
+        # ... and the compute waits for the rest and the first block (a step cache reads its weights
+        # before it runs), then for each other block just before it runs: block i computes while
+        # blocks after it are still being copied.
+        ("wait", "transformer"), ("wait", blocks[0]), ("run", blocks[0]),
+        ("wait", blocks[1]), ("run", blocks[1]),
+        ("wait", blocks[2]), ("run", blocks[2]),
+        ("wait", blocks[3]), ("run", blocks[3]),
+    ]
+    # The blocks stay: later calls copy nothing and wait for nothing.
+    moves.clear()
+    for _ in range(2):
+        pipeline.transformer(x)
+    assert moves == [("run", b) for b in blocks] * 2
+    assert all(offloader.is_resident(b) for b in pipeline.transformer.blocks)
+
+
+def test_a_block_a_cache_skips_in_the_first_call_waits_when_it_first_runs():
+    pipeline = ToyPipeline(depth=4)
+    offloader, moves = _offload(pipeline)
+    _record_runs(pipeline, moves)
+    x = torch.randn(2, 8)
+    pipeline.transformer.skip = {1, 2}
+    pipeline.transformer(x)
+    pipeline.transformer.skip = set()
+    moves.clear()
+    pipeline.transformer(x)
+    blocks = [f"transformer.blocks.{i}" for i in range(4)]
+    assert moves == [("run", blocks[0]), ("wait", blocks[1]), ("run", blocks[1]),
+                     ("wait", blocks[2]), ("run", blocks[2]), ("run", blocks[3])]
+
+
+def test_each_expert_streams_on_its_first_call_and_goes_at_the_decode():
+    pipeline = ToyPipeline(depth=3, experts=2)
+    offloader, moves = _offload(pipeline)
+    _record_runs(pipeline, moves, dits=("transformer", "transformer_2"))
+    pipeline(ids(), steps=4)
+    for dit, other in (("transformer", "transformer_2"), ("transformer_2", "vae")):
+        blocks = [f"{dit}.blocks.{i}" for i in range(3)]
+        first = moves.index(("load", dit))
+        calls = moves[first : moves.index(("release", dit))]
+        # One copy of each block per request, each waited for once, just before the block first runs.
+        assert [m for m in calls if m[0] == "load"] == [("load", dit), *[("load", b) for b in blocks]]
+        assert [m for m in calls if m[0] == "wait"] == [("wait", dit), *[("wait", b) for b in blocks]]
+        for b in blocks[1:]:
+            assert calls[calls.index(("wait", b)) + 1] == ("run", b)
+        assert calls.count(("run", blocks[0])) == 2  # two steps per expert, the second copying nothing

@@ -79,6 +79,16 @@ def _check_residency(pipeline, offloader):
     return ran, handles
 
 
+def _check_streamed_once(offloader, moves, ran):
+    """Model-level: each denoiser (each of Wan2.2's experts) is copied once per request, and each of its
+    blocks is waited for once, in its first call, just before it first runs (`ran` lists what ran)."""
+    blocks = [name for name in offloader.sets if "blocks." in name]
+    assert all(moves.count(("load", b)) == 1 and moves.count(("wait", b)) == 1 for b in blocks)
+    waited = [name for action, name in moves if action == "wait" and name in blocks]
+    first_runs = list(dict.fromkeys(name for name in ran if name in blocks))
+    assert waited == first_runs
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_each_mode_leaves_the_output_unchanged_and_removing_it_restores_the_model(tiny_checkpoint, arch):
     scenario = _scenario(arch)
@@ -89,11 +99,14 @@ def test_each_mode_leaves_the_output_unchanged_and_removing_it_restores_the_mode
         modules = list(worker.pipeline.modules())
         hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in modules]
         for mode, prefetch in MODES:
-            offloader = Offloader(worker.pipeline, mode, worker.device, prefetch)
+            moves = []
+            offloader = Offloader(worker.pipeline, mode, worker.device, prefetch, trace=lambda *move: moves.append(move))
             ran, handles = _check_residency(worker.pipeline, offloader)
             actual, _ = _run(omni, scenario)
             assert torch.equal(actual, expected), (mode, prefetch)
             assert any("blocks." in name for name in ran) and "encoders" in ran
+            if mode == "model":
+                _check_streamed_once(offloader, moves, ran)
             for handle in handles:
                 handle.remove()
             offloader.remove()
