@@ -240,6 +240,7 @@ def test_the_encoders_go_when_the_denoise_stage_starts(tiny_flux, mode):
         offloader.remove()
     assert torch.equal(actual, expected)
     start = moves.index(("stage", "denoise"))
-    encoders = {name for action, name in moves[:start] if action == "load"}  # the encode stage's
+    encoder_sets = {ws.name for stage in offloader.stages if stage.kind == "encoder" for ws in stage.sets}
+    encoders = {name for action, name in moves[:start] if action == "load" and name in encoder_sets}
     assert encoders and {name for action, name in moves[start + 1 : start + 1 + len(encoders)]} == encoders
     assert all(action == "release" for action, _ in moves[start + 1 : start + 1 + len(encoders)])
