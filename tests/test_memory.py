@@ -86,3 +86,20 @@ def test_load_report_per_rank(flux_omni):
     (report,) = flux_omni.engine.load_report
     assert report["load_s"] > 0
     assert 0 < report["peak_host_bytes"] <= peak_host_rss_bytes()
+
+
+def test_a_stage_waits_for_the_compute_stream_only(monkeypatch):
+    """Not for a side stream's copies for a later stage (offload fetches the next request's encoders
+    while the VAE decodes): the request ends when its own work does."""
+    synced = []
+
+    class Stream:
+        def synchronize(self):
+            synced.append("compute stream")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append("device"))
+    timer = StageTimer(torch.device("cuda", 0), FakePeak())
+    with timer.stage("decode"):
+        pass
+    assert synced == ["compute stream"] and "decode_s" in timer.timings

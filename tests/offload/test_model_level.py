@@ -25,10 +25,13 @@ def test_stages_take_turns_in_request_order():
     pipeline(ids(), steps=2)
     assert moves == [
         ("load", "text_encoder"), ("wait", "text_encoder"),
-        # The denoiser: released encoders, then its rest and blocks in call order; the compute stream
+        # While the encoders run, the denoiser's copy starts: what fits next to them within the largest
+        # stage (the denoiser's 1536 bytes): its rest (576) and first block (320), not the second.
+        ("load", "transformer"), ("load", BLOCKS[0]),
+        # The denoiser: released encoders, then the rest of its blocks in call order; the compute stream
         # waits for the rest and the first block now, for the other blocks in their own hooks.
         ("release", "text_encoder"),
-        ("load", "transformer"), *[("load", b) for b in BLOCKS],
+        *[("load", b) for b in BLOCKS[1:]],
         ("wait", "transformer"), ("wait", BLOCKS[0]), ("wait", BLOCKS[1]), ("wait", BLOCKS[2]),
         # Decoding: the denoiser goes, the VAE comes, and the next request's encoders are copied
         # during the decode (encoders + VAE are smaller than the denoiser).
@@ -38,7 +41,8 @@ def test_stages_take_turns_in_request_order():
     ]
     moves.clear()
     pipeline(ids(), steps=1)
-    assert moves[:3] == [("release", "vae"), ("wait", "text_encoder"), ("release", "text_encoder")]
+    assert moves[:5] == [("release", "vae"), ("wait", "text_encoder"), ("load", "transformer"), ("load", BLOCKS[0]),
+                         ("release", "text_encoder")]
 
 
 def test_each_component_is_on_the_device_when_it_runs_and_alone():
@@ -51,8 +55,10 @@ def test_each_component_is_on_the_device_when_it_runs_and_alone():
     def check(name):
         def hook(module, args):
             resident = sorted(n for n, m in components.items() if offloader.is_resident(m))
-            # Wan2.2's experts one at a time; while decoding, the next request's encoders arrive.
-            assert resident == (["text_encoder", "vae"] if name == "vae" else [name]), (name, resident)
+            # Wan2.2's experts one at a time; while encoding, the first expert's copy starts; while
+            # decoding, the next request's encoders arrive.
+            expected = {"vae": ["text_encoder", "vae"], "text_encoder": ["text_encoder", "transformer"]}
+            assert resident == expected.get(name, [name]), (name, resident)
             for block in getattr(module, "blocks", []):
                 assert offloader.is_resident(block)
             ran.append(name)
@@ -74,7 +80,24 @@ def test_a_vae_encode_during_encoding_does_not_prefetch():
     assert len(vae_loads) == 2  # encode, then decode after the denoiser
     first_vae, second_vae = vae_loads
     assert ("load", "text_encoder") not in moves[first_vae:second_vae]
+    # The denoiser's first sets, copied while the text encoder ran, stay: they fit next to the VAE.
+    assert moves.index(("load", "transformer")) < first_vae
+    assert moves.count(("load", "transformer")) == 1
     assert moves[-1] == ("load", "text_encoder")
+
+
+def test_a_vae_encode_lets_the_denoisers_first_sets_go_when_they_do_not_fit_next_to_it():
+    reference = ToyPipeline(depth=3)(ids(), steps=1, image=torch.ones(2, 3))
+    pipeline = ToyPipeline(depth=3)
+    pipeline.vae.register_buffer("padding", torch.zeros(200))  # 1036 bytes with the rest of the VAE
+    offloader, moves = _offload(pipeline)
+    assert torch.equal(pipeline(ids(), steps=1, image=torch.ones(2, 3)), reference)
+    # The rest and first block (896 bytes) came while the text encoder ran, went for the VAE (896 + 1036
+    # > 1536, the largest stage), and came again for the denoiser.
+    first_vae = moves.index(("load", "vae"))
+    released = [name for action, name in moves[:first_vae] if action == "release"]
+    assert released == ["text_encoder", "transformer", BLOCKS[0]]
+    assert moves.count(("load", "transformer")) == 2
 
 
 def test_no_prefetch_when_encoders_and_vae_outgrow_the_largest_stage():
@@ -106,3 +129,75 @@ def test_inputs_on_another_device_are_moved():
     args = (cache, {"idx": [0]})
     same = move_to_device(args, torch.device("cpu"))
     assert same is args and same[0] is cache
+
+
+def _record_runs(pipeline, moves, dits=("transformer",)):
+    """Each block of the denoisers adds ("run", its name) to `moves` as it starts, after the offloader's
+    own hooks (which are prepended)."""
+    for dit in dits:
+        for i, block in enumerate(getattr(pipeline, dit).blocks):
+            block.register_forward_pre_hook(lambda m, args, name=f"{dit}.blocks.{i}": moves.append(("run", name)))
+
+
+def test_the_first_call_streams_each_block_waits_for_its_own_copy_only():
+    pipeline = ToyPipeline(depth=4)
+    offloader, moves = _offload(pipeline)
+    _record_runs(pipeline, moves)
+    pipeline.text_encoder(ids())
+    x = torch.randn(2, 8)
+    pipeline.transformer(x)
+    blocks = [f"transformer.blocks.{i}" for i in range(4)]
+    assert moves == [
+        ("load", "text_encoder"), ("wait", "text_encoder"),
+        # Every copy is issued before the first call runs, in call order (on a GPU: queued on the side
+        # stream), the first ones while the encoders run (the rest, 576 bytes, and two blocks of 320
+        # fit next to their 512 within the denoiser's 1856) ...
+        ("load", "transformer"), ("load", blocks[0]), ("load", blocks[1]),
+        ("release", "text_encoder"),
+        ("load", blocks[2]), ("load", blocks[3]),
+        # ... and the compute waits for the rest and the first block (a step cache reads its weights
+        # before it runs), then for each other block just before it runs: block i computes while
+        # blocks after it are still being copied.
+        ("wait", "transformer"), ("wait", blocks[0]), ("run", blocks[0]),
+        ("wait", blocks[1]), ("run", blocks[1]),
+        ("wait", blocks[2]), ("run", blocks[2]),
+        ("wait", blocks[3]), ("run", blocks[3]),
+    ]
+    # The blocks stay: later calls copy nothing and wait for nothing.
+    moves.clear()
+    for _ in range(2):
+        pipeline.transformer(x)
+    assert moves == [("run", b) for b in blocks] * 2
+    assert all(offloader.is_resident(b) for b in pipeline.transformer.blocks)
+
+
+def test_a_block_a_cache_skips_in_the_first_call_waits_when_it_first_runs():
+    pipeline = ToyPipeline(depth=4)
+    offloader, moves = _offload(pipeline)
+    _record_runs(pipeline, moves)
+    x = torch.randn(2, 8)
+    pipeline.transformer.skip = {1, 2}
+    pipeline.transformer(x)
+    pipeline.transformer.skip = set()
+    moves.clear()
+    pipeline.transformer(x)
+    blocks = [f"transformer.blocks.{i}" for i in range(4)]
+    assert moves == [("run", blocks[0]), ("wait", blocks[1]), ("run", blocks[1]),
+                     ("wait", blocks[2]), ("run", blocks[2]), ("run", blocks[3])]
+
+
+def test_each_expert_streams_on_its_first_call_and_goes_at_the_decode():
+    pipeline = ToyPipeline(depth=3, experts=2)
+    offloader, moves = _offload(pipeline)
+    _record_runs(pipeline, moves, dits=("transformer", "transformer_2"))
+    pipeline(ids(), steps=4)
+    for dit, other in (("transformer", "transformer_2"), ("transformer_2", "vae")):
+        blocks = [f"{dit}.blocks.{i}" for i in range(3)]
+        first = moves.index(("load", dit))
+        calls = moves[first : moves.index(("release", dit))]
+        # One copy of each block per request, each waited for once, just before the block first runs.
+        assert [m for m in calls if m[0] == "load"] == [("load", dit), *[("load", b) for b in blocks]]
+        assert [m for m in calls if m[0] == "wait"] == [("wait", dit), *[("wait", b) for b in blocks]]
+        for b in blocks[1:]:
+            assert calls[calls.index(("wait", b)) + 1] == ("run", b)
+        assert calls.count(("run", blocks[0])) == 2  # two steps per expert, the second copying nothing

@@ -79,6 +79,16 @@ def _check_residency(pipeline, offloader):
     return ran, handles
 
 
+def _check_streamed_once(offloader, moves, ran):
+    """Model-level: each denoiser (each of Wan2.2's experts) is copied once per request, and each of its
+    blocks is waited for once, in its first call, just before it first runs (`ran` lists what ran)."""
+    blocks = [name for name in offloader.sets if "blocks." in name]
+    assert all(moves.count(("load", b)) == 1 and moves.count(("wait", b)) == 1 for b in blocks)
+    waited = [name for action, name in moves if action == "wait" and name in blocks]
+    first_runs = list(dict.fromkeys(name for name in ran if name in blocks))
+    assert waited == first_runs
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_each_mode_leaves_the_output_unchanged_and_removing_it_restores_the_model(tiny_checkpoint, arch):
     scenario = _scenario(arch)
@@ -89,11 +99,14 @@ def test_each_mode_leaves_the_output_unchanged_and_removing_it_restores_the_mode
         modules = list(worker.pipeline.modules())
         hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in modules]
         for mode, prefetch in MODES:
-            offloader = Offloader(worker.pipeline, mode, worker.device, prefetch)
+            moves = []
+            offloader = Offloader(worker.pipeline, mode, worker.device, prefetch, trace=lambda *move: moves.append(move))
             ran, handles = _check_residency(worker.pipeline, offloader)
             actual, _ = _run(omni, scenario)
             assert torch.equal(actual, expected), (mode, prefetch)
             assert any("blocks." in name for name in ran) and "encoders" in ran
+            if mode == "model":
+                _check_streamed_once(offloader, moves, ran)
             for handle in handles:
                 handle.remove()
             offloader.remove()
@@ -227,6 +240,7 @@ def test_the_encoders_go_when_the_denoise_stage_starts(tiny_flux, mode):
         offloader.remove()
     assert torch.equal(actual, expected)
     start = moves.index(("stage", "denoise"))
-    encoders = {name for action, name in moves[:start] if action == "load"}  # the encode stage's
+    encoder_sets = {ws.name for stage in offloader.stages if stage.kind == "encoder" for ws in stage.sets}
+    encoders = {name for action, name in moves[:start] if action == "load" and name in encoder_sets}
     assert encoders and {name for action, name in moves[start + 1 : start + 1 + len(encoders)]} == encoders
     assert all(action == "release" for action, _ in moves[start + 1 : start + 1 + len(encoders)])

@@ -37,9 +37,12 @@ class StageTimer:
             self.memory.reset()
         start = time.perf_counter()
         yield
-        # One device sync per stage (not per step) so the numbers mean GPU time, not launch time.
+        # One sync per stage (not per step) so the numbers mean GPU time, not launch time. The compute
+        # stream's only: it has waited for every copy the stage read, and a copy for a later stage on a
+        # side stream (CPU offload fetches the next request's encoders while the VAE decodes) must not
+        # hold this stage, nor the request, up.
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
         self.timings[f"{name}_s"] = time.perf_counter() - start
         if self.memory is not None:
             stage_peak = self.memory.peak()

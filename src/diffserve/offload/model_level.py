@@ -9,8 +9,12 @@ execution device, since a pipeline may read a component's device while the compo
 
 Copies overlap with compute where the next use is known:
 - a denoiser is copied in call order, the rest of it first and then block by block, each with its
-  own event: the first step starts once the first block is there and computes behind the copy of the
-  others;
+  own event: its first call starts once the first block is there, and each block waits for its own
+  copy only, so the first step computes behind the copy of the blocks after the running one. The
+  blocks then stay until the stage is let go: later calls copy nothing;
+- while the encoders run, the first denoiser's copy starts: its rest and first blocks, as many as fit
+  next to the encoders within the largest stage (so that this never raises the weights' peak). A VAE
+  encoding an input image keeps them if they fit next to it too;
 - when a VAE starts decoding, the denoisers are done and the next request starts with the encoders:
   they are copied during the decode, provided the encoders and VAEs together are no larger than the
   largest stage (so that this never raises the peak).
@@ -71,14 +75,17 @@ class ComponentOffloader:
     def activate(self, stage: Stage, via: str = "forward") -> None:
         if self.active is stage:
             return
+        first_dit = self._first_denoiser()
         for other in self.stages:
-            if other is not stage:
+            if other is not stage and not (other is first_dit and via == "encode" and self._fits_next_to(stage)):
                 self.release(other)
         for ws in stage.sets:
             self.transfers.load(ws)
         for ws in stage.ready_sets:
             self.transfers.wait(ws)
         self.active = stage
+        if stage.kind == "encoder":
+            self.prefetch_denoiser()
         if via == "decode":
             self.prefetch_encoders()
 
@@ -96,12 +103,37 @@ class ComponentOffloader:
         if stage.streamer is not None:
             stage.streamer.release_all()
 
+    def _largest_stage_bytes(self) -> int:
+        return max(s.device_bytes for s in self.stages)
+
+    def _first_denoiser(self) -> Stage | None:
+        """The model-level denoiser that runs first (a layerwise one holds no sets of its own)."""
+        return next((s for s in self.stages if s.kind == "dit" and s.sets), None)
+
+    def _fits_next_to(self, stage: Stage) -> bool:
+        """Whether what the first denoiser has on the device fits next to `stage` within the largest stage."""
+        dit = self._first_denoiser()
+        held = sum(ws.nbytes for ws in dit.sets if ws.resident) if dit is not None else 0
+        return held + stage.device_bytes <= self._largest_stage_bytes()
+
+    def prefetch_denoiser(self) -> None:
+        """While the encoders run: the first denoiser's sets in call order, as many as fit next to them."""
+        dit = self._first_denoiser()
+        if dit is None:
+            return
+        room = self._largest_stage_bytes() - self.active.device_bytes
+        for ws in dit.sets:
+            if ws.nbytes > room:
+                break
+            room -= ws.nbytes
+            self.transfers.load(ws)
+
     def prefetch_encoders(self) -> None:
         encoders = next((s for s in self.stages if s.kind == "encoder"), None)
         if encoders is None or encoders.is_resident():
             return
         vae_bytes = sum(s.device_bytes for s in self.stages if s.kind == "vae")
-        if encoders.device_bytes + vae_bytes <= max(s.device_bytes for s in self.stages):
+        if encoders.device_bytes + vae_bytes <= self._largest_stage_bytes():
             for ws in encoders.sets:
                 self.transfers.load(ws)
 
