@@ -1,8 +1,9 @@
 """Classifier-free guidance as a pipeline mixin.
 
 The shared denoise step (diffserve.models.denoise) calls `predict_guided_noise`, for one request or
-several stacked in one batch; pipelines never branch on parallelism themselves. Every rank holds the combined prediction, so every rank steps its own
-scheduler identically. Three ways to run the two branches:
+several stacked in one batch; pipelines never branch on parallelism themselves. Every rank holds the
+combined prediction, so every rank steps its own scheduler identically. Three ways to run the two
+branches:
 
 - CFG parallel (cfg_parallel_size=2): CFG rank 0 runs the positive branch, rank 1 the negative one,
   and the predictions are exchanged with one all-gather;

@@ -38,13 +38,13 @@ from diffserve.engine.cost import activation_tokens
 from diffserve.engine.scheduler import ScheduledRequest
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
-# Sampling parameters that change only a running request's own DenoiseState (its timesteps, its CFG
-# scale per step, its conditioning tensors, whether a step runs skip-layer guidance) or its decode (the
-# audio window's crop), so they are not part of the step key. A step input that selects what the call
-# does (SD3's skip-layer guidance, Wan2.2's expert) splits a step into one call per value
-# (diffserve.models.denoise.denoise_step).
+# Sampling parameters that change only a running request's own DenoiseState (its timesteps and
+# starting latents, its CFG scale per step, its conditioning tensors, whether a step runs skip-layer
+# guidance) or its decode (the audio window's crop), so they are not part of the step key. A step
+# input that selects what the call does (SD3's skip-layer guidance, Wan2.2's expert) splits a step
+# into one call per value (diffserve.models.denoise.denoise_step).
 PER_REQUEST_PARAMS = frozenset({
-    "num_inference_steps", "guidance_scale", "guidance_scale_2", "true_cfg_scale",
+    "num_inference_steps", "strength", "guidance_scale", "guidance_scale_2", "true_cfg_scale",
     "skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop",
     "audio_start_in_s", "audio_end_in_s",
 })

@@ -134,7 +134,7 @@ def _stack_step_inputs(states: list[DenoiseState], step_inputs: list[dict[str, A
     if len(states) == 1:
         return step_inputs[0]
     return {
-        key: torch.cat([inputs[key].expand(s.num_samples, *value.shape[1:]) for s, inputs in zip(states, step_inputs)])
+        key: torch.cat([x[key].expand(s.num_samples, *value.shape[1:]) for s, x in zip(states, step_inputs)])
         if isinstance(value, torch.Tensor) else value
         for key, value in step_inputs[0].items()
     }

@@ -179,9 +179,9 @@ class StableDiffusion3Pipeline(DiffusionPipelineBase):
         # Admission lets skip_guidance_layers through only with CFG on.
         positive, negative = self.predict_cfg_branches(positive_kwargs, negative_kwargs)
         skipped = self.predict_noise(**positive_kwargs, skip_layers=slg.layers)
+        per_request = zip(positive.split(sizes), negative.split(sizes), skipped.split(sizes), scales)
         return [
-            self.combine_cfg_noise(pos, neg, scale) + (pos - skip) * slg.scale
-            for pos, neg, skip, scale in zip(positive.split(sizes), negative.split(sizes), skipped.split(sizes), scales)
+            self.combine_cfg_noise(pos, neg, scale) + (pos - skip) * slg.scale for pos, neg, skip, scale in per_request
         ]
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
