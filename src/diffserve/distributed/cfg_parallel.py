@@ -1,9 +1,9 @@
 """Classifier-free guidance as a pipeline mixin.
 
-The shared denoise step (diffserve.models.denoise) calls `predict_noise_maybe_with_cfg`, or with
-several requests in one call `predict_cfg_branches` and `combine_cfg_noise`; pipelines never branch
-on parallelism themselves. Every rank holds the combined prediction, so every rank steps its own
-scheduler identically. Three ways to run the two branches:
+The shared denoise step (diffserve.models.denoise) calls `predict_guided_noise`, for one request or
+several stacked in one batch; pipelines never branch on parallelism themselves. Every rank holds the
+combined prediction, so every rank steps its own scheduler identically. Three ways to run the two
+branches:
 
 - CFG parallel (cfg_parallel_size=2): CFG rank 0 runs the positive branch, rank 1 the negative one,
   and the predictions are exchanged with one all-gather;
@@ -35,24 +35,31 @@ class CFGParallelMixin:
     ) -> torch.Tensor:
         return negative + true_cfg_scale * (positive - negative)
 
-    def predict_noise_maybe_with_cfg(
+    def predict_guided_noise(
         self,
-        do_true_cfg: bool,
-        true_cfg_scale: float,
+        do_cfg: bool,
+        scales: list[float],
+        sizes: list[int],
         positive_kwargs: dict[str, Any],
         negative_kwargs: dict[str, Any] | None,
-    ) -> torch.Tensor:
-        if not do_true_cfg:
-            return self.predict_noise(**positive_kwargs)
+    ) -> list[torch.Tensor]:
+        """The noise prediction of each request in the batch (`sizes[i]` samples each, in order; one
+        request alone is the batch), guided with its own CFG scale `scales[i]` when `do_cfg`. CFG
+        combines elementwise, so a request's slice is what it gets alone."""
+        if not do_cfg:
+            return list(self.predict_noise(**positive_kwargs).split(sizes))
         positive, negative = self.predict_cfg_branches(positive_kwargs, negative_kwargs)
-        return self.combine_cfg_noise(positive, negative, true_cfg_scale)
+        return [
+            self.combine_cfg_noise(pos, neg, scale)
+            for pos, neg, scale in zip(positive.split(sizes), negative.split(sizes), scales)
+        ]
 
     def predict_cfg_branches(
         self, positive_kwargs: dict[str, Any], negative_kwargs: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(positive, negative) predictions, both on every rank. A guidance variant that needs the
-        branches themselves (SD3's skip-layer guidance) overrides predict_noise_maybe_with_cfg and
-        starts from here."""
+        branches themselves (SD3's skip-layer guidance) overrides predict_guided_noise and starts
+        from here."""
         cfg = get_cfg_group()
         if cfg.world_size > 1:
             mine = self.predict_noise(**(positive_kwargs if cfg.rank_in_group == 0 else negative_kwargs))

@@ -6,9 +6,9 @@ them in one transformer call with per-sample timesteps. This module decides, at 
 who runs:
 
 - Running requests share a step key: the request-level batch key (diffserve.engine.admission) without
-  the parameters each request keeps to itself (`PER_REQUEST_PARAMS`: its step count and guidance
-  scales), so requests with different step counts or scales share steps, while shapes, CFG on/off,
-  text length and adapter set still match.
+  the parameters each request keeps to itself (`PER_REQUEST_PARAMS`: its step count, guidance scales,
+  skip-layer guidance, audio window), so requests with different step counts or scales share steps,
+  while shapes, CFG on/off, text length and adapter set still match.
 - Between steps, waiting requests with the running key join in arrival order while the batch stays
   within its caps: `max_batch_size` prompts, `step_max_batch_tokens` activation tokens
   (diffserve.engine.cost.activation_tokens) and `step_latency_target_ms` of predicted step time
@@ -38,9 +38,16 @@ from diffserve.engine.cost import activation_tokens
 from diffserve.engine.scheduler import ScheduledRequest
 from diffserve.request import DiffusionOutput, OmniDiffusionRequest
 
-# Sampling parameters each running request keeps in its own DenoiseState (its timesteps and CFG
-# scale), so they are not part of the step key.
-PER_REQUEST_PARAMS = frozenset({"num_inference_steps", "guidance_scale", "true_cfg_scale"})
+# Sampling parameters that change only a running request's own DenoiseState (its timesteps and
+# starting latents, its CFG scale per step, its conditioning tensors, whether a step runs skip-layer
+# guidance) or its decode (the audio window's crop), so they are not part of the step key. A step
+# input that selects what the call does (SD3's skip-layer guidance, Wan2.2's expert) splits a step
+# into one call per value (diffserve.models.denoise.denoise_step).
+PER_REQUEST_PARAMS = frozenset({
+    "num_inference_steps", "strength", "guidance_scale", "guidance_scale_2", "true_cfg_scale",
+    "skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop",
+    "audio_start_in_s", "audio_end_in_s",
+})
 
 
 def step_key(spec, req: OmniDiffusionRequest) -> tuple:

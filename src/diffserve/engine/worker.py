@@ -275,15 +275,19 @@ class DiffusionWorker:
         return len(run.state.timesteps)
 
     def step_run(self) -> tuple[int, float, list[tuple[str, DiffusionOutput]]]:
-        """One step of every running request in one transformer call. The samples stepped, the step's
-        seconds (decodes excluded), and (id, output) of each request that finished with this step
-        (decoded and post-processed)."""
+        """One step of every running request in one transformer call (one per expert or guidance
+        variant the step needs: denoise_step). The samples stepped, the step's seconds (decodes
+        excluded), and (id, output) of each request that finished with this step (decoded and
+        post-processed)."""
         runs = list(self._running.items())
-        states = [run.state for _, run in runs]
+        request_ids, states = [rid for rid, _ in runs], [run.state for _, run in runs]
+
+        def call_scope(group: list[int]):
+            return self._cache_rows([request_ids[i] for i in group], [states[i] for i in group])
+
         start = time.perf_counter()
         with self._grad_off():
-            with self._cache_rows([rid for rid, _ in runs], states):
-                denoise_step(self.pipeline, states)
+            denoise_step(self.pipeline, states, call_scope)
             if self.device.type == "cuda":  # the step's time, not its launch's (the latency cap reads it)
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - start
@@ -315,7 +319,7 @@ class DiffusionWorker:
 
     @contextlib.contextmanager
     def _cache_rows(self, request_ids: list[str], states):
-        """Around a step's transformer call: the step cache knows whose rows the batch holds (each
+        """Around a transformer call of a step: the step cache knows whose rows the batch holds (each
         request keeps its own cache state)."""
         if self.cache_backend is None:
             yield

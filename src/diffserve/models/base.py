@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -35,11 +35,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class PipelineRun:
-    """One request between `begin` and `finish`: its denoising state and its stage timings."""
+    """One request between `begin` and `finish`: its denoising state, its stage timings, the metrics
+    its output reports that `begin` already knows, and what else `finish` needs from `begin`."""
 
     req: OmniDiffusionRequest
     state: DenoiseState
     timer: StageTimer
+    metrics: dict[str, Any] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)
 
 
 class DiffusionPipelineBase(nn.Module, CFGParallelMixin, ProgressBarMixin, SupportsComponentDiscovery):
@@ -87,6 +90,9 @@ class DiffusionPipelineBase(nn.Module, CFGParallelMixin, ProgressBarMixin, Suppo
     # `begin`, steps the states of compatible running requests together (denoise.denoise_step), and
     # `finish`es each when its steps are done.
     supports_step_batching: ClassVar[bool] = False
+    # Text inputs whose length may differ between requests stepped together, each with its attention
+    # mask input ({sequence: mask}): they are padded to the longest and masked (denoise.denoise_step).
+    step_padded_inputs: ClassVar[dict[str, str]] = {}
 
     def begin(self, req: OmniDiffusionRequest) -> PipelineRun:
         """Encode the prompts and prepare the latents, timesteps and fixed transformer inputs."""

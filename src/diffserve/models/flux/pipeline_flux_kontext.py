@@ -32,7 +32,6 @@ REFERENCE_POSITION_INDEX = 1
 class FluxKontextPipeline(FluxPipeline):
     # The reference latents have a batch dimension like the noisy ones.
     cfg_batched_inputs = FluxPipeline.cfg_batched_inputs + ("reference_latents",)
-    supports_step_batching = False  # not yet verified exact with reference latents
 
     def sampling_spec(self) -> SamplingSpec:
         flux = super().sampling_spec()

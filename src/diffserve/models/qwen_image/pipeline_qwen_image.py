@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
-from diffserve.models.denoise import denoise, flow_step_inputs
+from diffserve.models.base import DiffusionPipelineBase, PipelineRun, repeat_per_output
+from diffserve.models.denoise import DenoiseState, flow_step_inputs
 from diffserve.models.flow_match import default_sigmas, set_timesteps, shift_from_scheduler_config
 from diffserve.models.flux.pipeline_flux import pack_latents, unpack_latents
 from diffserve.models.outputs import denormalize_images, seeded_noise, vae_latent_statistics
@@ -65,6 +65,9 @@ class QwenImagePipeline(DiffusionPipelineBase):
     # Both CFG branches run as one batch when their prompt embeddings have one length (they are
     # padded to a common one, see prompt_kwargs).
     cfg_batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_mask")
+    supports_step_batching: ClassVar[bool] = True
+    # Requests stepped together pad their prompts to the longest, as the prompts of one request are.
+    step_padded_inputs: ClassVar[dict[str, str]] = {"encoder_hidden_states": "encoder_hidden_states_mask"}
 
     # The chat template the prompt is embedded in, and how many of its leading tokens (the system
     # prompt) are dropped from the embeddings, as the reference pipeline does.
@@ -207,9 +210,9 @@ class QwenImagePipeline(DiffusionPipelineBase):
         grids) or (None, None, []) without input images."""
         return None, None, []
 
-    # -- the whole call -----------------------------------------------------------------------------
+    # -- the whole call: begin + denoise (DiffusionPipelineBase.forward) + finish ------------------
 
-    def forward(self, req: OmniDiffusionRequest) -> DiffusionOutput:
+    def begin(self, req: OmniDiffusionRequest) -> PipelineRun:
         sp = req.sampling_params
         height, width, k = sp.height, sp.width, sp.num_outputs_per_prompt
         timer = self.stage_timer()
@@ -223,24 +226,26 @@ class QwenImagePipeline(DiffusionPipelineBase):
                 negative = self.encode_prompt(self.negative_prompts(req), prompt_images, sp.max_sequence_length)
             positive, negative = self.prompt_kwargs(positive, negative, k)
 
-        with timer.stage("denoise"):
+        with timer.stage("prepare"):
             latents = self.prepare_latents(req.seeds, k, height, width)
             timesteps = self.prepare_timesteps(sp.num_inference_steps, latents.shape[1])
             img_shapes = [[(1, *self.latent_grid(height, width)), *reference_shapes]] * latents.shape[0]
             positive = {**positive, "img_shapes": img_shapes}
             negative = {**negative, "img_shapes": img_shapes} if do_true_cfg else None
 
-            def step_inputs(latents: torch.Tensor, t: torch.Tensor, i: int) -> dict[str, Any]:
-                inputs = flow_step_inputs(latents, t, i)
-                if references is not None:  # reference image tokens follow the noisy image's
-                    inputs["hidden_states"] = torch.cat([latents, references], dim=1)
-                return inputs
+        def step_inputs(state: DenoiseState) -> dict[str, Any]:
+            inputs = flow_step_inputs(state)
+            if references is not None:  # reference image tokens follow the noisy image's
+                inputs["hidden_states"] = torch.cat([state.latents, references], dim=1)
+            return inputs
 
-            latents = denoise(self, latents, timesteps, positive, negative, sp.true_cfg_scale, step_inputs)
+        state = DenoiseState.build(self, latents, timesteps, positive, negative, sp.true_cfg_scale, step_inputs)
+        return PipelineRun(req, state, timer, {"num_inference_steps": sp.num_inference_steps})
 
-        metrics = {"num_inference_steps": sp.num_inference_steps}
+    def finish(self, run: PipelineRun) -> DiffusionOutput:
+        sp, timer, latents = run.req.sampling_params, run.timer, run.state.latents
         if sp.output_type == "latent":
-            return DiffusionOutput(output=latents, metrics={**timer.timings, **metrics})
+            return DiffusionOutput(output=latents, metrics={**timer.timings, **run.metrics})
         with timer.stage("decode"):
-            images = self.decode_latents(latents, height, width)
-        return DiffusionOutput(output=images, metrics={**timer.timings, **metrics})
+            images = self.decode_latents(latents, sp.height, sp.width)
+        return DiffusionOutput(output=images, metrics={**timer.timings, **run.metrics})

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
-from diffserve.models.denoise import denoise
+from diffserve.models.base import DiffusionPipelineBase, PipelineRun, repeat_per_output
+from diffserve.models.denoise import DenoiseState
 from diffserve.models.flow_match import set_timesteps, shift_from_scheduler_config
 from diffserve.models.outputs import denormalize_images, seeded_noise
 from diffserve.models.sd3.sd3_transformer import SD3Transformer2DModel, SD3TransformerConfig
@@ -29,8 +29,8 @@ from diffserve.request import DiffusionOutput, OmniDiffusionRequest, OmniDiffusi
 
 T5_MAX_LENGTH = 512  # diffusers' limit for SD3's max_sequence_length
 SLG_TUNING = ("skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop")
-# The per-step input that carries skip-layer guidance from denoise() to predict_noise_maybe_with_cfg;
-# it never reaches the transformer.
+# The per-step input that carries skip-layer guidance from the denoise step to predict_guided_noise;
+# it never reaches the transformer. Requests stepped together run one call per value of it.
 SLG_STEP_INPUT = "skip_layer_guidance"
 
 
@@ -60,6 +60,7 @@ class StableDiffusion3Pipeline(DiffusionPipelineBase):
     _encoder_modules: ClassVar[list[str]] = ["text_encoder", "text_encoder_2", "text_encoder_3"]
     _vae_modules: ClassVar[list[str]] = ["vae"]
     cfg_batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
+    supports_step_batching: ClassVar[bool] = True
 
     def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
         super().__init__(od_config=od_config, prefix=prefix)
@@ -158,17 +159,14 @@ class StableDiffusion3Pipeline(DiffusionPipelineBase):
             kwargs["mu"] = shift_from_scheduler_config(self.scheduler, (latent_h // p) * (latent_w // p))
         return set_timesteps(self.scheduler, num_inference_steps, self.device, **kwargs)
 
-    def step_inputs(self, latents: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
-        # SD3's transformer takes the scheduler's timestep as it is, in [0, 1000].
-        return {"hidden_states": latents, "timestep": t.expand(latents.shape[0])}
-
-    def predict_noise_maybe_with_cfg(
+    def predict_guided_noise(
         self,
-        do_true_cfg: bool,
-        true_cfg_scale: float,
+        do_cfg: bool,
+        scales: list[float],
+        sizes: list[int],
         positive_kwargs: dict[str, Any],
         negative_kwargs: dict[str, Any] | None,
-    ) -> torch.Tensor:
+    ) -> list[torch.Tensor]:
         """CFG, plus on the steps in its window skip-layer guidance: guided + scale * (positive -
         positive with the SLG blocks skipped). Under CFG parallel every rank holds both branches after
         the exchange, so each makes the skip-layer prediction itself (a step then costs two forwards
@@ -177,19 +175,22 @@ class StableDiffusion3Pipeline(DiffusionPipelineBase):
         positive_kwargs = _without(positive_kwargs, SLG_STEP_INPUT)
         negative_kwargs = _without(negative_kwargs, SLG_STEP_INPUT) if negative_kwargs is not None else None
         if slg is None:
-            return super().predict_noise_maybe_with_cfg(do_true_cfg, true_cfg_scale, positive_kwargs, negative_kwargs)
+            return super().predict_guided_noise(do_cfg, scales, sizes, positive_kwargs, negative_kwargs)
         # Admission lets skip_guidance_layers through only with CFG on.
         positive, negative = self.predict_cfg_branches(positive_kwargs, negative_kwargs)
         skipped = self.predict_noise(**positive_kwargs, skip_layers=slg.layers)
-        return self.combine_cfg_noise(positive, negative, true_cfg_scale) + (positive - skipped) * slg.scale
+        per_request = zip(positive.split(sizes), negative.split(sizes), skipped.split(sizes), scales)
+        return [
+            self.combine_cfg_noise(pos, neg, scale) + (pos - skip) * slg.scale for pos, neg, skip, scale in per_request
+        ]
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         return denormalize_images(self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0])
 
-    # -- the whole call -----------------------------------------------------------------------------
+    # -- the whole call: begin + denoise (DiffusionPipelineBase.forward) + finish ------------------
 
-    def forward(self, req: OmniDiffusionRequest) -> DiffusionOutput:
+    def begin(self, req: OmniDiffusionRequest) -> PipelineRun:
         sp = req.sampling_params
         k = sp.num_outputs_per_prompt
         timer = self.stage_timer()
@@ -199,7 +200,7 @@ class StableDiffusion3Pipeline(DiffusionPipelineBase):
             if do_cfg:
                 neg_embeds, neg_pooled = self.encode_prompt(self.negative_prompts(req), k, sp.max_sequence_length)
 
-        with timer.stage("denoise"):
+        with timer.stage("prepare"):
             latents = self.prepare_latents(req.seeds, k, sp.height, sp.width)
             timesteps = self.prepare_timesteps(sp.num_inference_steps, sp.height, sp.width)
             slg = SkipLayerGuidance.from_params(sp)
@@ -207,19 +208,24 @@ class StableDiffusion3Pipeline(DiffusionPipelineBase):
             slg_steps = slg.active_steps(len(timesteps)) if slg is not None else [False] * len(timesteps)
             positive = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
             negative = {"encoder_hidden_states": neg_embeds, "pooled_projections": neg_pooled} if do_cfg else None
-            latents = denoise(
-                self, latents, timesteps, positive, negative, sp.guidance_scale,
-                step_inputs=lambda latents, t, i: {
-                    **self.step_inputs(latents, t), SLG_STEP_INPUT: slg if slg_steps[i] else None
-                },
-            )
 
+        def step_inputs(state: DenoiseState) -> dict[str, Any]:
+            # SD3's transformer takes the scheduler's timestep as it is, in [0, 1000].
+            latents = state.latents
+            return {"hidden_states": latents, "timestep": state.timestep.expand(latents.shape[0]),
+                    SLG_STEP_INPUT: slg if slg_steps[state.index] else None}
+
+        state = DenoiseState.build(self, latents, timesteps, positive, negative, sp.guidance_scale, step_inputs)
         metrics = {"num_inference_steps": len(timesteps), "skip_layer_guidance_steps": sum(slg_steps)}
+        return PipelineRun(req, state, timer, metrics)
+
+    def finish(self, run: PipelineRun) -> DiffusionOutput:
+        sp, timer, latents = run.req.sampling_params, run.timer, run.state.latents
         if sp.output_type == "latent":
-            return DiffusionOutput(output=latents, metrics={**timer.timings, **metrics})
+            return DiffusionOutput(output=latents, metrics={**timer.timings, **run.metrics})
         with timer.stage("decode"):
             images = self.decode_latents(latents)
-        return DiffusionOutput(output=images, metrics={**timer.timings, **metrics})
+        return DiffusionOutput(output=images, metrics={**timer.timings, **run.metrics})
 
 
 def _without(kwargs: dict[str, Any], key: str) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import torch
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
-from diffserve.models.denoise import denoise
+from diffserve.models.base import DiffusionPipelineBase, PipelineRun, repeat_per_output
+from diffserve.models.denoise import DenoiseState
 from diffserve.models.outputs import seeded_noise
 from diffserve.models.spec import SamplingSpec
 from diffserve.models.stable_audio.stable_audio_transformer import StableAudioDiTConfig, StableAudioDiTModel
@@ -71,8 +71,9 @@ class PrecomputedNoise:
 class StableAudioPipeline(DiffusionPipelineBase):
     _encoder_modules: ClassVar[list[str]] = ["text_encoder", "projection_model"]
     _vae_modules: ClassVar[list[str]] = ["vae"]
-    # The timestep ([1], shared by the batch) is the same object in both branches.
+    # The timestep ([1], shared by a request's samples) is the same object in both branches.
     cfg_batched_inputs = ("hidden_states", "encoder_hidden_states", "global_hidden_states")
+    supports_step_batching: ClassVar[bool] = True
 
     def __init__(self, *, od_config: OmniDiffusionConfig, prefix: str = ""):
         super().__init__(od_config=od_config, prefix=prefix)
@@ -182,17 +183,27 @@ class StableAudioPipeline(DiffusionPipelineBase):
         scheduler.noise_sampler = PrecomputedNoise(scheduler, noise.to(self.device))
         return scheduler.timesteps
 
-    def step_inputs(self, latents: torch.Tensor, t: torch.Tensor, index: int) -> dict[str, Any]:
-        return {"hidden_states": self.scheduler.scale_model_input(latents, t).to(self.dtype), "timestep": t[None]}
+    def step_inputs(self, state: DenoiseState) -> dict[str, Any]:
+        # The state's own scheduler: it preconditions the latents by its current sigma.
+        latents, t = state.latents, state.timestep
+        return {"hidden_states": state.scheduler.scale_model_input(latents, t).to(self.dtype), "timestep": t[None]}
+
+    def predict_noise(self, **kwargs: Any) -> torch.Tensor:
+        # Requests stepped together bring one timestep per sample, which both CFG branches share: when
+        # the branches run as one batch, it repeats for the second.
+        timestep, batch = kwargs["timestep"], kwargs["hidden_states"].shape[0]
+        if len(timestep) not in (1, batch):
+            kwargs["timestep"] = timestep.repeat(batch // len(timestep))
+        return self.transformer(**kwargs)
 
     def decode_latents(self, latents: torch.Tensor, start: float, end: float) -> torch.Tensor:
         """Latents -> float32 waveforms [N, channels, samples] of [start, end) seconds."""
         audio = self.vae.decode(latents.to(self.vae.dtype)).sample
         return audio[:, :, int(start * self.sample_rate) : int(end * self.sample_rate)].float()
 
-    # -- the whole call -----------------------------------------------------------------------------
+    # -- the whole call: begin + denoise (DiffusionPipelineBase.forward) + finish ------------------
 
-    def forward(self, req: OmniDiffusionRequest) -> DiffusionOutput:
+    def begin(self, req: OmniDiffusionRequest) -> PipelineRun:
         sp = req.sampling_params
         k = sp.num_outputs_per_prompt
         timer = self.stage_timer()
@@ -200,15 +211,17 @@ class StableAudioPipeline(DiffusionPipelineBase):
         with timer.stage("encode"):
             positive, negative = self.encode_conditioning(req, do_cfg)
 
-        with timer.stage("denoise"):
+        with timer.stage("prepare"):
             latents = self.prepare_latents(req.seeds, k)
             timesteps = self.prepare_timesteps(sp.num_inference_steps, req.seeds, k)
-            latents = denoise(self, latents, timesteps, positive, negative, sp.guidance_scale,
-                              step_inputs=self.step_inputs)
-
+        state = DenoiseState.build(self, latents, timesteps, positive, negative, sp.guidance_scale, self.step_inputs)
         metrics = {"num_inference_steps": sp.num_inference_steps, "sample_rate": self.sample_rate}
+        return PipelineRun(req, state, timer, metrics)
+
+    def finish(self, run: PipelineRun) -> DiffusionOutput:
+        sp, timer, latents = run.req.sampling_params, run.timer, run.state.latents
         if sp.output_type == "latent":
-            return DiffusionOutput(output=latents, metrics={**timer.timings, **metrics})
+            return DiffusionOutput(output=latents, metrics={**timer.timings, **run.metrics})
         with timer.stage("decode"):
             audio = self.decode_latents(latents, sp.audio_start_in_s, sp.audio_end_in_s)
-        return DiffusionOutput(output=audio, metrics={**timer.timings, **metrics})
+        return DiffusionOutput(output=audio, metrics={**timer.timings, **run.metrics})

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import torch
 
 from diffserve.config import OmniDiffusionConfig
-from diffserve.models.base import DiffusionPipelineBase, repeat_per_output
-from diffserve.models.denoise import denoise
+from diffserve.models.base import DiffusionPipelineBase, PipelineRun, repeat_per_output
+from diffserve.models.denoise import DenoiseState
 from diffserve.models.flow_match import set_timesteps
 from diffserve.models.outputs import denormalize_images, seeded_noise, vae_latent_statistics
 from diffserve.models.spec import SamplingSpec
@@ -58,6 +58,7 @@ class WanPipeline(DiffusionPipelineBase):
     _vae_modules: ClassVar[list[str]] = ["vae"]
     # Both CFG branches can run as one forward of twice the batch (see CFGParallelMixin).
     cfg_batched_inputs = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image")
+    supports_step_batching: ClassVar[bool] = True
 
     max_sequence_length = 512
 
@@ -175,7 +176,8 @@ class WanPipeline(DiffusionPipelineBase):
         }
 
     def predict_noise(self, dit: str = "transformer", **kwargs: Any) -> torch.Tensor:
-        # `dit` names the expert of this step (Wan2.2); both CFG branches carry the same one.
+        # `dit` names the expert of this step (Wan2.2); both CFG branches carry the same one, and
+        # requests stepped together run one call per expert (a string step input: denoise_step).
         return getattr(self, dit)(**kwargs)
 
     def latent_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,9 +199,9 @@ class WanPipeline(DiffusionPipelineBase):
         """(extra transformer kwargs shared by both CFG branches, state for transformer_inputs)."""
         return {}, {}
 
-    # -- the whole call -----------------------------------------------------------------------------
+    # -- the whole call: begin + denoise (DiffusionPipelineBase.forward) + finish ------------------
 
-    def forward(self, req: OmniDiffusionRequest) -> DiffusionOutput:
+    def begin(self, req: OmniDiffusionRequest) -> PipelineRun:
         sp = req.sampling_params
         k = sp.num_outputs_per_prompt
         guidance_scale_2 = sp.guidance_scale if sp.guidance_scale_2 is None else sp.guidance_scale_2
@@ -214,21 +216,26 @@ class WanPipeline(DiffusionPipelineBase):
             shape = self.latent_shape(sp.num_frames, sp.height, sp.width)
             shared_kwargs, cond = self.prepare_conditioning(req, shape)
 
-        with timer.stage("denoise"):
+        with timer.stage("prepare"):
             latents = self.prepare_latents(req.seeds, k, shape)
             timesteps = self.prepare_timesteps(sp.num_inference_steps)
             experts = self.expert_schedule(timesteps, sp.guidance_scale, guidance_scale_2)
             positive = {**shared_kwargs, "encoder_hidden_states": embeds}
             negative = {**shared_kwargs, "encoder_hidden_states": neg_embeds} if do_cfg else None
-            latents = denoise(
-                self, latents, timesteps, positive, negative, [scale for _, scale in experts],
-                step_inputs=lambda latents, t, i: {"dit": experts[i][0], **self.transformer_inputs(latents, t, cond)},
-            )
-            latents = self.finalize_latents(latents, cond)
 
+        def step_inputs(state: DenoiseState) -> dict[str, Any]:
+            return {"dit": experts[state.index][0], **self.transformer_inputs(state.latents, state.timestep, cond)}
+
+        state = DenoiseState.build(self, latents, timesteps, positive, negative, [scale for _, scale in experts],
+                                   step_inputs)
         metrics = {"num_inference_steps": sp.num_inference_steps, "num_frames": sp.num_frames, "fps": sp.fps}
+        return PipelineRun(req, state, timer, metrics, context={"conditioning": cond})
+
+    def finish(self, run: PipelineRun) -> DiffusionOutput:
+        sp, timer = run.req.sampling_params, run.timer
+        latents = self.finalize_latents(run.state.latents, run.context["conditioning"])
         if sp.output_type == "latent":
-            return DiffusionOutput(output=latents, metrics={**timer.timings, **metrics})
+            return DiffusionOutput(output=latents, metrics={**timer.timings, **run.metrics})
         with timer.stage("decode"):
             videos = self.decode_latents(latents)
-        return DiffusionOutput(output=videos, metrics={**timer.timings, **metrics})
+        return DiffusionOutput(output=videos, metrics={**timer.timings, **run.metrics})
