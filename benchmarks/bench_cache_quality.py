@@ -19,7 +19,9 @@ model is launch-bound, so the times there say little).
 
 On a CPU shared with other processes torch runs one thread by default here (`--threads`): on the
 2-core development machine under a load of ~15, one demo image took 3-4 s with one thread and
-34-95 s with two, whose OpenMP team waits for a descheduled thread at every barrier.
+34-95 s with two, whose OpenMP team waits for a descheduled thread at every barrier. Under such
+load even one thread's wall time varied 2-4x between identical rounds; `--clock cpu` times each image
+by this process's CPU time instead (one thread: the work itself, not the waits for a core).
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ from diffserve import Omni, OmniDiffusionSamplingParams
 from diffserve.assets import default_model_path
 from diffserve.demo import detector, scenes
 
-# docs/cache.md's table: the model's defaults, the fastest TeaCache setting found at >= 30 dB, and the
+# docs/cache.md's table: the model's defaults, the fastest setting found at >= 30 dB (steps 0-6 and 17
+# run, the transformer's output reused on the others), the fastest reusing the residual, and the
 # defaults they replaced.
 DEFAULT_MODES = [
     "none",
     "cache_dit",
     "tea_cache",
+    "tea_cache:reuse=output,calibrator=none,rel_l1_thresh=1,warmup_steps=7,max_continuous_cached_steps=10,"
+    "compute_last_step=false",
     "tea_cache:rel_l1_thresh=1,max_continuous_cached_steps=4",
     "cache_dit:max_warmup_steps=4,residual_diff_threshold=0.24,calibrator=none",
     "tea_cache:rel_l1_thresh=0.03,warmup_steps=1,max_continuous_cached_steps=-1,calibrator=none",
@@ -71,24 +76,30 @@ def parse_mode(mode: str) -> tuple[str | None, dict]:
     return backend, config
 
 
-def generate(omni: Omni, captions: list[str], seeds: list[int]) -> tuple[np.ndarray, list[float], list[int]]:
+# --clock: wall time, or this process's CPU time (the engine runs in-process on one device).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def generate(
+    omni: Omni, captions: list[str], seeds: list[int], clock=time.perf_counter
+) -> tuple[np.ndarray, list[float], list[int]]:
     """uint8 images [N, H, W, 3], seconds per image, cached steps per image."""
     images, times, cached = [], [], []
     for caption, seed in zip(captions, seeds):
-        start = time.perf_counter()
+        start = clock()
         out = omni.generate(caption, OmniDiffusionSamplingParams(seed=seed))[0]
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
         images.append(np.asarray(out.images[0]))
         cached.append(out.metrics.get("cached_steps", 0))
     return np.stack(images), times, cached
 
 
-def run_mode(mode: str, captions: list[str], seeds: list[int], device: str) -> dict:
+def run_mode(mode: str, captions: list[str], seeds: list[int], device: str, clock=time.perf_counter) -> dict:
     backend, config = parse_mode(mode)
     engine = {"cache_backend": backend, "cache_config": config} if backend else {}
     with Omni(default_model_path(), dtype="float32", device=device, disable_progress_bar=True, **engine) as omni:
         generate(omni, captions[:1], [seeds[0] + 1000])  # warm-up
-        images, times, cached = generate(omni, captions, seeds)
+        images, times, cached = generate(omni, captions, seeds, clock)
     return {"images": images, "seconds": statistics.median(times), "cached": cached}
 
 
@@ -138,7 +149,7 @@ def summarize(mode: str, runs: list[dict], baseline: dict, baseline_seconds: flo
 def print_table(rows: list[dict], args, num_captions: int) -> None:
     print(f"\n**Demo model, {num_captions} held-out test captions (seeds {args.first_seed}-"
           f"{args.first_seed + num_captions - 1}), 64x64, 20 steps, CFG; {args.device} "
-          f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), median of "
+          f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.clock} time), median of "
           f"{args.rounds} alternating rounds**\n")
     print("| mode | s / image | speedup | cached steps (of 20) | PSNR mean / worst | SSIM mean / worst | detector |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -161,6 +172,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 on cpu; see the module docstring)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: this process's CPU time, for a CPU shared with other processes (one thread)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     if args.threads is not None or args.device == "cpu":
@@ -174,7 +187,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     for round_index in range(args.rounds):
         for mode in modes:
-            runs[mode].append(run_mode(mode, captions, seeds, args.device))
+            runs[mode].append(run_mode(mode, captions, seeds, args.device, CLOCKS[args.clock]))
             print(f"round {round_index + 1}: {mode}: {runs[mode][-1]['seconds']:.3f} s / image, cached "
                   f"{runs[mode][-1]['cached']}", flush=True)
     baseline_seconds = statistics.median(r["seconds"] for r in runs["none"])

@@ -26,7 +26,10 @@ def test_dict_becomes_the_backends_dataclass():
 
 
 def test_unknown_key_is_named_with_the_allowed_ones():
-    allowed = "calibrator, coefficients, max_continuous_cached_steps, rel_l1_thresh, taylorseer_order, warmup_steps"
+    allowed = (
+        "calibrator, coefficients, compute_last_step, max_continuous_cached_steps, rel_l1_thresh, reuse, "
+        "taylorseer_order, warmup_steps"
+    )
     with pytest.raises(TypeError, match=rf"'rel_l1_threshold'.*Allowed: {allowed}"):
         OmniDiffusionConfig(model="m", cache_backend="tea_cache", cache_config={"rel_l1_threshold": 0.2})
     # A key of the other backend is unknown too.
@@ -48,6 +51,8 @@ def test_unknown_key_is_named_with_the_allowed_ones():
         ("tea_cache", {"rel_l1_thresh": float("nan")}, "rel_l1_thresh must be a finite number"),
         ("tea_cache", {"warmup_steps": 0}, "warmup_steps must be an integer >= 1"),
         ("tea_cache", {"calibrator": "foca"}, "calibrator must be one of none, taylorseer, got 'foca'"),
+        ("tea_cache", {"reuse": "hidden"}, "reuse must be one of residual, output, got 'hidden'"),
+        ("tea_cache", {"compute_last_step": 0}, "compute_last_step must be true or false, got 0"),
         ("tea_cache", {"coefficients": "1,2"}, "coefficients must be a list of numbers"),
         ("tea_cache", {"coefficients": []}, "coefficients must have at least one number"),
         ("tea_cache", {"coefficients": [1, None]}, r"coefficients\[1\] must be a finite number"),
@@ -119,7 +124,8 @@ def test_unset_fields_take_the_models_defaults_then_the_builtin_ones_and_user_va
     assert dit.is_resolved() and dit.strify() == "DBCache_F1B0_W2_M-1_MC3_R0.3_T1O1"
     # A model without a declaration gets the built-in defaults.
     assert resolve_for(TeaCacheConfig(), object()) == TeaCacheConfig(
-        rel_l1_thresh=0.1, warmup_steps=1, max_continuous_cached_steps=-1, calibrator="none", taylorseer_order=1
+        rel_l1_thresh=0.1, warmup_steps=1, max_continuous_cached_steps=-1, calibrator="none", taylorseer_order=1,
+        reuse="residual", compute_last_step=True,
     )
 
 

@@ -238,3 +238,52 @@ def test_max_continuous_cached_steps_caps_a_run_of_skips():
         for _ in range(7):
             pipeline.transformer(x, temb)
     assert backend.counter.cached_steps == [1, 2, 4, 5]  # step 3 runs after two skips; 6 is the last
+
+
+def test_reuse_output_returns_the_last_computed_output_without_running_the_transformer():
+    """reuse="output": a skipped step returns the transformer's output of the last computed step
+    (order 0) or its Taylor forecast (TaylorSeer), and runs no block; computed steps are unchanged."""
+    pipeline = ToyPipeline()
+    x0, temb = torch.randn(1, 5, 4, generator=torch.Generator().manual_seed(0)), torch.ones(1)
+    inputs = _inputs(x0, 6, 0.1)
+    with torch.no_grad():
+        uncached = [pipeline.transformer(x, temb) for x in inputs]
+        outputs = {}
+        for calibrator in ("none", "taylorseer"):
+            backend = _with_tea_cache(pipeline, 0.25, steps=6, warmup_steps=2, calibrator=calibrator, reuse="output")
+            calls = _block_calls(pipeline.transformer)
+            outputs[calibrator] = [pipeline.transformer(x, temb) for x in inputs]
+            assert backend.counter.cached_steps == [2, 3]  # as in the TaylorSeer test above
+            assert calls[0] == 4 * 3
+            backend.disable(pipeline)
+    slope = uncached[1] - uncached[0]
+    for t in (2, 3):
+        torch.testing.assert_close(outputs["none"][t], uncached[1], atol=0, rtol=0)
+        torch.testing.assert_close(outputs["taylorseer"][t], uncached[1] + slope * (t - 1))
+        # Not what reusing the residual gives: that depends on the step's own input.
+        assert not torch.allclose(outputs["none"][t], (inputs[t] + uncached[1] / 2 - inputs[1]) * 2)
+    for t in (0, 1, 4, 5):
+        torch.testing.assert_close(outputs["none"][t], uncached[t], atol=0, rtol=0)
+
+
+def test_compute_last_step_false_lets_the_last_step_reuse():
+    pipeline = ToyPipeline()
+    x, temb = torch.randn(1, 5, 4), torch.ones(1)
+    with torch.no_grad():
+        backend = _with_tea_cache(pipeline, 1e9, steps=6, warmup_steps=3, compute_last_step=False, reuse="output")
+        outputs = [pipeline.transformer(x, temb) for _ in range(6)]
+    assert backend.counter.cached_steps == [3, 4, 5]
+    assert torch.equal(outputs[5], outputs[2])
+    assert backend.hooks[0].tag == "TeaCache_T1000000000.0_W3_OUT_NL"
+
+
+def test_reuse_output_refuses_a_transformer_that_returns_more_than_a_tensor():
+    class TupleTransformer(ToyTransformer):
+        def forward(self, hidden_states, temb):
+            return (super().forward(hidden_states, temb),)
+
+    pipeline = ToyPipeline()
+    pipeline.transformer = TupleTransformer()
+    _with_tea_cache(pipeline, 0.25, steps=3, reuse="output")
+    with torch.no_grad(), pytest.raises(TypeError, match="reuse='output' needs a transformer that returns one tensor"):
+        pipeline.transformer(torch.randn(1, 5, 4), torch.ones(1))

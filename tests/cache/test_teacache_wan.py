@@ -62,9 +62,7 @@ def test_each_checkpoint_gets_the_published_coefficients_and_settings(cls, confi
 def test_checkpoints_without_published_coefficients_run_uncalibrated_on_builtin_defaults(cls, config):
     transformer = _meta(cls, **config)
     assert transformer._teacache_coefficients is None
-    assert resolve_for(TeaCacheConfig(), transformer) == TeaCacheConfig(
-        rel_l1_thresh=0.1, warmup_steps=1, max_continuous_cached_steps=-1, calibrator="none", taylorseer_order=1
-    )
+    assert resolve_for(TeaCacheConfig(), transformer) == TeaCacheConfig(**TeaCacheConfig.BUILTIN_DEFAULTS)
 
 
 def test_the_signal_is_the_timestep_modulation_in_float32():

@@ -112,6 +112,15 @@ def test_demo_step_cache_per_request_equal_alone(demo_cached):
     _cached_staggered_equal_alone(demo_cached, guidance_scale=3.0)
 
 
+def test_demo_tea_cache_reusing_the_output_per_request_equal_alone(tiny_checkpoint):
+    """reuse="output": a skipping request gets its own stored output rows, whether the others in the
+    call compute or skip too."""
+    config = {**STEP_CACHES["tea_cache"], "reuse": "output", "compute_last_step": False}
+    with Omni(tiny_checkpoint("demo-dit"), dtype="float32", device="cpu", batching="step", max_batch_size=4,
+              cache_backend="tea_cache", cache_config=config, disable_progress_bar=True) as omni:
+        _cached_staggered_equal_alone(omni.engine, guidance_scale=3.0)
+
+
 def test_flux_step_cache_per_request_equal_alone(flux_cached):
     """Tiny FLUX (two block lists, the encoder stream cached too). Measured max-abs against each
     request alone with the same cache: tea_cache 7.7e-7, 6.6e-7, 6.6e-7; cache_dit 6.0e-7, 5.4e-7,

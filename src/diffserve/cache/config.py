@@ -33,6 +33,11 @@ def _check_float(name: str, value: Any, minimum: float = 0.0) -> None:
         raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
 
 
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -169,8 +174,9 @@ class TeaCacheConfig(ModelDefaultsMixin):
 
     Each step, the relative L1 change of the first block's timestep-modulated input is rescaled by a
     per-model polynomial and accumulated; while the sum stays below `rel_l1_thresh`, every transformer
-    block is skipped and the residual they added on the last computed step is reused. The first
-    `warmup_steps` steps and the last step of a request always run.
+    block is skipped and the residual they added on the last computed step is reused (or, with
+    `reuse="output"`, the whole transformer's output). The first `warmup_steps` steps and, unless
+    `compute_last_step` is false, the last step of a request always run.
 
     `rel_l1_thresh` and `warmup_steps` left None take the model's defaults, else the built-in ones.
     """
@@ -185,8 +191,11 @@ class TeaCacheConfig(ModelDefaultsMixin):
         "max_continuous_cached_steps": -1,
         "calibrator": "none",
         "taylorseer_order": 1,
+        "reuse": "residual",
+        "compute_last_step": True,
     }
     CALIBRATORS: ClassVar[tuple[str, ...]] = ("none", "taylorseer")
+    REUSES: ClassVar[tuple[str, ...]] = ("residual", "output")
 
     # Skip while the accumulated rescaled change is below this: higher is faster and lossier; 0 never
     # skips. Its scale depends on the model's coefficients, hence the per-model defaults.
@@ -202,6 +211,15 @@ class TeaCacheConfig(ModelDefaultsMixin):
     # Liu et al. 2025, arXiv:2503.06923), of order `taylorseer_order` (read only with "taylorseer").
     calibrator: str | None = None
     taylorseer_order: int | None = None
+    # What a skipped step reuses: "residual" adds what the blocks added on the last computed step to
+    # this step's hidden states (TeaCache); "output" returns the transformer's output of the last
+    # computed step (the predicted noise or velocity) and runs nothing after the first block's input.
+    # On the demo model a reused residual, meeting a less noisy input, leaves noise in the image after
+    # long runs of skips; the reused output does not (docs/cache.md). The calibrator forecasts either.
+    reuse: str | None = None
+    # False lets the last step reuse too: with reuse="output" the demo model's fastest setting at
+    # >= 30 dB skips it and computes a middle step instead (docs/cache.md).
+    compute_last_step: bool | None = None
     # Rescale polynomial, highest power first. None: the coefficients the transformer declares
     # (`_teacache_coefficients`), fitted for that model.
     coefficients: tuple[float, ...] | None = None
@@ -217,6 +235,10 @@ class TeaCacheConfig(ModelDefaultsMixin):
             _check_choice("calibrator", self.calibrator, self.CALIBRATORS)
         if self.taylorseer_order is not None:
             _check_int("taylorseer_order", self.taylorseer_order, 1)
+        if self.reuse is not None:
+            _check_choice("reuse", self.reuse, self.REUSES)
+        if self.compute_last_step is not None:
+            _check_bool("compute_last_step", self.compute_last_step)
         if self.coefficients is not None:
             self.coefficients = _checked_coefficients(self.coefficients)
 
@@ -228,6 +250,10 @@ class TeaCacheConfig(ModelDefaultsMixin):
             tag += f"_MC{self.max_continuous_cached_steps}"
         if self.calibrator == "taylorseer":
             tag += f"_T1O{'?' if self.taylorseer_order is None else self.taylorseer_order}"
+        if self.reuse == "output":
+            tag += "_OUT"
+        if self.compute_last_step is False:
+            tag += "_NL"
         return tag + ("_custom" if self.coefficients is not None else "")
 
 

@@ -64,7 +64,8 @@ def build_hook(path: str, transformer: nn.Module, config: TeaCacheConfig, counte
     return TeaCacheHook(
         transformer, block_lists, modulated_input, coefficients, config.rel_l1_thresh, config.warmup_steps, counter,
         max_continuous_cached_steps=config.max_continuous_cached_steps,
-        forecast_order=config.taylorseer_order if config.calibrator == "taylorseer" else 0, tag=config.strify(),
+        forecast_order=config.taylorseer_order if config.calibrator == "taylorseer" else 0,
+        reuse_output=config.reuse == "output", compute_last_step=config.compute_last_step, tag=config.strify(),
     )
 
 

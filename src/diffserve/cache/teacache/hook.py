@@ -4,7 +4,9 @@ While the hooked transformer runs, each of its block lists (diffserve.cache.bloc
 `TeaCacheBlocks` wrapper. The first wrapper computes the first block's modulated input with the
 function the transformer declares, and decides: run the blocks (storing what each list added to its
 hidden states), or skip every block and add the stored residuals instead. Everything outside the
-block lists (embeddings, final norm and projection) runs as usual.
+block lists (embeddings, final norm and projection) runs as usual. With `reuse_output` a skipped step
+instead returns the transformer's output of its request's last computed step (see `TeaCacheMemory`):
+when every request in the call skips, nothing after the first block's input runs.
 
 State is per batch row: a row is one sample of one CFG branch, so when both branches run as one
 batch each keeps its own previous input and accumulated distance. A step is skipped only if no row
@@ -123,6 +125,8 @@ class TeaCacheMemory:
         # Block list -> forecasts of what it adds to the hidden and the encoder stream.
         self.residuals: dict[str, tuple[ResidualForecast, ResidualForecast | None]] = {}
         self.continuous_cached_steps = 0
+        # reuse="output": the transformer's output on the computed steps (this request's rows).
+        self.output: ResidualForecast | None = None
 
     def record(self, attr: str, step: int, order: int, hidden: torch.Tensor, encoder: torch.Tensor | None) -> None:
         """What block list `attr` added on computed step `step`, for the skipped steps to come."""
@@ -136,6 +140,22 @@ class TeaCacheMemory:
             forecast_e.update(step, encoder)
         self.residuals[attr] = (forecast_h, forecast_e)
 
+    def record_output(self, step: int, order: int, output: torch.Tensor) -> None:
+        """The transformer's output on computed step `step`, for reuse="output".
+
+        A reused block residual is added to a skipped step's own, less noisy input, and after a long
+        run of skips what it no longer cancels stays in the image as noise (the demo model: 26 dB worst
+        after 12 skipped steps of 20). The output (predicted noise or velocity) needs no such input: a
+        skipped step moves the sample as the last computed step did (33 dB for the same 12; see
+        docs/cache.md).
+        """
+        self.output = self.output or ResidualForecast(order)
+        self.output.update(step, output)
+
+    def has_output(self, rows: int) -> bool:
+        """Whether an output of `rows` rows is stored."""
+        return self.output is not None and bool(self.output.derivatives) and self.output.shape[0] == rows
+
 
 @dataclass(eq=False)
 class RowGroup:
@@ -147,6 +167,11 @@ class RowGroup:
     rows: torch.Tensor | None = None  # None: every row (the request is the whole batch)
     step: int = 0
     skip: bool = False
+
+
+class _OutputReused(Exception):
+    """Raised by the first block list when every request of the call returns its stored output: it
+    ends the hooked forward before the blocks, the final norm and the projection."""
 
 
 class TeaCacheBlocks(nn.Module):
@@ -166,6 +191,8 @@ class TeaCacheBlocks(nn.Module):
         hook = self._hook
         if self.index == 0:
             hook.decide(self._blocks[0], hidden_states, *args, **kwargs)
+            if hook.all_reuse_output(hidden_states.shape[0]):
+                raise _OutputReused(hidden_states.shape[0])
         encoder = args[0] if self.io.takes_encoder else None
         groups = hook.groups
         if len(groups) == 1:  # one request: no rows to pick
@@ -270,6 +297,8 @@ class TeaCacheHook:
         counter: StepCounter,
         max_continuous_cached_steps: int = -1,
         forecast_order: int = 0,
+        reuse_output: bool = False,
+        compute_last_step: bool = True,
         tag: str = "",
     ):
         self.transformer = transformer
@@ -280,6 +309,8 @@ class TeaCacheHook:
         self.counter = counter
         self.max_continuous_cached_steps = max_continuous_cached_steps
         self.forecast_order = forecast_order
+        self.reuse_output = reuse_output
+        self.compute_last_step = compute_last_step
         self.tag = tag
         self.wrappers = {
             lst.attr: nn.ModuleList([TeaCacheBlocks(self, i, lst)]) for i, lst in enumerate(block_lists)
@@ -321,10 +352,54 @@ class TeaCacheHook:
         try:
             for attr, wrapper in self.wrappers.items():
                 setattr(self.transformer, attr, wrapper)
-            return self._original_forward(*args, **kwargs)
+            output = self._original_forward(*args, **kwargs)
+        except _OutputReused as reused:
+            return self._reused_output(batch=reused.args[0])
         finally:
             for attr, blocks in originals.items():
                 setattr(self.transformer, attr, blocks)
+        return self._with_reused_output(output) if self.reuse_output else output
+
+    # -- reuse="output" -------------------------------------------------------------------------------
+
+    def _group_rows(self, group: RowGroup, batch: int) -> int:
+        return batch if group.rows is None else len(group.rows)
+
+    def all_reuse_output(self, batch: int) -> bool:
+        """Whether every request of this call skips and has a stored output for its rows."""
+        return self.reuse_output and all(g.skip and g.memory.has_output(self._group_rows(g, batch)) for g in self.groups)
+
+    def _reused_output(self, batch: int) -> torch.Tensor:
+        predictions = [g.memory.output.predict(g.step) for g in self.groups]
+        if len(self.groups) == 1 and self.groups[0].rows is None:
+            return predictions[0].clone()  # a copy: the pipeline may update it in place
+        output = predictions[0].new_empty((batch, *predictions[0].shape[1:]))
+        for group, prediction in zip(self.groups, predictions):
+            output.index_copy_(0, group.rows, prediction)
+        return output
+
+    def _with_reused_output(self, output: Any) -> torch.Tensor:
+        """After a call in which some request computed: store the computing requests' output rows, and
+        give the skipping ones (whose rows ran or replayed residuals) their stored output instead."""
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"TeaCache reuse='output' needs a transformer that returns one tensor; "
+                f"{type(self.transformer).__name__} returned a {type(output).__name__} (use reuse='residual')"
+            )
+        batch = output.shape[0]
+        for group in self.groups:
+            if not group.skip:
+                # A copy: the pipeline may update its output in place.
+                group.memory.record_output(group.step, self.forecast_order, rows_of(output, group.rows).clone())
+                continue
+            if not group.memory.has_output(self._group_rows(group, batch)):
+                continue  # nothing stored for these rows: they keep what the blocks gave
+            prediction = group.memory.output.predict(group.step)
+            if group.rows is None:
+                output = prediction.clone()
+            else:
+                output = output.index_copy(0, group.rows, prediction)
+        return output
 
     def decide(self, first_block: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Called by the first block list, with the first block's inputs: sets each group's `skip`."""
@@ -369,7 +444,7 @@ class TeaCacheHook:
             previous, memory.previous_input = memory.previous_input, modulated
             always_runs = (
                 group.step < self.warmup_steps
-                or group.step == group.counter.last_step
+                or (self.compute_last_step and group.step == group.counter.last_step)
                 or memory.continuous_cached_steps == self.max_continuous_cached_steps
             )
             if previous is None or previous.shape != modulated.shape or always_runs:
