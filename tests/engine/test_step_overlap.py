@@ -12,10 +12,11 @@ import pytest
 
 from diffserve import Omni
 from diffserve.config import OmniDiffusionConfig
-from tests.engine.test_step_batching import TOLERANCE, _max_error_vs_alone, _request, _run_staggered
+from tests.engine.test_step_batching import (STEP_CACHES, TOLERANCE, _max_error_vs_alone, _request,
+                                             _run_staggered)
 from tests.engine.test_step_serving import serving
 
-GATE_TIMEOUT_S = 60  # a test that fails to open a gate fails instead of hanging
+GATE_TIMEOUT_S = 20  # a test that fails to open a gate fails instead of hanging
 
 
 def _overlapped(path, device="cpu"):
@@ -99,6 +100,22 @@ def test_flux_staggered_equal_alone(tiny_flux):
         outputs, _ = _run_staggered(engine, {0: reqs[:1], 1: reqs[1:]})
         for req in reqs:
             assert _max_error_vs_alone(engine, req, outputs[req.request_id]) <= TOLERANCE
+
+
+def test_a_step_cache_keeps_its_state_per_request_with_overlap(tiny_checkpoint):
+    """tea_cache's per-request state begins when a request joins and ends when it leaves, on the step
+    thread: each request skips the steps it skips alone and equals its output alone."""
+    with Omni(tiny_checkpoint("demo-dit"), dtype="float32", device="cpu", batching="step", max_batch_size=4,
+              step_overlap_stages=True, cache_backend="tea_cache", cache_config=STEP_CACHES["tea_cache"],
+              disable_progress_bar=True) as omni:
+        engine = omni.engine
+        reqs = [_request(engine, p, seed, steps=steps, guidance_scale=3.0)
+                for p, seed, steps in (("a red circle", 1, 7), ("a blue square", 2, 5))]
+        outputs, _ = _run_staggered(engine, {0: reqs[:1], 2: reqs[1:]})
+        for req in reqs:
+            out, alone = outputs[req.request_id], engine.run_batch([req])[0]
+            assert out.metrics["cached_steps"] == alone.metrics["cached_steps"] > 0
+            assert (out.images - alone.images).abs().max().item() <= TOLERANCE
 
 
 def test_the_batch_steps_while_a_newcomer_is_encoded(demo, monkeypatch):

@@ -344,7 +344,8 @@ class StepBatcher:
         answered, rpc = [], self.engine.executor.collective_rpc
         for kind, request_id, value in rpc("step_collect", wait)[0]:
             if request_id not in self.beginning and request_id not in self.finishing:
-                rpc("step_drop", [request_id])  # forgotten meanwhile (fail_all): free its state
+                # Its caller left (or fail_all forgot it) while its job ran: a begun state is freed.
+                rpc("step_drop", [request_id])
             elif kind == "begun":
                 run = self.running[request_id] = self.beginning.pop(request_id)
                 run.total_steps = value

@@ -101,7 +101,6 @@ class DiffusionWorker:
         self._parked: dict[str, PipelineRun] = {}  # preempted at a step boundary, resumed later
         # Their begin and finish jobs: inline, or overlapped with the steps (step_overlap_stages).
         self._stages = StageJobs(self.device, od_config.overlap_stages)
-        self._dropped: set[str] = set()  # requests left while their job ran: its result is discarded
 
     def load_pipeline(self) -> nn.Module:
         """Load on the device; with CPU offload on the host (the offloader brings weights over as they
@@ -271,13 +270,12 @@ class DiffusionWorker:
 
     def step_stages(self, overlap: bool) -> None:
         """Run begin and finish jobs overlapped with the steps or inline, as the step batcher's engine
-        config says (called when a batcher starts, with no request in flight; jobs of an earlier
-        batcher's forgotten requests are waited for and dropped)."""
+        config says (called when a batcher starts; jobs still running are waited for, and a batcher
+        drops the results of requests it does not hold)."""
         if overlap == self._stages.overlapped:
             return
         self._stages.close()
         self._stages = StageJobs(self.device, overlap)
-        self._dropped.clear()
 
     def step_begin(self, request_id: str, req: OmniDiffusionRequest) -> None:
         """Start encoding and preparing `req` (with step_overlap_stages on the stage thread while the
@@ -298,13 +296,12 @@ class DiffusionWorker:
     def step_collect(self, wait: bool = False) -> list[tuple[str, str, object]]:
         """The begin and finish jobs done since the last call: ("begun", id, its number of steps) (it
         runs from the next step_run on), ("output", id, its DiffusionOutput) or ("error", id, the
-        exception). `wait`: block until one is done (the step thread has nothing to step meanwhile)."""
+        exception). `wait`: block until one is done (the step thread has nothing to step meanwhile). A
+        request whose caller left meanwhile is reported too: the batcher drops it (step_drop)."""
         events = []
         for result in self._stages.collect(wait):
             rid = result.request_id
-            if rid in self._dropped:
-                self._dropped.discard(rid)
-            elif result.error is not None:
+            if result.error is not None:
                 events.append(("error", rid, result.error))
             elif result.kind == "begin":
                 events.append(("begun", rid, self._join(result)))
@@ -362,8 +359,6 @@ class DiffusionWorker:
         for rid in request_ids:
             if self._running.pop(rid, None) or self._parked.pop(rid, None):
                 self._drop_cache_state(rid)
-            elif rid in self._stages.pending:  # being encoded or decoded
-                self._dropped.add(rid)
 
     def _drop_cache_state(self, request_id: str) -> None:
         if self.cache_backend is not None:
