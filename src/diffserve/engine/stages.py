@@ -18,6 +18,7 @@ boundaries (`collect`). Stream order:
 
 from __future__ import annotations
 
+import pickle
 import queue
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -81,7 +82,7 @@ class StageJobs:
                     result.ready = torch.cuda.Event()
                     result.ready.record(self._stream)
         except Exception as exc:  # answered as that request's error; the others go on
-            result.error = exc
+            result.error = _portable(exc)
         return result
 
     def collect(self, wait: bool = False) -> list[StageResult]:
@@ -138,6 +139,16 @@ def tensors_in(obj: Any, seen: set[int] | None = None) -> Iterator[torch.Tensor]
         return
     for child in children:
         yield from tensors_in(child, seen)
+
+
+def _portable(exc: Exception) -> Exception:
+    """`exc`, or a RuntimeError naming it where it would not survive the way to the engine process
+    (a worker in a process of its own sends its results pickled)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any failure to round-trip
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 def _filled(cell) -> bool:
