@@ -6,7 +6,9 @@ N clients arriving at random (a Poisson process) at one server, through the engi
 - request-level batching: max_batch_size=--max-batch-size, batching="request" (a batch forms when it
   starts and runs to its end);
 - step-level batching: the same max_batch_size, batching="step" (requests join and leave the running
-  batch between denoise steps).
+  batch between denoise steps), with joining requests encoded and finished ones decoded on the
+  worker's stage thread while the batch steps (step_overlap_stages=True); --step-overlap off runs
+  them inline on the step loop instead, --step-overlap both runs both and reports the ratio.
 
 The model is FLUX.1-dev's real configs with random bf16 weights, built on the GPU at load, with no
 checkpoint read or written (bench_offload's config folder and random fill); it loads once and each
@@ -20,6 +22,7 @@ the first arrival to the last answer), p50 and p99 latency (arrival to answer), 
 difference of step batching's images from one at a time's (bf16: batch size changes the rounding).
 
     python benchmarks/bench_step_batching.py --json-out step_batching.json      # one H200, ~8 min
+    python benchmarks/bench_step_batching.py --sizes 512 --requests 16 --step-overlap both  # overlap's effect
     python benchmarks/bench_step_batching.py --tiny --device cpu                 # CPU smoke, seconds
 """
 
@@ -44,7 +47,7 @@ from diffserve.engine.engine import DiffusionEngine
 from diffserve.request import OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
 
 PROMPT = "a red fox in the snow, detailed fur"
-MODES = ("one at a time", "request-level", "step-level")
+INLINE = "step-level, stages inline"
 
 
 class ModeEngine(DiffusionEngine):
@@ -61,10 +64,17 @@ class ModeEngine(DiffusionEngine):
         pass
 
 
-def mode_config(mode: str, max_batch_size: int) -> dict:
+def modes(step_overlap: str) -> list[str]:
+    """--step-overlap on: "step-level" overlaps its stages; off: it runs them inline; both: both."""
+    return ["one at a time", "request-level", "step-level"] + ([INLINE] if step_overlap == "both" else [])
+
+
+def mode_config(mode: str, args) -> dict:
+    step = {"max_batch_size": args.max_batch_size, "batching": "step"}
     return {"one at a time": {"max_batch_size": 1, "batching": "request"},
-            "request-level": {"max_batch_size": max_batch_size, "batching": "request"},
-            "step-level": {"max_batch_size": max_batch_size, "batching": "step"}}[mode]
+            "request-level": {"max_batch_size": args.max_batch_size, "batching": "request"},
+            "step-level": {**step, "step_overlap_stages": args.step_overlap != "off"},
+            INLINE: {**step, "step_overlap_stages": False}}[mode]
 
 
 def load(args) -> DiffusionEngine:
@@ -110,7 +120,7 @@ async def drive(server: AsyncDiffusionEngine, requests, arrivals) -> list[tuple]
 
 
 def run_mode(loaded: DiffusionEngine, mode: str, args, size: int, count: int, arrivals) -> tuple[dict, list]:
-    engine = ModeEngine(loaded, **mode_config(mode, args.max_batch_size))
+    engine = ModeEngine(loaded, **mode_config(mode, args))
     server = AsyncDiffusionEngine(engine, max_queue=None, step_timeout_s=None)
     occupancy = []  # samples per denoise step
     server.on_batch = lambda reqs, outs, elapsed: occupancy.extend([sum(len(r.prompts) for r in reqs)] * args.steps)
@@ -125,7 +135,7 @@ def run_mode(loaded: DiffusionEngine, mode: str, args, size: int, count: int, ar
         raise RuntimeError(f"{mode}: {len(failed)} request(s) failed: {failed[0]}")
     latencies = sorted(done - arrived for _, arrived, done in results)
     elapsed = max(done for _, _, done in results) - min(arrived for _, arrived, _ in results)
-    row = {"mode": mode, **mode_config(mode, args.max_batch_size), "requests": count, "elapsed_s": elapsed,
+    row = {"mode": mode, **mode_config(mode, args), "requests": count, "elapsed_s": elapsed,
            "images_per_minute": 60 * count / elapsed, "p50_latency_s": statistics.median(latencies),
            "p99_latency_s": percentile(latencies, 0.99), "mean_latency_s": statistics.fmean(latencies),
            "mean_occupancy": statistics.fmean(occupancy), "steps_run": len(occupancy), "preemptions": preemptions}
@@ -159,7 +169,7 @@ def run_size(loaded: DiffusionEngine, size: int, count: int, args) -> dict:
     print(f"\n{size}x{size}, {args.steps} steps: one request alone {service_s:.2f} s; {count} clients at "
           f"{rate:.3f}/s (last arrives at {arrivals[-1]:.1f} s)", flush=True)
     rows, images = [], {}
-    for mode in MODES:
+    for mode in modes(args.step_overlap):
         row, images[mode] = run_mode(loaded, mode, args, size, count, arrivals)
         rows.append(row)
         print(f"  {mode}: {row['images_per_minute']:.2f} images/min, p50 {row['p50_latency_s']:.1f} s, "
@@ -173,6 +183,11 @@ def run_size(loaded: DiffusionEngine, size: int, count: int, args) -> dict:
         "p50_step_vs_request": step["p50_latency_s"] / req["p50_latency_s"],
         "p99_step_vs_request": step["p99_latency_s"] / req["p99_latency_s"],
     }
+    if INLINE in by_mode:
+        inline = by_mode[INLINE]
+        ratios.update({"throughput_overlap_vs_inline": step["images_per_minute"] / inline["images_per_minute"],
+                       "p50_overlap_vs_inline": step["p50_latency_s"] / inline["p50_latency_s"],
+                       "p99_overlap_vs_inline": step["p99_latency_s"] / inline["p99_latency_s"]})
     max_abs = max((a - b).abs().max().item() for a, b in zip(images["step-level"], images["one at a time"]))
     return {"size": size, "requests": count, "service_s": service_s, "rate_per_s": rate, "arrivals_s": arrivals,
             "rows": rows, "ratios": ratios, "max_abs_step_vs_one": max_abs}
@@ -192,6 +207,10 @@ def report(result: dict) -> None:
               f"{ratios['p50_step_vs_request']:.2f}x, p99 {ratios['p99_step_vs_request']:.2f}x; step vs one at a "
               f"time {ratios['throughput_step_vs_one']:.2f}x images/min; largest pixel difference of step-level "
               f"from one at a time {size['max_abs_step_vs_one']:.2e}\n")
+        if "throughput_overlap_vs_inline" in ratios:
+            print(f"step-level with overlapped stages vs inline: {ratios['throughput_overlap_vs_inline']:.2f}x "
+                  f"images/min, p50 {ratios['p50_overlap_vs_inline']:.2f}x, "
+                  f"p99 {ratios['p99_overlap_vs_inline']:.2f}x\n")
 
 
 def main() -> None:
@@ -210,6 +229,8 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/bench_step_batching", help="where the config folder goes")
     parser.add_argument("--tiny", action="store_true", help="the tiny FLUX test checkpoint (a smoke test)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--step-overlap", choices=("on", "off", "both"), default="on",
+                        help="step-level mode: encode/decode on the stage thread (on), inline (off), or both modes")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     sizes = [int(s) for s in (args.sizes or ("64" if args.tiny else "512,1024")).split(",")]

@@ -254,6 +254,12 @@ class OmniDiffusionConfig:
     # batching="step": a request joins only while the batch's measured step time with it stays within
     # this many milliseconds. None: no latency cap.
     step_latency_target_ms: float | None = None
+    # batching="step": encode and prepare joining requests, and decode finished ones, on a background
+    # thread (its own CUDA stream on a GPU) while the running batch keeps stepping. None: on when the
+    # device is CUDA, without CPU offload (the encoders and VAE take turns with the transformer there)
+    # and with one process per replica (ranks must agree on when a request joins); see
+    # `overlap_stages`.
+    step_overlap_stages: bool | None = None
     disable_progress_bar: bool = ENV_DISABLE_PROGRESS_BAR
     # Where start_profile()/stop_profile() write traces; None: ./diffserve_profiles.
     profile_dir: str | None = None
@@ -317,6 +323,31 @@ class OmniDiffusionConfig:
             raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
         _check_positive_int("step_max_wait", self.step_max_wait)
         self._check_step_caps()
+        self._check_step_overlap()
+
+    def _check_step_overlap(self) -> None:
+        overlap = self.step_overlap_stages
+        if overlap is not None and not isinstance(overlap, bool):
+            raise ValueError(f"step_overlap_stages must be a bool (or None: automatic), got {overlap!r}")
+        if not overlap:
+            return
+        if self.batching != "step":
+            raise ValueError("step_overlap_stages applies to batching='step' only; leave it unset with "
+                             f"batching={self.batching!r}")
+        if self.enable_cpu_offload or self.enable_layerwise_offload:
+            raise ValueError("step_overlap_stages cannot be used with CPU offload (the encoders and VAE take "
+                             "turns with the transformer on the device); leave it unset or False")
+        if self.parallel_config.replica_world_size > 1:
+            raise ValueError("step_overlap_stages needs one process per replica (the ranks of a parallel group "
+                             "must agree on when a request joins); leave it unset or False")
+
+    @property
+    def overlap_stages(self) -> bool:
+        """step_overlap_stages resolved: batching="step" on CUDA, no CPU offload, one process per replica."""
+        if self.step_overlap_stages is not None:
+            return self.step_overlap_stages
+        return (self.batching == "step" and self.resolved_device.type == "cuda" and not self.enable_cpu_offload
+                and not self.enable_layerwise_offload and self.parallel_config.replica_world_size == 1)
 
     def _check_step_caps(self) -> None:
         if not isinstance(self.step_preemption, bool):

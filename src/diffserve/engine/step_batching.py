@@ -12,8 +12,13 @@ who runs:
 - Between steps, waiting requests with the running key join in arrival order while the batch stays
   within its caps: `max_batch_size` prompts, `step_max_batch_tokens` activation tokens
   (diffserve.engine.cost.activation_tokens) and `step_latency_target_ms` of predicted step time
-  (StepTimes: measured per step key and batch size). Finished requests leave (decoded at once);
-  requests whose callers left (`cancelled`) are dropped, their states freed.
+  (StepTimes: measured per step key and batch size). Finished requests leave; requests whose callers
+  left (`cancelled`) are dropped, their states freed.
+- Begin (encode, prepare) and finish (decode) run on the worker inline or, with step_overlap_stages,
+  on a background thread while the batch keeps stepping (diffserve.engine.stages): a started request
+  is `beginning` until the worker reports it begun, and joins the steps at that boundary; a finished
+  one is `finishing` until its output comes. The batch's key stays while requests of it are beginning
+  (they are part of the batch), and parking waits for them to join.
 - Fairness: a waiting request whose key differs waits at most `step_max_wait` steps of the running
   batch; then the batch stops admitting and drains, and the next batch starts with that request's key.
   Its wait is bounded by step_max_wait plus the longest remaining step count of the batch. With
@@ -161,10 +166,13 @@ class StepBatcher:
         self.preemption = config.step_preemption
         self.running: dict[str, _Run] = {}
         self.parked: dict[str, _Run] = {}
+        self.beginning: dict[str, _Run] = {}  # started, being encoded (total_steps unknown yet)
+        self.finishing: dict[str, _Run] = {}  # steps done, being decoded
         self.key: tuple | None = None  # the running batch's step key
         self.occupancy: list[int] = []  # samples per step, over all steps run
         self.preemptions = 0  # step boundaries where the running requests were parked
         self.step_times = StepTimes()
+        engine.executor.collective_rpc("step_stages", config.overlap_stages)
 
     # Hooks for the async engine (diffserve.engine.step_runner); called on the runner's thread.
     def started(self, entry: ScheduledRequest) -> None:
@@ -183,8 +191,18 @@ class StepBatcher:
 
     @property
     def busy(self) -> bool:
-        """Requests are running or parked."""
-        return bool(self.running or self.parked)
+        """Requests are running, parked, being encoded or being decoded."""
+        return bool(self.running or self.parked or self.beginning or self.finishing)
+
+    def _runs(self) -> list[_Run]:
+        """Every request the batcher holds (not the queue)."""
+        return [*self.running.values(), *self.parked.values(), *self.beginning.values(), *self.finishing.values()]
+
+    def _forget_all(self) -> list[_Run]:
+        runs = self._runs()
+        for held in (self.running, self.parked, self.beginning, self.finishing):
+            held.clear()
+        return runs
 
     @property
     def idle(self) -> bool:
@@ -199,8 +217,11 @@ class StepBatcher:
         with self.lock:
             plan = self._plan()
         answered = self._apply(plan)
+        # With nothing to step, wait for a begin or a decode instead of spinning.
+        answered += self._collect(wait=not self.running)
         if self.running:
             answered += self._run_step()
+            answered += self._collect()  # inline, the finished requests' outputs are here already
         return answered
 
     def run_all(self) -> list[DiffusionOutput]:
@@ -211,30 +232,24 @@ class StepBatcher:
 
     def stop_all(self) -> list[tuple[ScheduledRequest, DiffusionOutput]]:
         """Stop every running and parked request (shutdown); their outputs say so."""
-        runs = [*self.running.values(), *self.parked.values()]
-        self.running.clear()
-        self.parked.clear()
-        return [(run.entry, _stopped(run.entry.req)) for run in runs]
+        return [(run.entry, _stopped(run.entry.req)) for run in self._forget_all()]
 
     def fail_all(self, exc: Exception) -> list[tuple[ScheduledRequest, DiffusionOutput]]:
         """Every running and parked request fails with `exc` (their worker group died: states lost)."""
-        runs = [*self.running.values(), *self.parked.values()]
-        self.running.clear()
-        self.parked.clear()
-        return [(run.entry, self.engine.error_output(run.entry.req, exc)) for run in runs]
+        return [(run.entry, self.engine.error_output(run.entry.req, exc)) for run in self._forget_all()]
 
     # -- deciding, under the lock -----------------------------------------------------------------
 
     def _plan(self) -> _Plan:
-        plan = _Plan(drop=[run for run in (*self.running.values(), *self.parked.values()) if run.entry.cancelled])
+        plan = _Plan(drop=[run for run in self._runs() if run.entry.cancelled])
         for run in plan.drop:
-            self.running.pop(run.request_id, None)
-            self.parked.pop(run.request_id, None)
-        if self.running and self._overdue():
-            if not self.preemption:
-                return plan  # drain: the waiting request's key runs next
+            for held in (self.running, self.parked, self.beginning, self.finishing):
+                held.pop(run.request_id, None)
+        if (self.running or self.beginning) and self._overdue():
+            if not self.preemption or self.beginning:
+                return plan  # drain (the waiting request's key runs next), or park once the beginning joined
             plan.park = self._park_running()
-        if not self.running:
+        if not self.running and not self.beginning:
             self.key = self._next_key()
         self._fill(plan)
         return plan
@@ -269,7 +284,7 @@ class StepBatcher:
     def _fill(self, plan: _Plan) -> None:
         """Resume parked requests with the running key, then take queued ones, while the caps allow."""
         load = _Load()
-        for run in self.running.values():
+        for run in (*self.running.values(), *self.beginning.values()):
             load.add(run.entry.req, run.tokens)
         for run in [run for run in self.parked.values() if run.entry.key == self.key]:
             if not self._fits(load, run.entry.req, run.tokens):
@@ -313,12 +328,32 @@ class StepBatcher:
                 rpc(method, [run.request_id for run in runs])
         for entry in plan.start:
             try:
-                total = rpc("step_begin", entry.req.request_id, entry.req)[0]
+                rpc("step_begin", entry.req.request_id, entry.req)
             except Exception as exc:
                 answered.append((entry, self.engine.error_output(entry.req, exc)))
                 continue
             tokens = activation_tokens(self.engine.spec, entry.req)
-            self.running[entry.req.request_id] = _Run(entry, total, tokens)
+            self.beginning[entry.req.request_id] = _Run(entry, 0, tokens)
+        return answered
+
+    def _collect(self, wait: bool = False) -> list[tuple[ScheduledRequest, DiffusionOutput]]:
+        """Begun requests join the running ones; decoded ones are answered, as are failed begins and
+        decodes (that request only)."""
+        if not self.beginning and not self.finishing:
+            return []
+        answered, rpc = [], self.engine.executor.collective_rpc
+        for kind, request_id, value in rpc("step_collect", wait)[0]:
+            if request_id not in self.beginning and request_id not in self.finishing:
+                # Its caller left (or fail_all forgot it) while its job ran: a begun state is freed.
+                rpc("step_drop", [request_id])
+            elif kind == "begun":
+                run = self.running[request_id] = self.beginning.pop(request_id)
+                run.total_steps = value
+            elif kind == "output":
+                answered.append(self._retire(self.finishing.pop(request_id), value))
+            else:
+                run = self.beginning.pop(request_id, None) or self.finishing.pop(request_id)
+                answered.append((run.entry, self.engine.error_output(run.entry.req, value)))
         return answered
 
     def _run_step(self) -> list[tuple[ScheduledRequest, DiffusionOutput]]:
@@ -340,11 +375,12 @@ class StepBatcher:
             for entry in self._candidates():
                 entry.waited_steps += entry.key != self.key
         self.stepped(samples, seconds)
-        return [self._retire(request_id, out) for request_id, out in finished]
+        for request_id in finished:
+            self.finishing[request_id] = self.running.pop(request_id)
+        return []
 
-    def _retire(self, request_id: str, output: DiffusionOutput) -> tuple[ScheduledRequest, DiffusionOutput]:
-        run = self.running.pop(request_id)
-        req = run.entry.req
+    def _retire(self, run: _Run, output: DiffusionOutput) -> tuple[ScheduledRequest, DiffusionOutput]:
+        request_id, req = run.request_id, run.entry.req
         output.request_id = request_id
         output.prompt = req.prompts[0].prompt if len(req.prompts) == 1 else None
         output.seed = req.prompts[0].seed if len(req.prompts) == 1 else None

@@ -102,7 +102,7 @@ def _wait_for_work(engine: "AsyncDiffusionEngine", replica: "Replica", batcher: 
 def _publish(engine: "AsyncDiffusionEngine", replica: "Replica", batcher: StepBatcher) -> None:
     """What the watchdog, cancellation and /metrics read: the replica's requests and state."""
     with engine._cond:
-        replica.running = [run.entry for run in (*batcher.running.values(), *batcher.parked.values())]
+        replica.running = [run.entry for run in batcher._runs()]
         if replica.status in ("ready", "busy"):
             # A dead group takes no more work; _recover decides what happens to it.
             healthy = replica.engine.is_healthy()

@@ -21,6 +21,7 @@ from diffserve.distributed.sequence_parallel import apply_sequence_parallel
 from diffserve.distributed.vae_patch import apply_vae_slicing, apply_vae_tiling
 from diffserve.engine.cost import CostProfile, profile_denoisers
 from diffserve.engine.errors import RequestAborted
+from diffserve.engine.stages import StageJobs, StageResult
 from diffserve.layers.attention import select_attention_backend, set_attention_backend
 from diffserve.layers.mlp import set_ffn_chunk_size
 from diffserve.layers.quantization import check_fp8_supported, quantize_linear_layers
@@ -98,6 +99,8 @@ class DiffusionWorker:
         # batching="step": the running requests by id, each between the pipeline's begin and finish.
         self._running: dict[str, PipelineRun] = {}
         self._parked: dict[str, PipelineRun] = {}  # preempted at a step boundary, resumed later
+        # Their begin and finish jobs: inline, or overlapped with the steps (step_overlap_stages).
+        self._stages = StageJobs(self.device, od_config.overlap_stages)
 
     def load_pipeline(self) -> nn.Module:
         """Load on the device; with CPU offload on the host (the offloader brings weights over as they
@@ -245,11 +248,15 @@ class DiffusionWorker:
         return torch.no_grad() if self.od_config.parallel_config.use_hsdp else torch.inference_mode()
 
     def _prepare_request(self, req: OmniDiffusionRequest) -> OmniDiffusionRequest:
-        if self.pre_process is not None:
-            req = self.pre_process(req)
+        self._activate_lora(req)
+        return self._pre_process(req)
+
+    def _activate_lora(self, req: OmniDiffusionRequest) -> None:
         if self.lora is not None:
             self.lora.activate(req.sampling_params.lora)
-        return req
+
+    def _pre_process(self, req: OmniDiffusionRequest) -> OmniDiffusionRequest:
+        return self.pre_process(req) if self.pre_process is not None else req
 
     def _post_process(self, output: DiffusionOutput, req: OmniDiffusionRequest) -> DiffusionOutput:
         if self.post_process is not None and self.rank == 0:
@@ -261,24 +268,61 @@ class DiffusionWorker:
     def supports_step_batching(self) -> bool:
         return bool(getattr(self.pipeline, "supports_step_batching", False))
 
-    def step_begin(self, request_id: str, req: OmniDiffusionRequest) -> int:
-        """Encode and prepare `req`; it runs from the next step_run on; its number of steps. Running
-        requests share a step key, so they share the LoRA set activated here."""
-        with self._grad_off():
-            req = self._prepare_request(req)
-            run = self.pipeline.begin(req)
+    def step_stages(self, overlap: bool) -> None:
+        """Run begin and finish jobs overlapped with the steps or inline, as the step batcher's engine
+        config says (called when a batcher starts; jobs still running are waited for, and a batcher
+        drops the results of requests it does not hold)."""
+        if overlap == self._stages.overlapped:
+            return
+        self._stages.close()
+        self._stages = StageJobs(self.device, overlap)
+
+    def step_begin(self, request_id: str, req: OmniDiffusionRequest) -> None:
+        """Start encoding and preparing `req` (with step_overlap_stages on the stage thread while the
+        steps go on, else now); it runs from the step_run after the step_collect that reports it begun.
+        Its LoRA set is activated here, on the step thread: adapters live in the denoisers only, and the
+        running requests share the step key, hence that set."""
+        self._activate_lora(req)
+        self._stages.submit("begin", request_id, lambda: self._begin(req))
+
+    def _begin(self, req: OmniDiffusionRequest) -> PipelineRun:
+        with self._grad_off():  # per thread
+            run = self.pipeline.begin(self._pre_process(req))
         # Each request steps its own scheduler: FlowMatchEulerDiscreteScheduler keeps a step index.
+        # Copied in the same job as begin, which set the shared one's timesteps.
         run.state.scheduler = copy.deepcopy(run.state.scheduler)
+        return run
+
+    def step_collect(self, wait: bool = False) -> list[tuple[str, str, object]]:
+        """The begin and finish jobs done since the last call: ("begun", id, its number of steps) (it
+        runs from the next step_run on), ("output", id, its DiffusionOutput) or ("error", id, the
+        exception). `wait`: block until one is done (the step thread has nothing to step meanwhile). A
+        request whose caller left meanwhile is reported too: the batcher drops it (step_drop)."""
+        events = []
+        for result in self._stages.collect(wait):
+            rid = result.request_id
+            if result.error is not None:
+                events.append(("error", rid, result.error))
+            elif result.kind == "begin":
+                events.append(("begun", rid, self._join(result)))
+            else:
+                events.append(("output", rid, result.value))
+        return events
+
+    def _join(self, result: StageResult) -> int:
+        run: PipelineRun = result.value
+        self._stages.hand_over(result, run.state)
         if self.cache_backend is not None:  # its own cache state, as refresh() gives a request alone
-            self.cache_backend.begin_request(request_id, req.sampling_params.num_inference_steps, run.state.scheduler)
-        self._running[request_id] = run
+            self.cache_backend.begin_request(result.request_id, run.req.sampling_params.num_inference_steps,
+                                             run.state.scheduler)
+        self._running[result.request_id] = run
         return len(run.state.timesteps)
 
-    def step_run(self) -> tuple[int, float, list[tuple[str, DiffusionOutput]]]:
+    def step_run(self) -> tuple[int, float, list[str]]:
         """One step of every running request in one transformer call (one per expert or guidance
         variant the step needs: denoise_step). The samples stepped, the step's seconds (decodes
-        excluded), and (id, output) of each request that finished with this step (decoded and
-        post-processed)."""
+        excluded), and the ids of the requests that finished with this step: their decodes are
+        submitted, their outputs come from step_collect."""
         runs = list(self._running.items())
         request_ids, states = [rid for rid, _ in runs], [run.state for _, run in runs]
 
@@ -289,9 +333,12 @@ class DiffusionWorker:
         with self._grad_off():
             denoise_step(self.pipeline, states, call_scope)
             if self.device.type == "cuda":  # the step's time, not its launch's (the latency cap reads it)
-                torch.cuda.synchronize(self.device)
+                # This stream's only: an encode or decode on the stage stream must not hold the step up.
+                torch.cuda.current_stream(self.device).synchronize()
             seconds = time.perf_counter() - start
-            finished = [(rid, self._finish(rid)) for rid, run in runs if run.state.done]
+        finished = [rid for rid, run in runs if run.state.done]
+        for rid in finished:
+            self._retire(rid)
         return sum(run.state.num_samples for _, run in runs), seconds, finished
 
     def step_park(self, request_ids: list[str]) -> None:
@@ -330,11 +377,16 @@ class DiffusionWorker:
         finally:
             self.cache_backend.select_requests(None)
 
-    def _finish(self, request_id: str) -> DiffusionOutput:
+    def _retire(self, request_id: str) -> None:
+        """Submit a finished request's decode; its cache state ends here, on the step thread."""
         run = self._running.pop(request_id)
-        output = self._post_process(self.pipeline.finish(run), run.req)
-        if self.cache_backend is not None:
-            output.metrics.update(self.cache_backend.finish_request(request_id))
+        cache_metrics = self.cache_backend.finish_request(request_id) if self.cache_backend is not None else {}
+        self._stages.submit("finish", request_id, lambda: self._finish(run, cache_metrics))
+
+    def _finish(self, run: PipelineRun, cache_metrics: dict) -> DiffusionOutput:
+        with self._grad_off():
+            output = self._post_process(self.pipeline.finish(run), run.req)
+        output.metrics.update(cache_metrics)
         return output
 
     def step_reset(self) -> None:
@@ -376,6 +428,7 @@ class DiffusionWorker:
         return path
 
     def close(self) -> None:
+        self._stages.close()
         self.pipeline = None
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()

@@ -125,12 +125,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                            "lists; step caches keep a state per request)")
     for flag, _, typ, help_text in BATCHING_FLAGS:
         step.add_argument(flag, type=typ, default=None, help=help_text)
+    step.add_argument("--step-overlap-stages", action=argparse.BooleanOptionalAction, default=None,
+                      help="with --batching step: encode joining requests and decode finished ones on a "
+                           "background thread (its own CUDA stream) while the batch steps (default: on with "
+                           "CUDA, no CPU offload and one process per replica)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Only the flags the user gave: everything else keeps the config's default."""
     keys = ([key for _, key, _, _ in ENGINE_FLAGS + BATCHING_FLAGS] + [key for _, key, _ in ENGINE_SWITCHES]
-            + ["cache_config", "batching"])
+            + ["cache_config", "batching", "step_overlap_stages"])
     kwargs = {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
     if getattr(args, "lora_modules", None) is not None:
         kwargs["lora_modules"] = pairs_to_dict(args.lora_modules, "--lora-modules")
