@@ -6,9 +6,9 @@ N clients arriving at random (a Poisson process) at one server, through the engi
 - request-level batching: max_batch_size=--max-batch-size, batching="request" (a batch forms when it
   starts and runs to its end);
 - step-level batching: the same max_batch_size, batching="step" (requests join and leave the running
-  batch between denoise steps), with joining requests encoded and finished ones decoded on the
-  worker's stage thread while the batch steps (step_overlap_stages=True); --step-overlap off runs
-  them inline on the step loop instead, --step-overlap both runs both and reports the ratio.
+  batch between denoise steps), joining requests encoded and finished ones decoded inline on the
+  step loop; --step-overlap on runs them on the worker's stage thread while the batch steps
+  (step_overlap_stages=True), --step-overlap both runs both and reports the ratio.
 
 The model is FLUX.1-dev's real configs with random bf16 weights, built on the GPU at load, with no
 checkpoint read or written (bench_offload's config folder and random fill); it loads once and each
@@ -229,7 +229,7 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/bench_step_batching", help="where the config folder goes")
     parser.add_argument("--tiny", action="store_true", help="the tiny FLUX test checkpoint (a smoke test)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--step-overlap", choices=("on", "off", "both"), default="on",
+    parser.add_argument("--step-overlap", choices=("on", "off", "both"), default="off",
                         help="step-level mode: encode/decode on the stage thread (on), inline (off), or both modes")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()

@@ -255,11 +255,9 @@ class OmniDiffusionConfig:
     # this many milliseconds. None: no latency cap.
     step_latency_target_ms: float | None = None
     # batching="step": encode and prepare joining requests, and decode finished ones, on a background
-    # thread (its own CUDA stream on a GPU) while the running batch keeps stepping. None: on when the
-    # device is CUDA, without CPU offload (the encoders and VAE take turns with the transformer there)
-    # and with one process per replica (ranks must agree on when a request joins); see
-    # `overlap_stages`.
-    step_overlap_stages: bool | None = None
+    # thread (its own CUDA stream on a GPU) while the running batch keeps stepping. Opt-in: its CUDA
+    # stream path has not yet run on a GPU (docs/step_batching.md).
+    step_overlap_stages: bool = False
     disable_progress_bar: bool = ENV_DISABLE_PROGRESS_BAR
     # Where start_profile()/stop_profile() write traces; None: ./diffserve_profiles.
     profile_dir: str | None = None
@@ -327,27 +325,18 @@ class OmniDiffusionConfig:
 
     def _check_step_overlap(self) -> None:
         overlap = self.step_overlap_stages
-        if overlap is not None and not isinstance(overlap, bool):
-            raise ValueError(f"step_overlap_stages must be a bool (or None: automatic), got {overlap!r}")
+        if not isinstance(overlap, bool):
+            raise ValueError(f"step_overlap_stages must be a bool, got {overlap!r}")
         if not overlap:
             return
         if self.batching != "step":
-            raise ValueError("step_overlap_stages applies to batching='step' only; leave it unset with "
-                             f"batching={self.batching!r}")
+            raise ValueError("step_overlap_stages applies to batching='step' only; use batching='step' or leave it False")
         if self.enable_cpu_offload or self.enable_layerwise_offload:
             raise ValueError("step_overlap_stages cannot be used with CPU offload (the encoders and VAE take "
-                             "turns with the transformer on the device); leave it unset or False")
+                             "turns with the transformer on the device); leave it False")
         if self.parallel_config.replica_world_size > 1:
             raise ValueError("step_overlap_stages needs one process per replica (the ranks of a parallel group "
-                             "must agree on when a request joins); leave it unset or False")
-
-    @property
-    def overlap_stages(self) -> bool:
-        """step_overlap_stages resolved: batching="step" on CUDA, no CPU offload, one process per replica."""
-        if self.step_overlap_stages is not None:
-            return self.step_overlap_stages
-        return (self.batching == "step" and self.resolved_device.type == "cuda" and not self.enable_cpu_offload
-                and not self.enable_layerwise_offload and self.parallel_config.replica_world_size == 1)
+                             "must agree on when a request joins); leave it False")
 
     def _check_step_caps(self) -> None:
         if not isinstance(self.step_preemption, bool):

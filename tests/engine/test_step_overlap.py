@@ -212,10 +212,9 @@ def test_the_server_answers_every_request_once_with_overlap(tiny_checkpoint):
         assert (out.images - alone[out.request_id]).abs().max().item() <= TOLERANCE
 
 
-def test_step_overlap_stages_resolution_and_errors(tiny_checkpoint):
+def test_step_overlap_stages_errors(tiny_checkpoint):
     path = tiny_checkpoint("demo-dit")
-    assert not OmniDiffusionConfig(model=path, device="cpu", batching="step").overlap_stages  # CPU: off
-    assert OmniDiffusionConfig(model=path, device="cpu", batching="step", step_overlap_stages=True).overlap_stages
+    assert not OmniDiffusionConfig(model=path, device="cpu", batching="step").step_overlap_stages  # opt-in
     refused = {
         "applies to batching='step' only": {"step_overlap_stages": True},
         "cannot be used with CPU offload": {"batching": "step", "step_overlap_stages": True,
@@ -232,9 +231,8 @@ def test_step_overlap_stages_resolution_and_errors(tiny_checkpoint):
 @pytest.mark.gpu
 def test_cuda_side_stream_staggered_equal_alone(tiny_checkpoint):
     with Omni(tiny_checkpoint("demo-dit"), dtype="float32", device="cuda", batching="step", max_batch_size=4,
-              disable_progress_bar=True) as omni:
+              step_overlap_stages=True, disable_progress_bar=True) as omni:
         engine = omni.engine
-        assert engine.od_config.overlap_stages  # the default on CUDA
         reqs = [_request(engine, f"prompt {i}", i, steps=3 + i, guidance_scale=3.0, negative="blur")
                 for i in range(3)]
         outputs, _ = _run_staggered(engine, {0: reqs[:1], 1: reqs[1:2], 2: reqs[2:]})

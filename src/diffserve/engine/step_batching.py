@@ -172,7 +172,7 @@ class StepBatcher:
         self.occupancy: list[int] = []  # samples per step, over all steps run
         self.preemptions = 0  # step boundaries where the running requests were parked
         self.step_times = StepTimes()
-        engine.executor.collective_rpc("step_stages", config.overlap_stages)
+        engine.executor.collective_rpc("step_stages", config.step_overlap_stages)
 
     # Hooks for the async engine (diffserve.engine.step_runner); called on the runner's thread.
     def started(self, entry: ScheduledRequest) -> None:

@@ -100,7 +100,7 @@ class DiffusionWorker:
         self._running: dict[str, PipelineRun] = {}
         self._parked: dict[str, PipelineRun] = {}  # preempted at a step boundary, resumed later
         # Their begin and finish jobs: inline, or overlapped with the steps (step_overlap_stages).
-        self._stages = StageJobs(self.device, od_config.overlap_stages)
+        self._stages = StageJobs(self.device, od_config.step_overlap_stages)
 
     def load_pipeline(self) -> nn.Module:
         """Load on the device; with CPU offload on the host (the offloader brings weights over as they

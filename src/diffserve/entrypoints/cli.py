@@ -127,8 +127,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         step.add_argument(flag, type=typ, default=None, help=help_text)
     step.add_argument("--step-overlap-stages", action=argparse.BooleanOptionalAction, default=None,
                       help="with --batching step: encode joining requests and decode finished ones on a "
-                           "background thread (its own CUDA stream) while the batch steps (default: on with "
-                           "CUDA, no CPU offload and one process per replica)")
+                           "background thread (its own CUDA stream) while the batch steps (default: off)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
