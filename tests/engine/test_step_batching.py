@@ -2,7 +2,6 @@
 output equals its output run alone (CPU, fp32, tiny random weights)."""
 
 import pytest
-import torch
 
 from diffserve import Omni
 from diffserve.config import OmniDiffusionConfig

@@ -5,7 +5,6 @@ bodies, authentication details, model names."""
 import asyncio
 import io
 import os
-import re
 import socket
 import time
 

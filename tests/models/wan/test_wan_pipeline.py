@@ -3,7 +3,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from diffserve.models.interface import discover_components
 from diffserve.models.outputs import video_post_process
