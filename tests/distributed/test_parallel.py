@@ -38,9 +38,11 @@ FOUR_PROCESS_MODES = ("tp2xcfg2", "ulysses2xcfg2", "ulysses2xring2")
 # and the demo model. The single modes, the other pairs and the other families' HSDP are the slow tier.
 DEFAULT_MODES = ("tp2xcfg2", "ulysses2xring2")
 DEFAULT_HSDP_FAMILIES = ("flux", "demo-dit")
-# Qwen-Image-Edit-Plus subclasses Qwen-Image-Edit and runs every path of it (with several images), so
-# the default run checks Plus; Edit's own worlds are in the slow tier.
-SLOW_ONLY_FAMILIES = ("qwen-image-edit",)
+# Where one family's worlds run every path of another's, the default run checks the larger one and
+# the other's worlds are in the slow tier: Qwen-Image-Edit-Plus subclasses Qwen-Image-Edit, which
+# subclasses Qwen-Image (the same transformer, plus reference-image tokens); "sd3.5-medium" runs the
+# SD3 pipeline and transformer with q/k norms and dual attention, "sd3" with q/k norms only.
+SLOW_ONLY_FAMILIES = ("qwen-image-edit", "qwen-image", "sd3")
 
 
 def _one_case_per_pipeline(backend: str = "native"):
