@@ -49,9 +49,10 @@ import os
 import shutil
 import time
 import zlib
-from contextlib import contextmanager
 
 import torch
+
+from bench_flux_transformer import default_dtype
 
 GIB = 1024**3
 # mode -> engine options; "chunked" modes add ffn_chunk_size=--ffn-chunk-size, and "layerwise_resident"
@@ -146,16 +147,6 @@ def _random_like(name: str, shape, device: torch.device) -> torch.Tensor:
     return 1 + 0.05 * values if name.endswith("weight") else 0.02 * values
 
 
-@contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def install_random_weights(device: torch.device) -> None:
     """Make this process build every component from its config with random weights drawn on `device`."""
     from diffusers import ModelMixin
@@ -173,7 +164,7 @@ def install_random_weights(device: torch.device) -> None:
         torch.manual_seed(_seed(subfolder or path))
         # Built on the device in its dtype (never billions of float32 parameters on the host), then
         # handed to the pipeline on the host, as from_pretrained does.
-        with torch.device(device), _default_dtype(dtype or torch_dtype or torch.float32), torch.no_grad():
+        with torch.device(device), default_dtype(dtype or torch_dtype or torch.float32), torch.no_grad():
             module = build()
             for name, p in module.named_parameters():
                 if p.dim() == 1:  # no norm or bias trivially 1 or 0
