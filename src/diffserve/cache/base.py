@@ -71,10 +71,6 @@ class CacheBackend(ABC):
     def finish_request(self, request_id: str) -> dict[str, Any]:
         """The request left the batch: its output metrics (as request_metrics()); its state is dropped."""
 
-    @abstractmethod
-    def drop_requests(self) -> None:
-        """Forget every running request's state (a step failed)."""
-
     def is_enabled(self) -> bool:
         return self._enabled
 

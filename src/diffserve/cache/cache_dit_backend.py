@@ -266,6 +266,3 @@ class CacheDiTBackend(CacheBackend):
             for context in per_list.values():
                 context.clear_buffers()
         return self.metrics(count)
-
-    def drop_requests(self) -> None:
-        self._requests.clear()

@@ -128,6 +128,3 @@ class TeaCacheBackend(CacheBackend):
     def finish_request(self, request_id: str) -> dict[str, Any]:
         counter, _ = self._requests.pop(request_id)
         return self.metrics(len(counter.cached_steps))
-
-    def drop_requests(self) -> None:
-        self._requests.clear()
