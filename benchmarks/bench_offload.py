@@ -9,7 +9,8 @@ Modes (--modes, `none` first): none, model, layerwise; none_chunked and layerwis
 their max-abs distance from none is printed); layerwise_resident (layerwise_resident_blocks=
 --resident-blocks, by default the fewest with which copying the streamed blocks takes at most
 --resident-copy-ratio x the step time of none, from the measured bandwidth). For each layerwise mode
-it prints the bytes copied per step and the bound they set (bytes / bandwidth).
+it prints the bytes copied per step and the bound they set (bytes / bandwidth); for every mode, the
+bytes offload copied to the device per timed request.
 
 No checkpoint is read or written: each model's folder holds only its configs (the real ones: the
 FLUX.1-dev transformer, CLIP-L, T5-XXL and the FLUX VAE; the Wan2.1 14B transformer, UMT5-XXL and the
@@ -247,6 +248,18 @@ class CallClock:
         return seconds / (len(self.marks) - 2) * (len(self.marks) / steps)
 
 
+def count_copied_bytes(offloader) -> list[int]:
+    """The bytes of each weight set offload copies to the device from now on (nothing without offload)."""
+    copied: list[int] = []
+    if offloader is not None:
+        def trace(action: str, name: str) -> None:
+            if action == "load":
+                copied.append(offloader.sets[name].nbytes)
+
+        offloader.transfers.trace = trace
+    return copied
+
+
 def engine_options(mode: str, ffn_chunk_size: int, resident_blocks: int) -> dict:
     options = {k: v for k, v in MODES[mode].items() if k not in ("chunked", "resident")}
     if MODES[mode].get("chunked"):
@@ -293,6 +306,7 @@ def measure_mode(path: str, mode: str, engine: dict, setup: dict) -> dict:
         blocks = block_bytes(worker.pipeline) if mode == "none" else None
         latents = capture_latents(worker.pipeline)
         omni.generate(setup["prompt"], OmniDiffusionSamplingParams(**setup["warmup"]))
+        copied = count_copied_bytes(worker.offloader)
         clocks = []
         for dit in discover_components(worker.pipeline)["dit"].values():
             dit.register_forward_pre_hook(lambda module, args: clocks[-1].mark(module, args))
@@ -317,6 +331,8 @@ def measure_mode(path: str, mode: str, engine: dict, setup: dict) -> dict:
         # What layerwise offload copies to the device per denoise step: its streamed blocks, once per
         # transformer call (one per step with the CFG branches batched).
         "streamed_gib_per_step": streamed * len(calls) / (steps * len(runs)) / GIB,
+        # Everything offload copied to the device per timed request (encoders and VAEs included).
+        "copied_gib_per_request": sum(copied) / len(runs) / GIB,
         "blocks": blocks,
         "load_s": load_s,
         "step_s": sorted(m["denoise_s"] for m in runs)[len(runs) // 2] / steps,
@@ -406,16 +422,16 @@ def verdicts(rows: list[dict], default_steps: int) -> list[str]:
 def report(title: str, rows: list[dict], default_steps: int, bandwidth: float | None, on_gpu: bool) -> list[str]:
     print(f"\n**{title}**\n")
     print(f"| mode | options | per-step s | step vs none | e2e s | e2e vs none | e2e vs none at {default_steps} steps | "
-          "peak GiB | denoise peak GiB | denoise peak / DiT bytes | copied GiB / step | latents identical to | "
-          "max-abs vs none | load s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+          "peak GiB | denoise peak GiB | denoise peak / DiT bytes | copied GiB / step | copied GiB / request | "
+          "latents identical to | max-abs vs none | load s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in rows:
         same = f"{r['reference']}: {'yes' if r['identical'] else 'NO'}"
         options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
         print(f"| {r['mode']} | {options} | {r['step_s']:.3f} | {r['step_ratio']:.2f}x | {r['e2e_s']:.2f} | "
               f"{r['e2e_ratio']:.3f}x | {r[f'e2e_ratio_at_{default_steps}_steps']:.3f}x | {r['peak_gib']:.2f} | "
               f"{r['denoise_peak_gib']:.2f} | {r['denoise_peak_share_of_dit']:.0%} | {r['streamed_gib_per_step']:.2f} | "
-              f"{same} | {r['max_abs_vs_none']} | {r['load_s']:.0f} |")
+              f"{r['copied_gib_per_request']:.2f} | {same} | {r['max_abs_vs_none']} | {r['load_s']:.0f} |")
     lines = verdicts(rows, default_steps) if on_gpu else ["(no GPU: no memory figures and no verdicts)"]
     if bandwidth:
         for r in rows:

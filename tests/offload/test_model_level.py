@@ -3,6 +3,7 @@ weights are copied and waited for, and what the hooks do with inputs."""
 
 from collections import namedtuple
 
+import pytest
 import torch
 
 from diffserve.offload import Offloader
@@ -33,16 +34,17 @@ def test_stages_take_turns_in_request_order():
         ("release", "text_encoder"),
         *[("load", b) for b in BLOCKS[1:]],
         ("wait", "transformer"), ("wait", BLOCKS[0]), ("wait", BLOCKS[1]), ("wait", BLOCKS[2]),
-        # Decoding: the denoiser goes, the VAE comes, and the next request's encoders are copied
-        # during the decode (encoders + VAE are smaller than the denoiser).
-        ("release", "transformer"), *[("release", b) for b in BLOCKS],
+        # Decoding: the VAE comes and the next request's encoders are copied during the decode (encoders
+        # + VAE are smaller than the denoiser); the denoiser keeps what fits next to both (its rest: 576 of
+        # the 1536 - 512 - 236 bytes left) and lets its blocks go.
+        *[("release", b) for b in BLOCKS],
         ("load", "vae"), ("wait", "vae"),
         ("load", "text_encoder"),
     ]
     moves.clear()
     pipeline(ids(), steps=1)
-    assert moves[:5] == [("release", "vae"), ("wait", "text_encoder"), ("load", "transformer"), ("load", BLOCKS[0]),
-                         ("release", "text_encoder")]
+    # The next request copies its first block while encoding, the rest of it is still there.
+    assert moves[:4] == [("release", "vae"), ("wait", "text_encoder"), ("load", BLOCKS[0]), ("release", "text_encoder")]
 
 
 def test_each_component_is_on_the_device_when_it_runs_and_alone():
@@ -201,3 +203,104 @@ def test_each_expert_streams_on_its_first_call_and_goes_at_the_decode():
         for b in blocks[1:]:
             assert calls[calls.index(("wait", b)) + 1] == ("run", b)
         assert calls.count(("run", blocks[0])) == 2  # two steps per expert, the second copying nothing
+
+
+# -- what the first denoiser keeps between requests ----------------------------------------------------
+
+# Two toys (the largest stage is the denoiser): encoders (512 bytes) and VAE (236) leave most of a deep
+# denoiser's 3136 bytes free, so the decode keeps its rest and blocks 0-4 (2176 of the 2388 left); a
+# padded VAE (836) leaves 188 bytes next to the encoders, less than any set: nothing is kept.
+ROOMY = {"depth": 8, "vae_padding": 0, "kept": 6}
+FULL = {"depth": 3, "vae_padding": 150, "kept": 0}
+
+
+def _toy(depth, vae_padding, **_):
+    pipeline = ToyPipeline(depth=depth)
+    if vae_padding:
+        pipeline.vae.register_buffer("padding", torch.zeros(vae_padding))
+    return pipeline
+
+
+def _offload_within_budget(pipeline):
+    """Model-level offload whose every copy checks that the weights on the device, the new ones with them,
+    stay within the largest stage: the budget holds at every moment, not only at stage entries."""
+    moves = []
+
+    def trace(action, name):
+        moves.append((action, name))
+        if action == "load":
+            held = sum(ws.nbytes for ws in offloader.sets.values() if ws.resident or ws.name == name)
+            assert held <= offloader.components._largest_stage_bytes(), (name, moves)
+
+    offloader = Offloader(pipeline, "model", CPU, trace=trace)
+    return offloader, moves
+
+
+def _watch_entries(pipeline, offloader):
+    """(entry, names of the sets on the device, their bytes) as each component starts, after the offloader's
+    hooks (which are prepended) made its stage active."""
+    seen = []
+    entries = {"text_encoder": pipeline.text_encoder, "vae.encode": pipeline.vae.encoder,
+               "transformer": pipeline.transformer, "vae.decode": pipeline.vae.decoder}
+    for entry, module in entries.items():
+        def hook(m, args, entry=entry):
+            held = [ws for ws in offloader.sets.values() if ws.resident]
+            seen.append((entry, {ws.name for ws in held}, sum(ws.nbytes for ws in held)))
+
+        module.register_forward_pre_hook(hook)
+    return seen
+
+
+def _denoiser_sets(toy):
+    return ["transformer", *[f"transformer.blocks.{i}" for i in range(toy["depth"])]]
+
+
+@pytest.mark.parametrize("toy", [ROOMY, FULL], ids=["roomy", "full"])
+def test_back_to_back_requests_copy_only_what_the_decode_let_go(toy):
+    reference = _toy(**toy)(ids(), steps=2)
+    pipeline = _toy(**toy)
+    offloader, moves = _offload_within_budget(pipeline)
+    seen = _watch_entries(pipeline, offloader)
+    pipeline(ids(), steps=2)
+    dit_sets = _denoiser_sets(toy)
+    kept = set(dit_sets[: toy["kept"]])
+    # The decode holds the VAE, the next request's encoders and the first sets of the denoiser.
+    assert seen[-1][:2] == ("vae.decode", {"vae", "text_encoder"} | kept)
+    moves.clear()
+    seen.clear()
+    assert torch.equal(pipeline(ids(), steps=2), reference)
+    # The kept prefix is still there while the next request encodes, and is never copied again.
+    assert seen[0][0] == "text_encoder" and kept <= seen[0][1]
+    assert [moves.count(("load", name)) for name in dit_sets] == [name not in kept for name in dit_sets]
+
+
+@pytest.mark.parametrize("toy", [ROOMY, FULL], ids=["roomy", "full"])
+def test_weights_on_the_device_stay_within_the_largest_stage(toy):
+    pipeline = _toy(**toy)
+    offloader, moves = _offload_within_budget(pipeline)  # checks every copy
+    seen = _watch_entries(pipeline, offloader)
+    pipeline(ids(), steps=2)
+    pipeline(ids(), steps=2, image=torch.ones(2, 3))  # with a VAE encode between the encoders and denoiser
+    largest = offloader.components._largest_stage_bytes()
+    assert [entry for entry, _, _ in seen] == ["text_encoder", *["transformer"] * 2, "vae.decode"] + [
+        "text_encoder", "vae.encode", *["transformer"] * 2, "vae.decode"]
+    assert all(held <= largest for _, _, held in seen), seen
+    # The VAE encode keeps what fits next to it: all the roomy denoiser had copied during the encode (its
+    # rest and 6 blocks), the full one's rest (576 of 1536 - 836 bytes) without its first block.
+    dit_sets = _denoiser_sets(toy)
+    encode_held = seen[5][1] & set(dit_sets)
+    assert encode_held == set(dit_sets[: 7 if toy is ROOMY else 1])
+
+
+def test_two_experts_the_first_is_copied_again_and_the_second_goes_whole():
+    reference = ToyPipeline(depth=3, experts=2)(ids(), steps=4)
+    pipeline = ToyPipeline(depth=3, experts=2)
+    offloader, moves = _offload_within_budget(pipeline)
+    pipeline(ids(), steps=4)
+    # The second expert (as large as the first) let the first go; the decode lets the second go.
+    assert not any(offloader.is_resident(m) for m in (pipeline.transformer, pipeline.transformer_2))
+    moves.clear()
+    assert torch.equal(pipeline(ids(), steps=4), reference)
+    expert_sets = [f"{dit}{part}" for dit in ("transformer", "transformer_2")
+                   for part in ("", *[f".blocks.{i}" for i in range(3)])]
+    assert [moves.count(("load", name)) for name in expert_sets] == [1] * len(expert_sets)

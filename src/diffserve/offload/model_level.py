@@ -3,21 +3,28 @@
 The stages, in the order a request uses them: the encoders (together), each denoiser (Wan2.2's two
 experts one at a time), the VAEs. A hook on each component's entry (`forward`; `encode`/`decode` for
 VAEs; the direct submodules of encoders and VAEs, which pipelines may call themselves) makes its stage
-the active one: every other stage is let go (at no cost: weights are read-only, nothing is copied
-back) and the stage is loaded. Tensor inputs on another device are moved to the
-execution device, since a pipeline may read a component's device while the component is on the host.
+the active one: the stage is loaded and every other stage is let go (at no cost: weights are read-only,
+nothing is copied back), except the first denoiser's first sets (below). Tensor inputs on another device
+are moved to the execution device, since a pipeline may read a component's device while the component
+is on the host.
 
-Copies overlap with compute where the next use is known:
+Weight budget: the weights on the device never exceed the largest stage's bytes, at any moment, so
+offload's peak is the largest stage. Within it, copies overlap with compute where the next use is known:
 - a denoiser is copied in call order, the rest of it first and then block by block, each with its
   own event: its first call starts once the first block is there, and each block waits for its own
   copy only, so the first step computes behind the copy of the blocks after the running one. The
   blocks then stay until the stage is let go: later calls copy nothing;
 - while the encoders run, the first denoiser's copy starts: its rest and first blocks, as many as fit
-  next to the encoders within the largest stage (so that this never raises the weights' peak). A VAE
-  encoding an input image keeps them if they fit next to it too;
+  next to the encoders within the largest stage;
 - when a VAE starts decoding, the denoisers are done and the next request starts with the encoders:
-  they are copied during the decode, provided the encoders and VAEs together are no larger than the
-  largest stage (so that this never raises the peak).
+  they are copied during the decode, provided the encoders and VAEs together fit within the largest
+  stage;
+- the first denoiser's sets are copied first by the next request anyway, so when a stage other than a
+  denoiser becomes active (a decode with the encoders it copies, the encoders, a VAE encoding an input
+  image) the first denoiser keeps the longest prefix of its sets, in call order, that fits next to it
+  within the largest stage, and lets only the rest go: the next request finds that prefix on the device
+  and copies only the rest. A denoiser becoming active lets the others go whole (Wan2.2's experts are of
+  one size: the second leaves no room for the first), so there the next encode copies it again.
 
 With layerwise offload a denoiser's stage holds no weights of its own: its blocks stream through the
 device (diffserve.offload.layerwise) and the rest of it stays there; encoders and VAEs still take turns.
@@ -75,10 +82,11 @@ class ComponentOffloader:
     def activate(self, stage: Stage, via: str = "forward") -> None:
         if self.active is stage:
             return
+        kept = self._denoiser_prefix_to_keep(stage, via)
         first_dit = self._first_denoiser()
         for other in self.stages:
-            if other is not stage and not (other is first_dit and via == "encode" and self._fits_next_to(stage)):
-                self.release(other)
+            if other is not stage:
+                self.release(other, keep=kept if other is first_dit else 0)
         for ws in stage.sets:
             self.transfers.load(ws)
         for ws in stage.ready_sets:
@@ -97,8 +105,9 @@ class ComponentOffloader:
             self.release(self.active)
             self.active = None
 
-    def release(self, stage: Stage) -> None:
-        for ws in stage.sets:
+    def release(self, stage: Stage, keep: int = 0) -> None:
+        """Let the stage's sets go, all but the first `keep` (in call order)."""
+        for ws in stage.sets[keep:]:
             self.transfers.release(ws)
         if stage.streamer is not None:
             stage.streamer.release_all()
@@ -110,14 +119,36 @@ class ComponentOffloader:
         """The model-level denoiser that runs first (a layerwise one holds no sets of its own)."""
         return next((s for s in self.stages if s.kind == "dit" and s.sets), None)
 
-    def _fits_next_to(self, stage: Stage) -> bool:
-        """Whether what the first denoiser has on the device fits next to `stage` within the largest stage."""
+    def _encoders(self) -> Stage | None:
+        return next((s for s in self.stages if s.kind == "encoder"), None)
+
+    def _encoders_fit_next_to(self, vae: Stage) -> bool:
+        """Whether the encoders are copied during `vae`'s decode: only when both fit within the largest stage."""
+        encoders = self._encoders()
+        return encoders is not None and encoders.device_bytes + vae.device_bytes <= self._largest_stage_bytes()
+
+    def _denoiser_prefix_to_keep(self, stage: Stage, via: str) -> int:
+        """How many of the first denoiser's sets (in call order) stay while `stage` runs: those on the
+        device that fit next to it (and to the encoders a decode copies) within the largest stage. The
+        next request copies this prefix first anyway (prefetch_denoiser): kept, it is never copied again.
+        A denoiser becoming active keeps nothing of another (Wan2.2's experts are of one size)."""
         dit = self._first_denoiser()
-        held = sum(ws.nbytes for ws in dit.sets if ws.resident) if dit is not None else 0
-        return held + stage.device_bytes <= self._largest_stage_bytes()
+        if dit is None or stage.kind == "dit":
+            return 0
+        room = self._largest_stage_bytes() - stage.device_bytes
+        if via == "decode" and self._encoders_fit_next_to(stage):
+            room -= self._encoders().device_bytes
+        kept = 0
+        for ws in dit.sets:
+            if not ws.resident or ws.nbytes > room:
+                break
+            room -= ws.nbytes
+            kept += 1
+        return kept
 
     def prefetch_denoiser(self) -> None:
-        """While the encoders run: the first denoiser's sets in call order, as many as fit next to them."""
+        """While the encoders run: the first denoiser's sets in call order, as many as fit next to them
+        (those kept since the last request are there already)."""
         dit = self._first_denoiser()
         if dit is None:
             return
@@ -129,13 +160,11 @@ class ComponentOffloader:
             self.transfers.load(ws)
 
     def prefetch_encoders(self) -> None:
-        encoders = next((s for s in self.stages if s.kind == "encoder"), None)
-        if encoders is None or encoders.is_resident():
+        encoders = self._encoders()
+        if encoders is None or encoders.is_resident() or not self._encoders_fit_next_to(self.active):
             return
-        vae_bytes = sum(s.device_bytes for s in self.stages if s.kind == "vae")
-        if encoders.device_bytes + vae_bytes <= self._largest_stage_bytes():
-            for ws in encoders.sets:
-                self.transfers.load(ws)
+        for ws in encoders.sets:
+            self.transfers.load(ws)
 
     # -- hooks --------------------------------------------------------------------------------------
 
