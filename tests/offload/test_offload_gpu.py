@@ -179,15 +179,17 @@ def test_every_model_on_cuda_is_unchanged_by_offload_and_reports_peaks(tiny_chec
         assert metrics["peak_gpu_bytes"] > 0
 
 
-@pytest.mark.xfail(reason="on an H200 (2026-11-30) FP8 + LoRA under offload differed from FP8 + LoRA without "
-                          "offload by about 3e-3 on [0, 1] pixels; not yet explained (CUDA only: the same "
-                          "combination on a CPU is bit-identical in both modes)", strict=False)
-def test_fp8_and_lora_under_offload_on_cuda(tiny_flux, tmp_path):
-    """FP8 weights (and their scales) move like any other; adapters stay on the GPU."""
+@pytest.mark.parametrize("with_lora", [False, True], ids=["fp8", "fp8+lora"])
+def test_fp8_and_lora_under_offload_on_cuda(tiny_flux, tmp_path, with_lora):
+    """FP8 weights (and their scales) move like any other; adapters stay on the GPU. The weights are
+    quantized on the GPU in every mode: quantized in host memory, some scales differed in their last bit
+    and the output by 0.09 (H200, 2026-11-30)."""
     from diffserve.testing.lora import write_random_lora
 
-    adapter = write_random_lora(tiny_flux, str(tmp_path / "a.safetensors"), ("to_q", "to_out.0", "proj_mlp"))
-    base = {"quantization": "fp8", "lora_modules": {"a": adapter}, "dtype": "bfloat16"}
+    base = {"quantization": "fp8", "dtype": "bfloat16"}
+    if with_lora:
+        base["lora_modules"] = {"a": write_random_lora(tiny_flux, str(tmp_path / "a.safetensors"),
+                                                       ("to_q", "to_out.0", "proj_mlp"))}
     expected, _ = _generate(tiny_flux, "flux", **base)
     for mode, flags in OFFLOAD.items():
         actual, _ = _generate(tiny_flux, "flux", **base, **flags)

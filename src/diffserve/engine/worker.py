@@ -161,7 +161,7 @@ class DiffusionWorker:
         """Convert the denoisers' linear layers after loading (under TP, each rank its own shard)."""
         check_fp8_supported(self.device)
         for path, module in discover_components(self.pipeline)["dit"].items():
-            count = quantize_linear_layers(module, method)
+            count = quantize_linear_layers(module, method, self.device)
             logger.info("%s: %d linear layers compute in %s", path, count, method)
 
     def _chunk_feed_forwards(self, chunk_size: int) -> None:

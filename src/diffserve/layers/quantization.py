@@ -7,8 +7,9 @@ forward. Models, TP sharding and fused QKV are unchanged.
 - `UnquantizedLinearMethod`: the weight in the model's dtype, F.linear.
 - `Fp8LinearMethod`: the weight in float8 e4m3 with one scale per output channel, quantized after
   loading; each forward quantizes the activations per token (dynamic) and runs torch._scaled_mm with
-  both scales, accumulating in the activation dtype. Halves the weight bytes and uses the FP8 tensor
-  cores of Hopper/Ada GPUs.
+  both scales, writing the activation dtype. Halves the weight bytes and uses the FP8 tensor cores of
+  Hopper/Ada GPUs. Only the transformer blocks' attention and feed-forward layers convert
+  (`converted_layers`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ QUANTIZATION_METHODS = ("fp8",)
 
 
 class LinearMethod:
-    def process_weights(self, layer: nn.Module) -> None:
-        """Convert the loaded weights (once, after loading)."""
+    def process_weights(self, layer: nn.Module, device: torch.device | None = None) -> None:
+        """Convert the loaded weights (once, after loading), computing on `device` (None: where they are)."""
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -46,19 +47,30 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Fp8LinearMethod(LinearMethod):
-    def process_weights(self, layer) -> None:
-        weight, scale = quantize_fp8_rows(layer.weight.data)  # one scale per output channel
-        layer.weight = nn.Parameter(weight, requires_grad=False)
-        layer.register_buffer("weight_scale", scale.t().contiguous(), persistent=False)  # [1, out]
+    def process_weights(self, layer, device=None) -> None:
+        # Quantized on the device that computes, also when the weights wait in host memory (offload),
+        # so that offload does not change the output: CUDA divides by a scalar as a multiply by its
+        # reciprocal, so a scale computed on the host can differ in its last bit.
+        home = layer.weight.device
+        weight, scale = quantize_fp8_rows(layer.weight.data.to(device or home))  # one scale per output channel
+        layer.weight = nn.Parameter(weight.to(home), requires_grad=False)
+        layer.register_buffer("weight_scale", scale.t().contiguous().to(home), persistent=False)  # [1, out]
 
     def apply(self, layer, x, bias):
         shape = x.shape
         # cuBLASLt takes a row-major first operand; an activation that arrives as a transposed view
         # (Stable Audio's) would otherwise keep its column-major strides through the quantization.
         x_q, x_scale = quantize_fp8_rows(x.reshape(-1, shape[-1]).contiguous())
+        # cuBLASLt adds a bias only into a 16-bit output; a float32 model adds its own.
+        fused_bias = bias if x.dtype != torch.float32 and bias is not None else None
         # _scaled_mm wants its second operand column-major: the row-major [out, in] weight, transposed.
+        # Fast accumulation (Hopper's FP8 tensor cores keep partial sums in fewer bits) is 5% faster on
+        # FLUX.1-dev with the same error against bf16 (H200: 98.2 vs 103.8 ms, 7.58e-2 vs 7.56e-2).
         y = torch._scaled_mm(x_q, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale,
-                             bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+                             bias=None if fused_bias is None else fused_bias.to(x.dtype), out_dtype=x.dtype,
+                             use_fast_accum=True)
+        if bias is not None and fused_bias is None:
+            y = y + bias.to(y.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
@@ -79,12 +91,28 @@ def quantizable(layer: nn.Module) -> bool:
     return isinstance(layer, LinearBase) and layer.weight.shape[0] % 16 == 0 and layer.weight.shape[1] % 16 == 0
 
 
+def converted_layers(module: nn.Module) -> list[nn.Module]:
+    """The linear layers a method converts: those of the model's repeated blocks (the whole module if it
+    declares none), where nearly all the FLOPs are, except the adaLN modulations. The embedders, the
+    modulations and the output projection see one token per sample or carry the conditioning into every
+    token, so their rounding costs quality and saves almost no time: on the trained demo model (6
+    captions vs bf16, CPU) converting every layer drew 25.0 dB worst / 28.4 dB mean, the blocks'
+    attention and feed-forward only 29.0 / 33.1."""
+    from diffserve.layers.adaln import AdaLNModulation
+    from diffserve.models.interface import is_repeated_block
+
+    names = set(getattr(module, "_repeated_blocks", ()))
+    blocks = [m for m in module.modules() if is_repeated_block(m, names)] if names else [module]
+    kept = {id(layer) for block in blocks for mod in block.modules() if isinstance(mod, AdaLNModulation)
+            for layer in mod.modules()}
+    return [layer for block in blocks for layer in block.modules() if quantizable(layer) and id(layer) not in kept]
+
+
 def quantized_weight_bytes(module: nn.Module, method: str) -> dict[int, int]:
     """{id(weight): bytes once quantized} for each linear layer of `module` that `method` converts: one
     byte per element and a float32 scale per output channel (works on meta tensors, before loading)."""
     _check_method(method)
-    return {id(layer.weight): layer.weight.numel() + 4 * layer.weight.shape[0]
-            for layer in module.modules() if quantizable(layer)}
+    return {id(layer.weight): layer.weight.numel() + 4 * layer.weight.shape[0] for layer in converted_layers(module)}
 
 
 def _check_method(method: str) -> None:
@@ -92,15 +120,13 @@ def _check_method(method: str) -> None:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {method!r}")
 
 
-def quantize_linear_layers(module: nn.Module, method: str) -> int:
-    """Give every linear layer of `module` whose shape the kernel takes the `method` compute method;
-    how many were converted. FP8 matmuls need both sides to be multiples of 16; other layers (tiny
-    embedders) stay as they are."""
+def quantize_linear_layers(module: nn.Module, method: str, device: torch.device | None = None) -> int:
+    """Give the `converted_layers` of `module` whose shape the kernel takes (FP8 matmuls need both sides
+    to be multiples of 16) the `method` compute method, converting their weights on `device` (the one
+    that will compute; None: where they are); how many were converted."""
     _check_method(method)
-    count = 0
-    for layer in module.modules():
-        if quantizable(layer):
-            layer.quant_method = Fp8LinearMethod()
-            layer.quant_method.process_weights(layer)
-            count += 1
-    return count
+    layers = converted_layers(module)
+    for layer in layers:
+        layer.quant_method = Fp8LinearMethod()
+        layer.quant_method.process_weights(layer, device)
+    return len(layers)
