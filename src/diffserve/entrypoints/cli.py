@@ -32,7 +32,7 @@ ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--hsdp-shard-size", "hsdp_shard_size", int, "HSDP shard group size (-1: all ranks)"),
     ("--hsdp-replicate-size", "hsdp_replicate_size", int, "HSDP replica count"),
     ("--cache-backend", "cache_backend", str, "step cache: cache_dit or tea_cache (default none)"),
-    ("--quantization", "quantization", str, "fp8: the denoiser's linear layers in float8 (Ada/Hopper GPUs; default none)"),
+    ("--quantization", "quantization", str, "fp8: the transformer blocks' attention and feed-forward in float8 (Ada/Hopper/Blackwell GPUs; default none)"),
     ("--layerwise-prefetch", "layerwise_prefetch", int,
      "with --enable-layerwise-offload: blocks copied ahead of the running one (default 1; 0: none)"),
     ("--layerwise-resident-blocks", "layerwise_resident_blocks", int,
