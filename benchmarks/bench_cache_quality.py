@@ -9,7 +9,8 @@ caption and seed, and the detector's accuracy (does the image still show what it
 A mode is `none`, a backend at the model's defaults (`cache_dit`, `tea_cache`), or a backend with
 cache_config keys `backend:key=value,key=value` (values are JSON: numbers, strings, true/false).
 The captions are held-out *test* captions (never trained on; TeaCache's coefficients were fitted on
-the validation captions), caption i with seed `--first-seed + i`, 64x64, the model's 20 steps and CFG.
+the validation captions), caption i with seed `--first-seed + i`, 64x64, the model's 20 steps and CFG;
+`--split validation` takes the validation captions instead, to check a setting chosen on the test ones.
 
 Timing: every mode runs once per round in a fresh engine (a warm-up request first), rounds
 alternating, and a mode's time is the median over rounds of its median per image: on a shared CPU
@@ -22,11 +23,16 @@ On a CPU shared with other processes torch runs one thread by default here (`--t
 34-95 s with two, whose OpenMP team waits for a descheduled thread at every barrier. Under such
 load even one thread's wall time varied 2-4x between identical rounds; `--clock cpu` times each image
 by this process's CPU time instead (one thread: the work itself, not the waits for a core).
+Even so, the machine's speed drifted between states for seconds at a time (the same uncached image
+1.2 s or 1.45 s): with one mode per stretch, a mode's round caught one state or the other and a
+speedup moved by up to 0.5x between runs. `--interleave` keeps every mode's engine open and runs
+each image in every mode in turn, so the drift hits all modes alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -40,13 +46,16 @@ from diffserve import Omni, OmniDiffusionSamplingParams
 from diffserve.assets import default_model_path
 from diffserve.demo import detector, scenes
 
-# docs/cache.md's table: the model's defaults, the fastest setting found at >= 30 dB (steps 0-6 and 17
-# run, the transformer's output reused on the others), the fastest reusing the residual, and the
-# defaults they replaced.
+# docs/cache.md's table: the model's defaults, the fastest setting found at >= 30 dB (steps 0-6 run
+# with CFG, step 12 runs the conditional branch alone, the others reuse the last output and run nothing
+# of the transformer), the fastest with the TeaCache signal (steps 0-6 and 17 run), the fastest
+# reusing the residual, and the defaults they replaced.
 DEFAULT_MODES = [
     "none",
     "cache_dit",
     "tea_cache",
+    "tea_cache:reuse=output,calibrator=none,fixed_schedule=true,warmup_steps=7,max_continuous_cached_steps=-1,"
+    "compute_last_step=false,cfg_truncation_step=12",
     "tea_cache:reuse=output,calibrator=none,rel_l1_thresh=1,warmup_steps=7,max_continuous_cached_steps=10,"
     "compute_last_step=false",
     "tea_cache:rel_l1_thresh=1,max_continuous_cached_steps=4",
@@ -94,13 +103,38 @@ def generate(
     return np.stack(images), times, cached
 
 
-def run_mode(mode: str, captions: list[str], seeds: list[int], device: str, clock=time.perf_counter) -> dict:
+def open_engine(mode: str, device: str, warmup: tuple[str, int]) -> Omni:
+    """A fresh engine for `mode`, after one warm-up request (caption, seed)."""
     backend, config = parse_mode(mode)
     engine = {"cache_backend": backend, "cache_config": config} if backend else {}
-    with Omni(default_model_path(), dtype="float32", device=device, disable_progress_bar=True, **engine) as omni:
-        generate(omni, captions[:1], [seeds[0] + 1000])  # warm-up
+    omni = Omni(default_model_path(), dtype="float32", device=device, disable_progress_bar=True, **engine)
+    generate(omni, [warmup[0]], [warmup[1]])
+    return omni
+
+
+def run_mode(mode: str, captions: list[str], seeds: list[int], device: str, clock=time.perf_counter) -> dict:
+    with open_engine(mode, device, (captions[0], seeds[0] + 1000)) as omni:
         images, times, cached = generate(omni, captions, seeds, clock)
     return {"images": images, "seconds": statistics.median(times), "cached": cached}
+
+
+def run_interleaved(modes: list[str], captions: list[str], seeds: list[int], device: str,
+                    clock=time.perf_counter) -> dict[str, dict]:
+    """One round with every mode's engine open: each image runs in every mode in turn, so a drift of
+    a shared CPU's speed (seconds long) hits all modes alike instead of whichever mode ran then."""
+    with contextlib.ExitStack() as stack:
+        engines = {mode: stack.enter_context(open_engine(mode, device, (captions[0], seeds[0] + 1000)))
+                   for mode in modes}
+        per_image = {mode: [] for mode in modes}
+        for caption, seed in zip(captions, seeds):
+            for mode, omni in engines.items():
+                per_image[mode].append(generate(omni, [caption], [seed], clock))
+    results = {}
+    for mode, runs in per_image.items():
+        times = [t for _, ts, _ in runs for t in ts]
+        results[mode] = {"images": np.concatenate([im for im, _, _ in runs]), "seconds": statistics.median(times),
+                         "cached": [c for _, _, cs in runs for c in cs]}
+    return results
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -147,10 +181,10 @@ def summarize(mode: str, runs: list[dict], baseline: dict, baseline_seconds: flo
 
 
 def print_table(rows: list[dict], args, num_captions: int) -> None:
-    print(f"\n**Demo model, {num_captions} held-out test captions (seeds {args.first_seed}-"
+    print(f"\n**Demo model, {num_captions} held-out {args.split} captions (seeds {args.first_seed}-"
           f"{args.first_seed + num_captions - 1}), 64x64, 20 steps, CFG; {args.device} "
           f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.clock} time), median of "
-          f"{args.rounds} alternating rounds**\n")
+          f"{args.rounds} alternating rounds{', interleaved per image' if args.interleave else ''}**\n")
     print("| mode | s / image | speedup | cached steps (of 20) | PSNR mean / worst | SSIM mean / worst | detector |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -166,7 +200,9 @@ def print_table(rows: list[dict], args, num_captions: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES)
-    parser.add_argument("--captions", type=int, default=6, help="how many held-out test captions (of 20)")
+    parser.add_argument("--captions", type=int, default=6, help="how many held-out captions (of 20)")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="validation: check that a setting chosen on the test captions holds on others")
     parser.add_argument("--first-seed", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of all modes")
     parser.add_argument("--device", default="cpu")
@@ -174,6 +210,8 @@ def main() -> None:
                         help="torch CPU threads (default: 1 on cpu; see the module docstring)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="cpu: this process's CPU time, for a CPU shared with other processes (one thread)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="keep every mode's engine open and run each image in every mode in turn")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     if args.threads is not None or args.device == "cpu":
@@ -182,12 +220,15 @@ def main() -> None:
     modes = args.modes if args.modes[0] == "none" else ["none", *args.modes]
     for mode in modes:
         parse_mode(mode)  # fail on a typo before the first engine loads
-    captions = scenes.held_out_captions("test")[: args.captions]
+    captions = scenes.held_out_captions(args.split)[: args.captions]
     seeds = [args.first_seed + i for i in range(len(captions))]
     runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     for round_index in range(args.rounds):
+        interleaved = {}
+        if args.interleave:
+            interleaved = run_interleaved(modes, captions, seeds, args.device, CLOCKS[args.clock])
         for mode in modes:
-            runs[mode].append(run_mode(mode, captions, seeds, args.device, CLOCKS[args.clock]))
+            runs[mode].append(interleaved.get(mode) or run_mode(mode, captions, seeds, args.device, CLOCKS[args.clock]))
             print(f"round {round_index + 1}: {mode}: {runs[mode][-1]['seconds']:.3f} s / image, cached "
                   f"{runs[mode][-1]['cached']}", flush=True)
     baseline_seconds = statistics.median(r["seconds"] for r in runs["none"])

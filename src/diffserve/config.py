@@ -307,12 +307,24 @@ class OmniDiffusionConfig:
         from diffserve.cache.config import parse_cache_config  # the cache package imports this module
 
         self.cache_config = parse_cache_config(self.cache_backend, self.cache_config)
+        self._check_cfg_truncation()
         _check_positive_int("max_batch_size", self.max_batch_size)
         self._check_batching()
         if self.quantization not in (None, "fp8"):
             raise ValueError(f"quantization must be None or 'fp8', got {self.quantization!r}")
         check_lora_modules(self.lora_modules)
         self._check_memory_options()
+
+    def _check_cfg_truncation(self) -> None:
+        # TeaCache's cfg_truncation_step picks the branches of the whole call by one request's step.
+        if getattr(self.cache_config, "cfg_truncation_step", -1) < 0:
+            return
+        if self.batching == "step":
+            raise ValueError("tea_cache cfg_truncation_step cannot be used with batching='step' (the requests of "
+                             "one call are at different steps); use batching='request' or leave it -1")
+        if self.parallel_config.cfg_parallel_size > 1:
+            raise ValueError("tea_cache cfg_truncation_step cannot be used with cfg_parallel_size=2 (both ranks "
+                             "would run the same conditional branch: no saving); use cfg_parallel_size=1")
 
     def _check_batching(self) -> None:
         # batching="step" takes step caches (they keep a state per request) and parallel groups (every

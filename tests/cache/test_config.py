@@ -27,8 +27,8 @@ def test_dict_becomes_the_backends_dataclass():
 
 def test_unknown_key_is_named_with_the_allowed_ones():
     allowed = (
-        "calibrator, coefficients, compute_last_step, max_continuous_cached_steps, rel_l1_thresh, reuse, "
-        "taylorseer_order, warmup_steps"
+        "calibrator, cfg_truncation_step, coefficients, compute_last_step, fixed_schedule, "
+        "max_continuous_cached_steps, rel_l1_thresh, reuse, taylorseer_order, warmup_steps"
     )
     with pytest.raises(TypeError, match=rf"'rel_l1_threshold'.*Allowed: {allowed}"):
         OmniDiffusionConfig(model="m", cache_backend="tea_cache", cache_config={"rel_l1_threshold": 0.2})
@@ -56,6 +56,10 @@ def test_unknown_key_is_named_with_the_allowed_ones():
         ("tea_cache", {"coefficients": "1,2"}, "coefficients must be a list of numbers"),
         ("tea_cache", {"coefficients": []}, "coefficients must have at least one number"),
         ("tea_cache", {"coefficients": [1, None]}, r"coefficients\[1\] must be a finite number"),
+        ("tea_cache", {"fixed_schedule": 1}, "fixed_schedule must be true or false, got 1"),
+        ("tea_cache", {"fixed_schedule": True}, r"fixed_schedule=true needs reuse='output' \(given explicitly\)"),
+        ("tea_cache", {"cfg_truncation_step": -2}, "cfg_truncation_step must be an integer >= -1, got -2"),
+        ("tea_cache", {"cfg_truncation_step": 2.0}, "cfg_truncation_step must be an integer >= -1"),
     ],
 )
 def test_bad_values_are_rejected_before_loading(backend, values, message):
@@ -147,3 +151,18 @@ def test_a_models_declared_defaults_are_checked_like_user_values():
         resolve_for(CacheDiTConfig(), BadValue())
     with pytest.raises(TypeError, match=r"unknown UnknownBackend._cache_defaults backend key\(s\): 'teacache'"):
         resolve_for(TeaCacheConfig(), UnknownBackend())
+
+
+@pytest.mark.parametrize(
+    "engine, message",
+    [
+        ({"batching": "step"}, "cfg_truncation_step cannot be used with batching='step'"),
+        ({"parallel_config": {"cfg_parallel_size": 2}}, "cfg_truncation_step cannot be used with cfg_parallel_size=2"),
+    ],
+)
+def test_cfg_truncation_is_refused_where_a_call_cannot_follow_one_step(engine, message):
+    truncated = {"cfg_truncation_step": 8}
+    OmniDiffusionConfig(model="m", cache_backend="tea_cache", cache_config=truncated)
+    OmniDiffusionConfig(model="m", cache_backend="tea_cache", **engine)
+    with pytest.raises(ValueError, match=message):
+        OmniDiffusionConfig(model="m", cache_backend="tea_cache", cache_config=truncated, **engine)

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from diffserve.cache import TeaCacheConfig
 from diffserve.cache.teacache import TeaCacheBackend, relative_l1_distance, rescale
+from diffserve.distributed.cfg_parallel import CFGParallelMixin
 
 
 class ToyBlock(nn.Module):
@@ -287,3 +288,85 @@ def test_reuse_output_refuses_a_transformer_that_returns_more_than_a_tensor():
     _with_tea_cache(pipeline, 0.25, steps=3, reuse="output")
     with torch.no_grad(), pytest.raises(TypeError, match="reuse='output' needs a transformer that returns one tensor"):
         pipeline.transformer(torch.randn(1, 5, 4), torch.ones(1))
+
+
+class SignalFreeTransformer(ToyTransformer):
+    """Fails if anything reads its TeaCache signal."""
+
+    @staticmethod
+    def _teacache_modulated_input(block, hidden_states, temb):
+        raise AssertionError("fixed_schedule read the signal")
+
+
+def test_fixed_schedule_skips_what_warmup_and_cap_allow_and_runs_nothing_of_the_transformer():
+    """fixed_schedule: the warm-up, the cap and the last step decide (threshold 0, which would never
+    skip, is not read); a skipped step returns the last computed output without entering the
+    transformer's forward; computed steps are unchanged."""
+    pipeline = ToyPipeline()
+    pipeline.transformer = SignalFreeTransformer()
+    x, temb = torch.randn(1, 5, 4, generator=torch.Generator().manual_seed(0)), torch.ones(1)
+    inputs = _inputs(x, 7, 0.1)
+    with torch.no_grad():
+        uncached = [pipeline.transformer(x, temb) for x in inputs]
+        backend = _with_tea_cache(pipeline, 0.0, steps=7, warmup_steps=2, max_continuous_cached_steps=2,
+                                  reuse="output", fixed_schedule=True)
+        forwards = [0]
+        original = backend.hooks[0]._original_forward
+        def counted(*args, **kwargs):
+            forwards[0] += 1
+            return original(*args, **kwargs)
+
+        backend.hooks[0]._original_forward = counted
+        outputs = [pipeline.transformer(hidden_states=x, temb=temb) for x in inputs]
+    assert backend.counter.cached_steps == [2, 3, 5]  # 4 runs after two skips, 6 is the last
+    assert forwards[0] == 4
+    for t, source in {0: 0, 1: 1, 2: 1, 3: 1, 4: 4, 5: 4, 6: 6}.items():
+        torch.testing.assert_close(outputs[t], uncached[source], atol=0, rtol=0)
+    assert backend.hooks[0].tag == "TeaCache_T0.0_W2_MC2_OUT_FIXED"
+
+
+class ToyCFGPipeline(CFGParallelMixin, nn.Module):
+    cfg_batched_inputs = ("hidden_states", "temb")
+
+    def __init__(self):
+        super().__init__()
+        self.transformer = ToyTransformer()
+
+
+def _guided_steps(pipeline, x, steps: int, scale: float = 4.0) -> list[torch.Tensor]:
+    """Each step's guided prediction for one sample whose branches differ in their temb."""
+    positive = {"hidden_states": x, "temb": torch.ones(1)}
+    negative = {"hidden_states": x, "temb": torch.full((1,), 0.5)}
+    return [pipeline.predict_guided_noise(True, [scale], [1], positive, negative)[0] for _ in range(steps)]
+
+
+def test_cfg_truncation_runs_the_conditional_branch_alone_from_its_step():
+    pipeline = ToyCFGPipeline()
+    x = torch.randn(1, 5, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond = pipeline.transformer(x, torch.ones(1))
+        guided = _guided_steps(pipeline, x, 1)[0]
+        assert not torch.allclose(guided, cond)
+        backend = _with_tea_cache(pipeline, 0.0, steps=4, cfg_truncation_step=2)
+        batches = []
+        pipeline.transformer.blocks[0].register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+        outputs = _guided_steps(pipeline, x, 4)
+        assert batches == [2, 2, 1, 1] and backend.cached_steps() == 0
+        for t, expected in enumerate([guided, guided, cond, cond]):
+            torch.testing.assert_close(outputs[t], expected)
+        backend.disable(pipeline)
+        assert "predict_guided_noise" not in pipeline.__dict__
+        # With a fixed schedule: step 1 reuses the guided output, step 2 computes (no output of the
+        # halved batch is stored), step 3 reuses the conditional one.
+        backend = _with_tea_cache(pipeline, 0.0, steps=4, cfg_truncation_step=2, reuse="output", fixed_schedule=True,
+                                  warmup_steps=1, compute_last_step=False, calibrator="none")
+        batches.clear()
+        outputs = _guided_steps(pipeline, x, 4)
+    assert batches == [2, 1] and backend.counter.cached_steps == [1, 3]
+    for t, expected in enumerate([guided, guided, cond, cond]):
+        torch.testing.assert_close(outputs[t], expected)
+
+
+def test_cfg_truncation_needs_a_cfg_pipeline():
+    with pytest.raises(ValueError, match="cfg_truncation_step needs a pipeline with classifier-free guidance"):
+        _with_tea_cache(ToyPipeline(), 0.1, steps=3, cfg_truncation_step=1)

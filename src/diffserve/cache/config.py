@@ -179,6 +179,7 @@ class TeaCacheConfig(ModelDefaultsMixin):
     `compute_last_step` is false, the last step of a request always run.
 
     `rel_l1_thresh` and `warmup_steps` left None take the model's defaults, else the built-in ones.
+    `fixed_schedule` and `cfg_truncation_step` are plain settings: no model declares them.
     """
 
     BACKEND: ClassVar[str] = "tea_cache"
@@ -223,8 +224,23 @@ class TeaCacheConfig(ModelDefaultsMixin):
     # Rescale polynomial, highest power first. None: the coefficients the transformer declares
     # (`_teacache_coefficients`), fitted for that model.
     coefficients: tuple[float, ...] | None = None
+    # True: skip every step that warmup_steps, max_continuous_cached_steps and compute_last_step allow,
+    # without the signal (rel_l1_thresh is not read). A skipped step then runs nothing of the
+    # transformer, not even its embeddings, which the signal needs: on the demo model those cost 5% of
+    # a computed step, 7% of what is left once 12 of 20 steps are skipped. Needs
+    # reuse="output" (a reused residual needs the step's own hidden states).
+    fixed_schedule: bool = False
+    # From this step on, a pipeline with classifier-free guidance runs the conditional branch alone and
+    # uses it unguided (guidance scale 1): half the transformer work of a computed step. Late steps add
+    # detail that guidance barely steers; the guidance then changes direction from step to step, so
+    # reusing an early step's guidance there costs more than dropping it (docs/cache.md). -1: never.
+    cfg_truncation_step: int = -1
 
     def __post_init__(self) -> None:
+        _check_bool("fixed_schedule", self.fixed_schedule)
+        if self.fixed_schedule and self.reuse != "output":
+            raise ValueError(f"fixed_schedule=true needs reuse='output' (given explicitly), got reuse={self.reuse!r}")
+        _check_int("cfg_truncation_step", self.cfg_truncation_step, -1)
         if self.rel_l1_thresh is not None:
             _check_float("rel_l1_thresh", self.rel_l1_thresh)
         if self.warmup_steps is not None:
@@ -254,6 +270,10 @@ class TeaCacheConfig(ModelDefaultsMixin):
             tag += "_OUT"
         if self.compute_last_step is False:
             tag += "_NL"
+        if self.fixed_schedule:
+            tag += "_FIXED"
+        if self.cfg_truncation_step >= 0:
+            tag += f"_CT{self.cfg_truncation_step}"
         return tag + ("_custom" if self.coefficients is not None else "")
 
 

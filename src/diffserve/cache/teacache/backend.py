@@ -23,6 +23,7 @@ import torch.nn as nn
 from diffserve.cache.base import CacheBackend, check_cfg_runs_in_one_call, denoisers
 from diffserve.cache.blocks import cache_block_lists
 from diffserve.cache.config import TeaCacheConfig, resolve_for
+from diffserve.cache.teacache.cfg_truncation import CFGTruncation
 from diffserve.cache.teacache.hook import RowGroup, StepCounter, TeaCacheHook, TeaCacheMemory
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ def build_hook(path: str, transformer: nn.Module, config: TeaCacheConfig, counte
         transformer, block_lists, modulated_input, coefficients, config.rel_l1_thresh, config.warmup_steps, counter,
         max_continuous_cached_steps=config.max_continuous_cached_steps,
         forecast_order=config.taylorseer_order if config.calibrator == "taylorseer" else 0,
-        reuse_output=config.reuse == "output", compute_last_step=config.compute_last_step, tag=config.strify(),
+        reuse_output=config.reuse == "output", compute_last_step=config.compute_last_step,
+        fixed_schedule=config.fixed_schedule, tag=config.strify(),
     )
 
 
@@ -78,6 +80,7 @@ class TeaCacheBackend(CacheBackend):
         super().__init__(config)
         self.counter = StepCounter()
         self.hooks: list[TeaCacheHook] = []
+        self.truncation: CFGTruncation | None = None
         # batching="step": each running request's step counter and memory per hook, by request id.
         self._requests: dict[str, tuple[StepCounter, list[TeaCacheMemory]]] = {}
 
@@ -87,6 +90,9 @@ class TeaCacheBackend(CacheBackend):
         check_cfg_runs_in_one_call(pipeline, self.name)
         # Every check first: a refused model is left untouched.
         hooks = [build_hook(path, t, self.config, self.counter) for path, t in denoisers(pipeline).items()]
+        if self.config.cfg_truncation_step >= 0:
+            self.truncation = CFGTruncation(pipeline, self.config.cfg_truncation_step, self.counter)
+            self.truncation.install()
         for hook in hooks:
             hook.install()
         self.hooks = hooks
@@ -106,7 +112,9 @@ class TeaCacheBackend(CacheBackend):
     def disable(self, pipeline: nn.Module) -> None:
         for hook in self.hooks:
             hook.remove()
-        self.hooks, self._enabled = [], False
+        if self.truncation is not None:
+            self.truncation.remove()
+        self.hooks, self.truncation, self._enabled = [], None, False
 
     def cached_steps(self) -> int:
         return len(self.counter.cached_steps)

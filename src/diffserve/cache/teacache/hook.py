@@ -14,6 +14,10 @@ has accumulated the threshold, and the decision is all-reduced over every rank: 
 (one branch each) then take the decision the single-process batched run takes, and ranks that share
 collectives inside the blocks (TP, HSDP, sequence parallel) always take the same path.
 
+With `fixed_schedule` the warm-up, the cap on consecutive skips and the last step alone decide, without
+the signal: the hook decides before the transformer's forward, and a call in which every request
+reuses its output runs nothing of the transformer.
+
 Under step-level batching (diffserve.engine.step_batching) the batch holds several requests, each at
 its own step: the backend gives each its own step counter and memory (`TeaCacheMemory`: previous
 input, accumulated distance, stored residuals) and tells the hook which rows are whose (`RowGroup`).
@@ -169,6 +173,16 @@ class RowGroup:
     skip: bool = False
 
 
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    """The batch of a transformer call, from its hidden states (keyword or first positional)."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(
+            "TeaCache fixed_schedule needs the transformer's hidden_states as its first argument or keyword"
+        )
+    return hidden.shape[0]
+
+
 class _OutputReused(Exception):
     """Raised by the first block list when every request of the call returns its stored output: it
     ends the hooked forward before the blocks, the final norm and the projection."""
@@ -299,6 +313,7 @@ class TeaCacheHook:
         forecast_order: int = 0,
         reuse_output: bool = False,
         compute_last_step: bool = True,
+        fixed_schedule: bool = False,
         tag: str = "",
     ):
         self.transformer = transformer
@@ -311,6 +326,7 @@ class TeaCacheHook:
         self.forecast_order = forecast_order
         self.reuse_output = reuse_output
         self.compute_last_step = compute_last_step
+        self.fixed_schedule = fixed_schedule
         self.tag = tag
         self.wrappers = {
             lst.attr: nn.ModuleList([TeaCacheBlocks(self, i, lst)]) for i, lst in enumerate(block_lists)
@@ -348,6 +364,11 @@ class TeaCacheHook:
         for group in self.groups:
             group.step = group.counter.begin_step()
             group.skip = False
+        if self.fixed_schedule:
+            batch = _batch_size(args, kwargs)
+            self._decide_fixed(batch)
+            if self.all_reuse_output(batch):
+                return self._reused_output(batch)
         originals = {attr: getattr(self.transformer, attr) for attr in self.wrappers}
         try:
             for attr, wrapper in self.wrappers.items():
@@ -404,17 +425,36 @@ class TeaCacheHook:
     def decide(self, first_block: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Called by the first block list, with the first block's inputs: sets each group's `skip`."""
         self._check_rows(hidden_states.shape[0])
-        if self.rel_l1_thresh <= 0:  # never skips, so needs no signal
+        if self.rel_l1_thresh <= 0 or self.fixed_schedule:  # never skips, or decided before the forward
             return
         modulated = self._modulated_input_of(first_block, hidden_states, *args, **kwargs)
         inputs = [modulated if g.rows is None else modulated.index_select(0, g.rows) for g in self.groups]
         for group, compute in zip(self.groups, self._must_compute(inputs)):
-            group.skip = not compute
-            if group.skip:
-                group.counter.cached_steps.append(group.step)
-                group.memory.continuous_cached_steps += 1
-            else:
-                group.memory.continuous_cached_steps = 0
+            self._mark(group, skip=not compute)
+
+    def _decide_fixed(self, batch: int) -> None:
+        """fixed_schedule: each group skips unless its step must run or it has no output of its rows
+        stored (a request's first step, or CFG truncation halving its batch)."""
+        self._check_rows(batch)
+        for group in self.groups:
+            stored = group.memory.has_output(self._group_rows(group, batch))
+            self._mark(group, skip=stored and not self._must_run(group))
+
+    def _mark(self, group: RowGroup, skip: bool) -> None:
+        group.skip = skip
+        if skip:
+            group.counter.cached_steps.append(group.step)
+            group.memory.continuous_cached_steps += 1
+        else:
+            group.memory.continuous_cached_steps = 0
+
+    def _must_run(self, group: RowGroup) -> bool:
+        """Whether `group`'s step runs whatever the signal says: warm-up, the last step, or the cap."""
+        return (
+            group.step < self.warmup_steps
+            or (self.compute_last_step and group.step == group.counter.last_step)
+            or group.memory.continuous_cached_steps == self.max_continuous_cached_steps
+        )
 
     def _check_rows(self, batch: int) -> None:
         expected = sum(len(g.rows) for g in self.groups if g.rows is not None)
@@ -442,12 +482,7 @@ class TeaCacheHook:
         for i, (group, modulated) in enumerate(zip(self.groups, inputs)):
             memory = group.memory
             previous, memory.previous_input = memory.previous_input, modulated
-            always_runs = (
-                group.step < self.warmup_steps
-                or (self.compute_last_step and group.step == group.counter.last_step)
-                or memory.continuous_cached_steps == self.max_continuous_cached_steps
-            )
-            if previous is None or previous.shape != modulated.shape or always_runs:
+            if previous is None or previous.shape != modulated.shape or self._must_run(group):
                 memory.accumulated = torch.zeros(modulated.shape[0], device=modulated.device, dtype=torch.float32)
                 continue
             memory.accumulated = memory.accumulated + rescale(relative_l1_distance(previous, modulated),
