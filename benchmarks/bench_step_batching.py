@@ -8,7 +8,10 @@ N clients arriving at random (a Poisson process) at one server, through the engi
 - step-level batching: the same max_batch_size, batching="step" (requests join and leave the running
   batch between denoise steps), joining requests encoded and finished ones decoded inline on the
   step loop; --step-overlap on runs them on the worker's stage thread while the batch steps
-  (step_overlap_stages=True), --step-overlap both runs both and reports the ratio.
+  (step_overlap_stages=True), --step-overlap both runs both and reports the ratio;
+- with --step-min-batch-gain X[,Y...]: step-level batching again per value, a request joining only
+  while the bigger batch's measured step time per sample is at least that fraction lower
+  (step_min_batch_gain), reported against step-level batching without it.
 
 The model is FLUX.1-dev's real configs with random bf16 weights, built on the GPU at load, with no
 checkpoint read or written (bench_offload's config folder and random fill); it loads once and each
@@ -23,6 +26,8 @@ difference of step batching's images from one at a time's (bf16: batch size chan
 
     python benchmarks/bench_step_batching.py --json-out step_batching.json      # one H200, ~8 min
     python benchmarks/bench_step_batching.py --sizes 512 --requests 16 --step-overlap both  # overlap's effect
+    python benchmarks/bench_step_batching.py --sizes 512 --requests 16 --max-batch-size 16 --load 4 \
+        --step-min-batch-gain 0.02,0.05                                         # the gain cap's effect
     python benchmarks/bench_step_batching.py --tiny --device cpu                 # CPU smoke, seconds
 """
 
@@ -48,6 +53,7 @@ from diffserve.request import OmniDiffusionRequest, OmniDiffusionSamplingParams,
 
 PROMPT = "a red fox in the snow, detailed fur"
 INLINE = "step-level, stages inline"
+CAPPED = "step-level, gain-capped "  # + the gain
 
 
 class ModeEngine(DiffusionEngine):
@@ -64,16 +70,21 @@ class ModeEngine(DiffusionEngine):
         pass
 
 
-def modes(step_overlap: str) -> list[str]:
-    """--step-overlap on: "step-level" overlaps its stages; off: it runs them inline; both: both."""
-    return ["one at a time", "request-level", "step-level"] + ([INLINE] if step_overlap == "both" else [])
+def modes(args) -> list[str]:
+    """--step-overlap on: "step-level" overlaps its stages; off: it runs them inline; both: both. Then one
+    gain-capped step-level mode per --step-min-batch-gain value."""
+    return (["one at a time", "request-level", "step-level"] + ([INLINE] if args.step_overlap == "both" else [])
+            + [f"{CAPPED}{gain}" for gain in args.step_min_batch_gain])
 
 
 def mode_config(mode: str, args) -> dict:
     step = {"max_batch_size": args.max_batch_size, "batching": "step"}
+    overlapped = {**step, "step_overlap_stages": args.step_overlap != "off"}
+    if mode.startswith(CAPPED):
+        return {**overlapped, "step_min_batch_gain": float(mode.removeprefix(CAPPED))}
     return {"one at a time": {"max_batch_size": 1, "batching": "request"},
             "request-level": {"max_batch_size": args.max_batch_size, "batching": "request"},
-            "step-level": {**step, "step_overlap_stages": args.step_overlap != "off"},
+            "step-level": overlapped,
             INLINE: {**step, "step_overlap_stages": False}}[mode]
 
 
@@ -169,7 +180,7 @@ def run_size(loaded: DiffusionEngine, size: int, count: int, args) -> dict:
     print(f"\n{size}x{size}, {args.steps} steps: one request alone {service_s:.2f} s; {count} clients at "
           f"{rate:.3f}/s (last arrives at {arrivals[-1]:.1f} s)", flush=True)
     rows, images = [], {}
-    for mode in modes(args.step_overlap):
+    for mode in modes(args):
         row, images[mode] = run_mode(loaded, mode, args, size, count, arrivals)
         rows.append(row)
         print(f"  {mode}: {row['images_per_minute']:.2f} images/min, p50 {row['p50_latency_s']:.1f} s, "
@@ -188,9 +199,20 @@ def run_size(loaded: DiffusionEngine, size: int, count: int, args) -> dict:
         ratios.update({"throughput_overlap_vs_inline": step["images_per_minute"] / inline["images_per_minute"],
                        "p50_overlap_vs_inline": step["p50_latency_s"] / inline["p50_latency_s"],
                        "p99_overlap_vs_inline": step["p99_latency_s"] / inline["p99_latency_s"]})
+    for mode in by_mode:
+        if mode.startswith(CAPPED):
+            ratios[mode] = {f"{metric}_vs_{base}": by_mode[mode][key] / by_mode[base_mode][key]
+                            for base, base_mode in (("step", "step-level"), ("request", "request-level"))
+                            for metric, key in (("throughput", "images_per_minute"), ("p50", "p50_latency_s"),
+                                                ("p99", "p99_latency_s"))}
     max_abs = max((a - b).abs().max().item() for a, b in zip(images["step-level"], images["one at a time"]))
     return {"size": size, "requests": count, "service_s": service_s, "rate_per_s": rate, "arrivals_s": arrivals,
             "rows": rows, "ratios": ratios, "max_abs_step_vs_one": max_abs}
+
+
+def capped_ratios(capped: dict, base: str) -> str:
+    return (f"{base}-level: {capped[f'throughput_vs_{base}']:.2f}x images/min, p50 {capped[f'p50_vs_{base}']:.2f}x, "
+            f"p99 {capped[f'p99_vs_{base}']:.2f}x")
 
 
 def report(result: dict) -> None:
@@ -211,6 +233,20 @@ def report(result: dict) -> None:
             print(f"step-level with overlapped stages vs inline: {ratios['throughput_overlap_vs_inline']:.2f}x "
                   f"images/min, p50 {ratios['p50_overlap_vs_inline']:.2f}x, "
                   f"p99 {ratios['p99_overlap_vs_inline']:.2f}x\n")
+        for mode, capped in ratios.items():
+            if mode.startswith(CAPPED):
+                print(f"{mode} vs " + "; vs ".join(capped_ratios(capped, base) for base in ("step", "request")) + "\n")
+
+
+def gains(text: str) -> list[float]:
+    """--step-min-batch-gain's comma-separated fractions, each strictly between 0 and 1."""
+    try:
+        values = [float(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(0 < value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"each gain must be between 0 and 1, exclusive, got {text!r}")
+    return values
 
 
 def main() -> None:
@@ -231,6 +267,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--step-overlap", choices=("on", "off", "both"), default="off",
                         help="step-level mode: encode/decode on the stage thread (on), inline (off), or both modes")
+    parser.add_argument("--step-min-batch-gain", type=gains, default=[], metavar="GAIN[,GAIN...]",
+                        help="add a step-level mode per value with step_min_batch_gain=GAIN (0 < GAIN < 1): a "
+                             "request joins only while the bigger batch's measured step time per sample is that "
+                             "fraction lower")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
     sizes = [int(s) for s in (args.sizes or ("64" if args.tiny else "512,1024")).split(",")]

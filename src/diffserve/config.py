@@ -254,6 +254,10 @@ class OmniDiffusionConfig:
     # batching="step": a request joins only while the batch's measured step time with it stays within
     # this many milliseconds. None: no latency cap.
     step_latency_target_ms: float | None = None
+    # batching="step": a request joins only while the bigger batch's measured step time per sample is at
+    # least this fraction lower than the batch's without it (0 < gain < 1): no growth past the size where
+    # the GPU is saturated, which would only slow every running request. None: no such cap.
+    step_min_batch_gain: float | None = None
     # batching="step": encode and prepare joining requests, and decode finished ones, on a background
     # thread (its own CUDA stream on a GPU) while the running batch keeps stepping. Opt-in: its CUDA
     # stream path has not yet run on a GPU (docs/step_batching.md).
@@ -359,6 +363,17 @@ class OmniDiffusionConfig:
         if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or target <= 0):
             raise ValueError(f"step_latency_target_ms must be a positive number of milliseconds (or None), "
                              f"got {target!r}")
+        self._check_step_min_batch_gain()
+
+    def _check_step_min_batch_gain(self) -> None:
+        gain = self.step_min_batch_gain
+        if gain is None:
+            return
+        if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not 0 < gain < 1:
+            raise ValueError(f"step_min_batch_gain must be a number between 0 and 1, exclusive (the fraction of "
+                             f"step time per sample a bigger batch must save), or None, got {gain!r}")
+        if self.batching != "step":
+            raise ValueError("step_min_batch_gain applies to batching='step' only; use batching='step' or leave it None")
 
     def _check_memory_options(self) -> None:
         for name in ("enable_cpu_offload", "enable_layerwise_offload", "vae_use_tiling", "vae_use_slicing"):

@@ -6,6 +6,7 @@ import pytest
 from diffserve import Omni
 from diffserve.config import OmniDiffusionConfig
 from diffserve.engine.admission import admit
+from diffserve.engine.step_batching import StepTimes, step_key
 from diffserve.request import OmniDiffusionRequest, OmniDiffusionSamplingParams, PromptInput
 
 TOLERANCE = 1e-5
@@ -17,9 +18,9 @@ def _request(engine, prompt, seed, steps, negative=None, **params):
                                                    sampling_params=sp))
 
 
-def _run_staggered(engine, arrivals):
+def _run_staggered(engine, arrivals, batcher=None):
     """`arrivals`: {step boundary: [requests]}; each list is added before that boundary's step."""
-    batcher = engine.step_batcher()
+    batcher = batcher or engine.step_batcher()
     outputs, boundary = {}, 0
     while boundary <= max(arrivals) or not batcher.idle:
         for req in arrivals.get(boundary, []):
@@ -187,6 +188,91 @@ def test_flux_image_to_image_own_strengths_equal_alone(flux):
         assert _max_error_vs_alone(flux, req, outputs[req.request_id]) <= TOLERANCE
 
 
+def _saturating(samples: int) -> float:
+    """Seconds per step that stop buying throughput at 4 samples: flat up to 4, then linear."""
+    return max(1.0, samples / 4)
+
+
+def _constant(samples: int) -> float:
+    """Seconds per step that do not grow with the batch: every sample more is free."""
+    return 1.0
+
+
+def _measured(step_seconds, sizes, **kwargs) -> StepTimes:
+    times = StepTimes(**kwargs)
+    for samples in sizes:
+        for _ in range(2):  # the first is the dropped warm-up
+            times.observe("k", samples, step_seconds(samples))
+    return times
+
+
+def test_the_gain_cap_grows_the_batch_while_the_time_per_sample_drops():
+    saturating, constant = _measured(_saturating, range(1, 9)), _measured(_constant, range(1, 9))
+    assert [saturating.buys_throughput("k", n, n + 1, 0.1) for n in range(1, 8)] == [True] * 3 + [False] * 4
+    assert saturating.buys_throughput("k", 2, 4, 0.1)  # a request of two samples
+    assert all(constant.buys_throughput("k", n, n + 1, 0.1) for n in range(1, 8))
+    assert not constant.buys_throughput("k", 7, 8, 0.2)  # 1/8 is 12.5% under 1/7: not the 20% asked
+
+
+def test_the_gain_cap_explores_unmeasured_and_stale_sizes_from_a_measured_one():
+    times = _measured(_saturating, range(1, 5), stale_after=4)
+    assert times.buys_throughput("k", 4, 5, 0.1)  # 5 never measured: explored
+    assert not times.buys_throughput("k", 5, 6, 0.1)  # but not on from an unmeasured size
+    times.observe("k", 5, 60.0)  # its first step (a recompile, say): dropped
+    assert times.buys_throughput("k", 4, 5, 0.1)
+    times.observe("k", 5, _saturating(5))
+    assert not times.buys_throughput("k", 4, 5, 0.1)
+    for _ in range(5):  # 5 is refused, so it is not measured again; its average goes stale
+        times.observe("k", 4, _saturating(4))
+    assert times.buys_throughput("k", 4, 5, 0.1)  # explored again
+    times.observe("k", 5, 1.0)  # faster now: replaces the stale average, not averaged with it
+    assert times.measured("k", 5) == 1.0
+    assert times.buys_throughput("k", 4, 5, 0.1)
+
+
+@pytest.fixture(scope="module")
+def demo_gain(tiny_checkpoint):
+    with Omni(tiny_checkpoint("demo-dit"), dtype="float32", device="cpu", batching="step", max_batch_size=6,
+              step_min_batch_gain=0.1, disable_progress_bar=True) as omni:
+        yield omni.engine
+
+
+def _batcher_with_step_times(engine, key_request, step_seconds):
+    """A batcher whose step times are `step_seconds(samples)`, measured for every size up to 8 and
+    reported by every step it runs (instead of the clock), so its decisions are exact."""
+    batcher = engine.step_batcher()
+    key = step_key(engine.spec, key_request)
+    observe = batcher.step_times.observe
+    for samples in range(1, 9):
+        for _ in range(2):  # the first is the dropped warm-up
+            observe(key, samples, step_seconds(samples))
+    batcher.step_times.observe = lambda key, samples, seconds: observe(key, samples, step_seconds(samples))
+    return batcher
+
+
+def _requests(engine, count):
+    """The first ends after 2 steps, the others after 3."""
+    return [_request(engine, "a red circle", i, steps=2 if i == 0 else 3, guidance_scale=1.0) for i in range(count)]
+
+
+def test_the_gain_cap_holds_the_batch_where_throughput_stops_growing(demo_gain):
+    """Per-sample step time flat from 4 samples (max_batch_size=6): 4 of the 5 requests start, the fifth
+    joins when the first finishes, and its output equals its output alone (measured max-abs 1.2e-7)."""
+    reqs = _requests(demo_gain, 5)
+    batcher = _batcher_with_step_times(demo_gain, reqs[0], _saturating)
+    outputs, occupancy = _run_staggered(demo_gain, {0: reqs}, batcher)
+    assert occupancy == [4, 4, 4, 1, 1]
+    assert outputs[reqs[4].request_id].metrics["step_batch_occupancy"] == [4, 1, 1]
+    assert _max_error_vs_alone(demo_gain, reqs[4], outputs[reqs[4].request_id]) <= TOLERANCE
+
+
+def test_the_gain_cap_grows_the_batch_to_max_batch_size_while_each_sample_more_pays(demo_gain):
+    reqs = _requests(demo_gain, 7)
+    batcher = _batcher_with_step_times(demo_gain, reqs[0], _constant)
+    _, occupancy = _run_staggered(demo_gain, {0: reqs}, batcher)
+    assert occupancy == [6, 6, 6, 1, 1]  # max_batch_size=6: the seventh joins when the first finishes
+
+
 def test_refused_configurations(tiny_checkpoint):
     with pytest.raises(ValueError, match="batching must be one of request, step"):
         OmniDiffusionConfig(model="x", batching="token")
@@ -194,9 +280,14 @@ def test_refused_configurations(tiny_checkpoint):
         OmniDiffusionConfig(model="x", batching="step", parallel_config=parallel)
     for key, value, message in (("step_max_batch_tokens", 0, "step_max_batch_tokens must be a positive integer"),
                                 ("step_latency_target_ms", -5, "step_latency_target_ms must be a positive number"),
-                                ("step_preemption", "yes", "step_preemption must be a bool")):
+                                ("step_preemption", "yes", "step_preemption must be a bool"),
+                                *[("step_min_batch_gain", gain, "step_min_batch_gain must be a number between 0 and 1")
+                                  for gain in (0, 1, -0.1, True, "0.1")]):
         with pytest.raises(ValueError, match=message):
             OmniDiffusionConfig(model="x", batching="step", **{key: value})
+    OmniDiffusionConfig(model="x", batching="step", step_min_batch_gain=0.05)
+    with pytest.raises(ValueError, match="step_min_batch_gain applies to batching='step' only"):
+        OmniDiffusionConfig(model="x", step_min_batch_gain=0.05)
     # Pipelines served through the diffusers adapter do not split their call; every native one does.
     with pytest.raises(ValueError, match="not supported by PixArtSigmaPipeline; it is by FluxPipeline, FluxKontext"):
         Omni(tiny_checkpoint("pixart-sigma"), dtype="float32", device="cpu", batching="step")

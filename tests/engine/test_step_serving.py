@@ -227,8 +227,11 @@ def test_the_latency_target_admits_by_the_measured_step_time(demo_path):
 def test_step_times_predict_unmeasured_sizes_from_measured_ones():
     times = StepTimes(weight=0.5)
     assert times.predict("k", 1) is None
+    times.observe("k", 2, 5.0)  # a size's first step (warm-up): dropped
+    assert times.predict("k", 2) is None
     times.observe("k", 2, 0.2)
     times.observe("k", 2, 0.4)  # moving average: 0.3
+    times.observe("k", 8, 3.0)
     times.observe("k", 8, 0.9)
     assert times.predict("k", 2) == pytest.approx(0.3)
     assert times.predict("k", 1) == pytest.approx(0.3)  # the next larger size's

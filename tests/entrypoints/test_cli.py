@@ -109,12 +109,12 @@ def test_step_batching_flags_reach_the_engine_config(capsys):
     from diffserve.entrypoints.cli import build_parser, engine_kwargs
 
     flags = ["--batching", "step", "--step-max-wait", "3", "--step-preemption", "--step-max-batch-tokens", "8192",
-             "--step-latency-target-ms", "250", "--no-step-overlap-stages"]
+             "--step-latency-target-ms", "250", "--step-min-batch-gain", "0.05", "--no-step-overlap-stages"]
     for command in (["generate", "x"], ["serve"]):
         kwargs = engine_kwargs(build_parser().parse_args(command + flags))
         assert kwargs == {"batching": "step", "step_max_wait": 3, "step_preemption": True,
                           "step_max_batch_tokens": 8192, "step_latency_target_ms": 250.0,
-                          "step_overlap_stages": False}
+                          "step_min_batch_gain": 0.05, "step_overlap_stages": False}
         OmniDiffusionConfig(model="x", **kwargs)  # valid
     assert engine_kwargs(build_parser().parse_args(["serve", "--step-overlap-stages"]))["step_overlap_stages"]
     assert main(["serve", "--batching", "step", "--step-latency-target-ms", "0"]) == 2

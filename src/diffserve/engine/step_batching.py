@@ -12,8 +12,10 @@ who runs:
 - Between steps, waiting requests with the running key join in arrival order while the batch stays
   within its caps: `max_batch_size` prompts, `step_max_batch_tokens` activation tokens
   (diffserve.engine.cost.activation_tokens) and `step_latency_target_ms` of predicted step time
-  (StepTimes: measured per step key and batch size). Finished requests leave; requests whose callers
-  left (`cancelled`) are dropped, their states freed.
+  (StepTimes: measured per step key and batch size), and with `step_min_batch_gain` only while a
+  bigger batch still cuts the measured step time per sample by that fraction (once the GPU is
+  saturated, a bigger batch only makes everybody wait longer). Finished requests leave; requests
+  whose callers left (`cancelled`) are dropped, their states freed.
 - Begin (encode, prepare) and finish (decode) run on the worker inline or, with step_overlap_stages,
   on a background thread while the batch keeps stepping (diffserve.engine.stages): a started request
   is `beginning` until the worker reports it begun, and joins the steps at that boundary; a finished
@@ -121,16 +123,57 @@ class _Load:
 class StepTimes:
     """Measured seconds of a step per (step key, samples), as moving averages. An unmeasured size is
     predicted from the nearest measured one: a larger size's time (a step does not get faster with
-    more samples), else the largest smaller size's scaled linearly (batching costs at most linearly)."""
+    more samples), else the largest smaller size's scaled linearly (batching costs at most linearly).
 
-    def __init__(self, weight: float = 0.3):
+    The first measurement of a size is not kept: it pays for warm-up (with torch.compile the blocks
+    recompile when the batch size first changes; eager kernels and the allocator's first blocks), up to
+    seconds against milliseconds, and a cap that refused that size on it would never run it again to
+    correct it. The second replaces it. An average not refreshed for `stale_after` steps (of any key)
+    is replaced by the next measurement too, as conditions may have changed since."""
+
+    def __init__(self, weight: float = 0.3, stale_after: int = 256):
         self.weight = weight  # of the newest measurement
+        self.stale_after = stale_after
         self.seconds: dict[tuple, dict[int, float]] = {}
+        self.warming: dict[tuple, set[int]] = {}  # sizes measured once: the warm-up measurement, dropped
+        self.observed_at: dict[tuple, dict[int, int]] = {}  # the step count at each size's last measurement
+        self.steps = 0
 
     def observe(self, key: tuple, samples: int, seconds: float) -> None:
-        sizes = self.seconds.setdefault(key, {})
-        old = sizes.get(samples)
+        self.steps += 1
+        sizes, warming = self.seconds.setdefault(key, {}), self.warming.setdefault(key, set())
+        if samples not in sizes and samples not in warming:
+            warming.add(samples)
+            return
+        warming.discard(samples)
+        old = None if self.is_stale(key, samples) else sizes.get(samples)
         sizes[samples] = seconds if old is None else old + self.weight * (seconds - old)
+        self.observed_at.setdefault(key, {})[samples] = self.steps
+
+    def is_stale(self, key: tuple, samples: int) -> bool:
+        """Measured longer than `stale_after` steps ago (False: never measured, or recently)."""
+        at = self.observed_at.get(key, {}).get(samples)
+        return at is not None and self.steps - at > self.stale_after
+
+    def measured(self, key: tuple, samples: int) -> float | None:
+        """The average at exactly this size; None: never measured past its warm-up."""
+        return self.seconds.get(key, {}).get(samples)
+
+    def buys_throughput(self, key: tuple, samples: int, grown: int, gain: float) -> bool:
+        """Whether a batch of `samples` should grow to `grown` (step_min_batch_gain): the measured
+        seconds per sample at `grown` are at least `gain` lower than at `samples`. A `grown` never
+        measured, or stale, is explored (it runs, so it gets measured); but only from a measured
+        `samples`, so the batch grows into unmeasured sizes one request at a time and each size is
+        compared with the one below it (a burst admitted whole would be the uncapped batch this cap is
+        there to avoid). No starvation: a batch refused for want of a measurement runs at `samples`, so
+        it is measured within two steps, and an empty batch takes anyone."""
+        now = self.measured(key, samples)
+        if now is None:
+            return False
+        after = self.measured(key, grown)
+        if after is None or self.is_stale(key, grown):
+            return True
+        return after / grown <= (1 - gain) * now / samples
 
     def predict(self, key: tuple, samples: int) -> float | None:
         """None: nothing measured for this key yet."""
@@ -162,6 +205,7 @@ class StepBatcher:
         self.max_tokens = config.step_max_batch_tokens
         target = config.step_latency_target_ms
         self.latency_target_s = None if target is None else target / 1000
+        self.min_gain = config.step_min_batch_gain
         self.max_wait = config.step_max_wait
         self.preemption = config.step_preemption
         self.running: dict[str, _Run] = {}
@@ -316,6 +360,10 @@ class StepBatcher:
             predicted = self.step_times.predict(self.key, load.samples + req.batch_size)
             if predicted is not None and predicted > self.latency_target_s:
                 return False
+        grown = load.samples + req.batch_size
+        if self.min_gain is not None and not self.step_times.buys_throughput(self.key, load.samples, grown,
+                                                                             self.min_gain):
+            return False
         return True
 
     # -- doing, on the worker ---------------------------------------------------------------------

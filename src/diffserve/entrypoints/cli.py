@@ -70,6 +70,10 @@ BATCHING_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--step-latency-target-ms", "step_latency_target_ms", float,
      "with --batching step: a request joins only while the batch's measured step time with it stays within "
      "this (default: no cap)"),
+    ("--step-min-batch-gain", "step_min_batch_gain", float,
+     "with --batching step: a request joins only while the bigger batch's measured step time per sample is at "
+     "least this fraction lower (0 < gain < 1): the batch stops growing where the GPU is saturated (default: "
+     "no cap)"),
 ]
 
 
