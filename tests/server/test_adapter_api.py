@@ -68,10 +68,11 @@ def test_video_job_with_the_openai_client(video_server, tiny_checkpoint):
                        num_inference_steps=2, seed=3)
     # The served MP4 is the offline frames encoded the same way (H.264 is lossy; the tiny model's frames
     # are noise, far from what it keeps). Float rounding across processes can flip a uint8 pixel, which
-    # the encoder's predicted frames then spread a little: measured 0.0 in most runs; once, 10% of the
-    # values of the last frames were off by a few levels.
+    # the encoder's predicted frames then spread: mean abs difference 0.0 in most runs, 1.8 levels once
+    # (CI, 2026-11-30). The wrong video is far above the bound: another prompt's frames 7.6, another
+    # seed's 59, these frames reversed 50.
     expected, _ = decode_video(encode_mp4(offline.frames[0], 25))
-    assert np.abs(frames.astype(float) - expected.astype(float)).mean() < 1.0
+    assert np.abs(frames.astype(float) - expected.astype(float)).mean() < 4.0
 
 
 @pytest.fixture(scope="module")
