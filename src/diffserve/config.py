@@ -259,8 +259,8 @@ class OmniDiffusionConfig:
     # the GPU is saturated, which would only slow every running request. None: no such cap.
     step_min_batch_gain: float | None = None
     # batching="step": encode and prepare joining requests, and decode finished ones, on a background
-    # thread (its own CUDA stream on a GPU) while the running batch keeps stepping. Opt-in: its CUDA
-    # stream path has not yet run on a GPU (docs/step_batching.md).
+    # thread (its own CUDA stream on a GPU) while the running batch keeps stepping. Opt-in: on FLUX.1-dev
+    # it measured 1.00x inline stages on an H200, its encode and decode being short (docs/step_batching.md).
     step_overlap_stages: bool = False
     disable_progress_bar: bool = ENV_DISABLE_PROGRESS_BAR
     # Where start_profile()/stop_profile() write traces; None: ./diffserve_profiles.
