@@ -55,9 +55,12 @@ class FeedForward(ChunkedFeedForward):
         hidden_dim = hidden_dim or 4 * dim
         self.proj_in = ColumnParallelLinear(dim, hidden_dim, bias=bias, prefix=f"{prefix}.proj_in")
         self.act = get_activation(act)
+        self.act_name = act
         self.proj_out = RowParallelLinear(hidden_dim, dim_out or dim, bias=bias, prefix=f"{prefix}.proj_out")
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_name == "gelu_tanh":
+            return self.proj_out(self.proj_in.forward_gelu_tanh(x))
         return self.proj_out(self.act(self.proj_in(x)))
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from diffserve.distributed.sp_plan import SequenceParallelInput, SequenceParallelOutput
 from diffserve.layers.adaln import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle, modulate
@@ -134,7 +133,7 @@ class FluxSingleTransformerBlock(nn.Module):
         text_len = encoder_hidden_states.shape[1]
         residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         x, gate = self.norm(residual, temb)
-        mlp_out = F.gelu(self.proj_mlp(x), approximate="tanh")
+        mlp_out = self.proj_mlp.forward_gelu_tanh(x)
         attn_out = self.attn(x, rotary_emb)
         out = _clip_fp16(residual + gate[:, None] * self.proj_out(torch.cat([attn_out, mlp_out], dim=2)))
         return out[:, :text_len], out[:, text_len:]

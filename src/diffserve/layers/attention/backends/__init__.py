@@ -17,6 +17,7 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "sdpa": ("diffserve.layers.attention.backends.sdpa", "TorchSDPABackend"),
     "flash_attn": ("diffserve.layers.attention.backends.flash_attn", "FlashAttnBackend"),
     "sage_attn": ("diffserve.layers.attention.backends.sage_attn", "SageAttnBackend"),
+    "cudnn_fp8": ("diffserve.layers.attention.backends.cudnn_fp8", "CudnnFp8AttentionBackend"),
 }
 DEFAULT_BACKEND = "sdpa"
 
