@@ -87,6 +87,13 @@ def test_parallel_config_from_dict_rejects_unknown():
         ({"max_gpu_memory": 0}, "max_gpu_memory must be a positive number of GiB"),
         ({"enable_cpu_offload": True, "parallel_config": {"use_hsdp": True, "hsdp_shard_size": 2}},
          "CPU offload cannot be combined with use_hsdp"),
+        ({"cuda_graphs": 1}, "cuda_graphs must be a bool"),
+        ({"cuda_graphs": True, "device": "cpu"}, "cuda_graphs needs a CUDA device"),
+        ({"cuda_graphs": True, "cache_backend": "tea_cache", "enable_cpu_offload": True},
+         r"cuda_graphs cannot be combined with cache_backend, enable_cpu_offload \(a recorded graph"),
+        ({"cuda_graphs": True, "batching": "step"}, "cuda_graphs cannot be combined with batching='step'"),
+        ({"cuda_graphs": True, "parallel_config": {"tensor_parallel_size": 2}},
+         r"cuda_graphs cannot be combined with a parallel replica"),
     ],
 )
 def test_engine_config_rejects_bad_values(kwargs, message):

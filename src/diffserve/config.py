@@ -233,6 +233,9 @@ class OmniDiffusionConfig:
     max_gpu_memory: float | None = None
     # False: compile the transformer's repeated blocks with torch.compile on CUDA.
     enforce_eager: bool = False
+    # Record each denoiser's forward as a CUDA graph per input signature and replay it
+    # (diffserve.cuda_graphs): the host no longer issues every kernel. CUDA, one process per replica.
+    cuda_graphs: bool = False
     # "fp8": the denoisers' linear layers compute in float8 (per-channel weight and per-token
     # activation scales; diffserve.layers.quantization). None: the model's dtype.
     quantization: str | None = None
@@ -318,6 +321,28 @@ class OmniDiffusionConfig:
             raise ValueError(f"quantization must be None or 'fp8', got {self.quantization!r}")
         check_lora_modules(self.lora_modules)
         self._check_memory_options()
+        self._check_cuda_graphs()
+
+    def _check_cuda_graphs(self) -> None:
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        if not self.cuda_graphs:
+            return
+        if self.device == "cpu":
+            raise ValueError("cuda_graphs needs a CUDA device, device is 'cpu'; leave cuda_graphs off")
+        # A replay runs only what was recorded: per-call Python decisions would be frozen.
+        frozen = {
+            "cache_backend": self.cache_backend is not None,  # decides per step whether to run the blocks
+            "enable_cpu_offload": self.enable_cpu_offload,  # moves weights in hooks
+            "enable_layerwise_offload": self.enable_layerwise_offload,
+            "lora_modules": bool(self.lora_modules),  # switches adapters per request
+            "batching='step'": self.batching == "step",  # changes the batch every step
+            "a parallel replica (replica_world_size > 1)": self.parallel_config.replica_world_size > 1,
+        }
+        clashes = [name for name, on in frozen.items() if on]
+        if clashes:
+            raise ValueError(f"cuda_graphs cannot be combined with {', '.join(clashes)} (a recorded graph replays "
+                             "fixed work); drop one of them")
 
     def _check_cfg_truncation(self) -> None:
         # TeaCache's cfg_truncation_step picks the branches of the whole call by one request's step.

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from diffserve.cache import make_cache_backend
 from diffserve.compile import compile_repeated_blocks
+from diffserve.cuda_graphs import use_cuda_graphs
 from diffserve.config import OmniDiffusionConfig
 from diffserve.distributed import parallel_state as ps
 from diffserve.distributed.hsdp import shard_denoisers
@@ -154,6 +155,11 @@ class DiffusionWorker:
             self.cache_backend.enable(self.pipeline)
         # Last: its hooks wrap whatever the features above installed (tiled decode, caches, compile).
         self.offloader = apply_offload(self.pipeline, self.od_config, self.device)
+        if self.od_config.cuda_graphs:
+            if self.device.type != "cuda":
+                raise ValueError(f"cuda_graphs needs a CUDA device, the engine runs on {self.device}; leave it off")
+            for module in discover_components(self.pipeline)["dit"].values():
+                use_cuda_graphs(module)
         if self.od_config.parallel_config.replica_world_size == 1 and not self._blocks_compiled():
             self._stop_between_blocks()
 

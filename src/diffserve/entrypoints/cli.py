@@ -47,6 +47,9 @@ ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
 ]
 ENGINE_SWITCHES: list[tuple[str, str, str]] = [
     ("--enforce-eager", "enforce_eager", "do not torch.compile the transformer blocks"),
+    ("--cuda-graphs", "cuda_graphs",
+     "replay each transformer forward as a CUDA graph (per input shape; CUDA, one process, no step cache, "
+     "offload, LoRA or step batching)"),
     ("--use-hsdp", "use_hsdp", "shard the transformer weights with FSDP2 (HSDP)"),
     ("--vae-use-tiling", "vae_use_tiling", "decode large latents in overlapping tiles (less memory)"),
     ("--vae-use-slicing", "vae_use_slicing", "encode and decode a batch one sample at a time (less memory)"),

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from diffserve.distributed.parallel_state import get_tp_group
+from diffserve.layers.gelu_fp8 import GeluTanhInput
 from diffserve.layers.quantization import LinearMethod, UnquantizedLinearMethod
 from diffserve.loader.weight_utils import WeightLoadingError, check_shape, default_weight_loader, set_weight_attrs
 
@@ -58,6 +58,8 @@ class LinearBase(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """This rank's x @ weight.T (+ bias), through the layer's compute method, plus the active LoRA
         adapters' update of this shard."""
+        if self.lora is not None and isinstance(x, GeluTanhInput):
+            x = x.evaluate()  # the adapters' update reads the activation too
         y = self.quant_method.apply(self, x, bias)
         return y if self.lora is None else self.lora.add_delta(x, y)
 
@@ -107,17 +109,20 @@ class ColumnParallelLinear(LinearBase):
         y = self.matmul(x, self.bias)
         return self.tp_group.all_gather(y, dim=-1) if self.gather_output else y
 
-    def forward_gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
-        """gelu(self(x), approximate="tanh"): in the matmul's epilogue (cuBLASLt computes the
-        activation from the float32 accumulator) when nothing else touches the product: a 16-bit
-        CUDA input, a bias, unquantized, no LoRA, no hooks, no gather. That skips a read and a write
-        of the wide hidden activation: FLUX.1-dev's [4608, 3072 -> 12288] took 0.46 ms instead of
-        0.55 ms on an H200 (compiled), and the result is rounded once instead of twice."""
+    def forward_gelu_tanh(self, x: torch.Tensor) -> torch.Tensor | GeluTanhInput:
+        """gelu(self(x), approximate="tanh"), for the next linear layer to take.
+
+        In the matmul's epilogue (cuBLASLt computes the activation from the float32 accumulator)
+        when nothing else touches the product: a 16-bit CUDA input, a bias, unquantized, no LoRA, no
+        hooks, no gather. That skips a read and a write of the wide hidden activation: FLUX.1-dev's
+        [4608, 3072 -> 12288] took 0.46 ms instead of 0.55 ms on an H200 (compiled), and the result
+        is rounded once instead of twice. Otherwise the GELU is returned unevaluated (a
+        `GeluTanhInput`), for an FP8 next layer to compute while it quantizes its input."""
         fused = (self.quant_method is UNQUANTIZED and self.lora is None and self.bias is not None
                  and not self.gather_output and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
                  and self.weight.device == x.device and not (self._forward_pre_hooks or self._forward_hooks))
         if not fused:
-            return F.gelu(self(x), approximate="tanh")
+            return GeluTanhInput(self(x))
         # On CUDA the epilogue's GELU is the tanh approximation (torch's CPU kernel would be exact).
         y = torch._addmm_activation(self.bias, x.reshape(-1, x.shape[-1]), self.weight.t(), use_gelu=True)
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -253,6 +258,7 @@ class RowParallelLinear(LinearBase):
         if self.tp_size == 1:
             return self.matmul(x, self.bias)
         if not self.input_is_parallel:
+            x = x.evaluate() if isinstance(x, GeluTanhInput) else x
             x = torch.cat([b.chunk(self.tp_size, dim=-1)[self.tp_rank] for b in x.split(self.input_partition_sizes, -1)], -1)
         # A LoRA update of this rank's input columns is a partial sum too: it joins the reduction.
         y = self.matmul(x, None)

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffserve.layers.gelu_fp8 import GeluTanhInput, quantize_gelu_input_fp8
+
 logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -37,6 +39,8 @@ class LinearMethod:
 
 class UnquantizedLinearMethod(LinearMethod):
     def apply(self, layer, x, bias):
+        if isinstance(x, GeluTanhInput):
+            x = x.evaluate()
         return F.linear(x, layer.weight, bias)
 
 
@@ -58,9 +62,12 @@ class Fp8LinearMethod(LinearMethod):
 
     def apply(self, layer, x, bias):
         shape = x.shape
-        # cuBLASLt takes a row-major first operand; an activation that arrives as a transposed view
-        # (Stable Audio's) would otherwise keep its column-major strides through the quantization.
-        x_q, x_scale = quantize_fp8_rows(x.reshape(-1, shape[-1]).contiguous())
+        if isinstance(x, GeluTanhInput):  # a feed-forward's hidden activation: GELU and quantization in one pass
+            x_q, x_scale = quantize_gelu_input_fp8(x)
+        else:
+            # cuBLASLt takes a row-major first operand; an activation that arrives as a transposed view
+            # (Stable Audio's) would otherwise keep its column-major strides through the quantization.
+            x_q, x_scale = quantize_fp8_rows(x.reshape(-1, shape[-1]).contiguous())
         # cuBLASLt adds a bias only into a 16-bit output; a float32 model adds its own.
         fused_bias = bias if x.dtype != torch.float32 and bias is not None else None
         # _scaled_mm wants its second operand column-major: the row-major [out, in] weight, transposed.

@@ -16,6 +16,7 @@ from diffserve.distributed.sp_plan import SequenceParallelInput, SequenceParalle
 from diffserve.layers.adaln import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle, modulate
 from diffserve.layers.attention import Attention
 from diffserve.layers.embeddings import TimeTextEmbedding
+from diffserve.layers.gelu_fp8 import cat_gelu
 from diffserve.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from diffserve.layers.mlp import FeedForward
 from diffserve.layers.norm import LayerNorm, RMSNorm
@@ -135,7 +136,7 @@ class FluxSingleTransformerBlock(nn.Module):
         x, gate = self.norm(residual, temb)
         mlp_out = self.proj_mlp.forward_gelu_tanh(x)
         attn_out = self.attn(x, rotary_emb)
-        out = _clip_fp16(residual + gate[:, None] * self.proj_out(torch.cat([attn_out, mlp_out], dim=2)))
+        out = _clip_fp16(residual + gate[:, None] * self.proj_out(cat_gelu(attn_out, mlp_out)))
         return out[:, :text_len], out[:, text_len:]
 
 
