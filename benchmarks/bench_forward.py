@@ -4,13 +4,17 @@ FLUX.1-dev, SD3.5-large, Qwen-Image, Stable Audio Open (and Wan through bench_wa
 
 For each model: build diffusers' model on the GPU (its own init, 1-D parameters perturbed), fill ours
 from its state dict through our load_weights, check the outputs agree, then time the variants in one
-run: diffusers eager / regionally compiled, ours eager / compiled / compiled with FP8 linears. With
+run: diffusers eager / regionally compiled, ours eager / compiled / compiled with FP8 linears / with
+FP8 linears and FP8 attention (cudnn_fp8; needs nvidia-cudnn-frontend), optionally replaying CUDA
+graphs (--cuda-graphs). With
 --recompile, also the first call at batch 4 after batch 1 (a server's first busy minute), ours
 compiled with static shapes vs with the batch dimension marked dynamic.
 
     python benchmarks/bench_forward.py --models flux,sd3.5-large,qwen-image,stable-audio \
         --variants all --recompile --json-out forward.json
-    python benchmarks/bench_forward.py --models flux --tiny --device cpu --dtype float32 --variants eager
+    python benchmarks/bench_forward.py --models flux --resolution 512 --cuda-graphs \
+        --variants ours-compile,ours-fp8-fp8attn-compile
+    python benchmarks/bench_forward.py --models flux --tiny --device cpu --dtype float32 --variants ours-eager
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from bench_flux_transformer import default_dtype, image_ids
 from forward_timing import compare, device_name, time_forward
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+RESOLUTION = 1024  # FLUX and Qwen-Image image side in pixels (--resolution)
 
 
 def _flux(tiny: bool):
@@ -41,7 +46,7 @@ def _flux(tiny: bool):
                    joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 12, 12))
 
     def inputs(batch, gen, device, dtype):
-        rows = cols = 8 if tiny else 64  # 1024x1024
+        rows = cols = 8 if tiny else RESOLUTION // 16  # 1024x1024 by default
         text = 16 if tiny else 512
         x = dict(hidden_states=torch.randn(batch, rows * cols, 64, generator=gen),
                  encoder_hidden_states=torch.randn(batch, text, cfg["joint_attention_dim"], generator=gen),
@@ -126,7 +131,7 @@ def _qwen_image(tiny: bool):
                    axes_dims_rope=(8, 12, 12))
 
     def inputs(batch, gen, device, dtype):
-        rows = cols = 8 if tiny else 64  # 1024x1024
+        rows = cols = 8 if tiny else RESOLUTION // 16  # 1024x1024 by default
         text = 16 if tiny else 256
         x = dict(hidden_states=torch.randn(batch, rows * cols, 64, generator=gen).to(device, dtype),
                  encoder_hidden_states=torch.randn(batch, text, cfg["joint_attention_dim"], generator=gen).to(device, dtype),
@@ -139,7 +144,8 @@ def _qwen_image(tiny: bool):
 
 
 MODELS = {"flux": _flux, "sd3.5-large": _sd35, "stable-audio": _stable_audio, "qwen-image": _qwen_image}
-VARIANTS = ("diffusers-eager", "diffusers-compile", "ours-eager", "ours-compile", "ours-fp8-compile")
+VARIANTS = ("diffusers-eager", "diffusers-compile", "ours-eager", "ours-compile", "ours-fp8-compile",
+            "ours-fp8-fp8attn-compile")
 
 
 def build(name: str, tiny: bool, device, dtype, seed: int):
@@ -186,6 +192,9 @@ def output(result):
 
 def run_model(name: str, args, device, dtype) -> dict:
     from diffserve.compile import compile_repeated_blocks
+    from diffserve.cuda_graphs import CudaGraphedForward
+    from diffserve.layers.attention import set_attention_backend
+    from diffserve.layers.attention.backends.cudnn_fp8 import CudnnFp8AttentionBackend
     from diffserve.layers.quantization import quantize_linear_layers
 
     reference, ours, make_inputs = build(name, args.tiny, device, dtype, args.seed)
@@ -205,13 +214,17 @@ def run_model(name: str, args, device, dtype) -> dict:
                 fn = lambda: reference(**x, return_dict=False)  # noqa: E731
             else:
                 model, x = ours, our_in
-                if "fp8" in variant:
+                if "fp8" in variant and "fp8_layers" not in row:
                     row["fp8_layers"] = quantize_linear_layers(ours, "fp8")
                     row["fp8_agreement"] = compare(ours(**x), expected)
+                if "fp8attn" in variant:
+                    set_attention_backend(ours, CudnnFp8AttentionBackend)
+                    row["fp8_fp8attn_agreement"] = compare(ours(**x), expected)
                 if variant.endswith("compile") and not getattr(ours, "_diffserve_compiled", False):
                     compile_repeated_blocks(ours)
                     ours._diffserve_compiled = True
-                fn = lambda: ours(**x)  # noqa: E731
+                call = CudaGraphedForward(ours) if args.cuda_graphs else ours
+                fn = lambda: call(**x)  # noqa: E731
             timing = time_forward(fn, device, args.warmup, args.iters)
             row["timings"][variant] = {"median_ms": timing.median_ms, "first_call_s": timing.first_call_s,
                                        "peak_mem_gib": timing.peak_mem_gib}
@@ -220,7 +233,7 @@ def run_model(name: str, args, device, dtype) -> dict:
             del model
     t = row["timings"]
     for ours_v, ref_v in (("ours-compile", "diffusers-compile"), ("ours-eager", "diffusers-eager"),
-                          ("ours-fp8-compile", "ours-compile")):
+                          ("ours-fp8-compile", "ours-compile"), ("ours-fp8-fp8attn-compile", "ours-compile")):
         if ours_v in t and ref_v in t:
             row[f"speedup_{ours_v}_vs_{ref_v}"] = t[ref_v]["median_ms"] / t[ours_v]["median_ms"]
     del reference, ours
@@ -271,6 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="all", help=f"'all' or a comma list of {', '.join(VARIANTS)}")
     p.add_argument("--tiny", action="store_true", help="tiny configs (a CPU smoke test)")
     p.add_argument("--recompile", action="store_true")
+    p.add_argument("--cuda-graphs", action="store_true", help="our variants replay CUDA graphs (diffserve.cuda_graphs)")
+    p.add_argument("--resolution", type=int, default=1024, help="FLUX / Qwen-Image image side in pixels")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--warmup", type=int, default=3)
@@ -279,6 +294,8 @@ def main(argv=None) -> int:
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    global RESOLUTION
+    RESOLUTION = args.resolution
     result = {"device": device_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(sys.argv), "models": []}
     ok = True

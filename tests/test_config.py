@@ -88,12 +88,7 @@ def test_parallel_config_from_dict_rejects_unknown():
         ({"enable_cpu_offload": True, "parallel_config": {"use_hsdp": True, "hsdp_shard_size": 2}},
          "CPU offload cannot be combined with use_hsdp"),
         ({"cuda_graphs": 1}, "cuda_graphs must be a bool"),
-        ({"cuda_graphs": True, "device": "cpu"}, "cuda_graphs needs a CUDA device"),
-        ({"cuda_graphs": True, "cache_backend": "tea_cache", "enable_cpu_offload": True},
-         r"cuda_graphs cannot be combined with cache_backend, enable_cpu_offload \(a recorded graph"),
-        ({"cuda_graphs": True, "batching": "step"}, "cuda_graphs cannot be combined with batching='step'"),
-        ({"cuda_graphs": True, "parallel_config": {"tensor_parallel_size": 2}},
-         r"cuda_graphs cannot be combined with a parallel replica"),
+        ({"cuda_graphs": True, "device": "cpu"}, "cuda_graphs needs a CUDA device, the engine would run on cpu"),
     ],
 )
 def test_engine_config_rejects_bad_values(kwargs, message):
@@ -152,3 +147,21 @@ def test_prompt_input_accepts_str_and_dict_and_draws_a_seed():
 def test_prompt_input_rejects_bad_prompts(prompt, error, message):
     with pytest.raises(error, match=message):
         PromptInput.from_user(prompt, OmniDiffusionSamplingParams())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"cache_backend": "tea_cache", "enable_cpu_offload": True},
+         r"cuda_graphs cannot be combined with cache_backend, enable_cpu_offload \(a recorded graph"),
+        ({"batching": "step"}, "cuda_graphs cannot be combined with batching='step'"),
+        ({"parallel_config": {"tensor_parallel_size": 2}}, "cuda_graphs cannot be combined with a parallel replica"),
+        ({"lora_modules": {"style": __file__}}, "cuda_graphs cannot be combined with lora_modules"),
+    ],
+)
+def test_cuda_graphs_refuse_features_that_change_the_work_per_call(monkeypatch, kwargs, message):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    with pytest.raises(ValueError, match=message):
+        OmniDiffusionConfig(model="m", cuda_graphs=True, **kwargs)

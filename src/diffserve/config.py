@@ -328,8 +328,9 @@ class OmniDiffusionConfig:
             raise ValueError(f"cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if not self.cuda_graphs:
             return
-        if self.device == "cpu":
-            raise ValueError("cuda_graphs needs a CUDA device, device is 'cpu'; leave cuda_graphs off")
+        if self.resolved_device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, the engine would run on {self.resolved_device} "
+                             f"(device={self.device!r}); leave cuda_graphs off")
         # A replay runs only what was recorded: per-call Python decisions would be frozen.
         frozen = {
             "cache_backend": self.cache_backend is not None,  # decides per step whether to run the blocks

@@ -20,7 +20,7 @@ ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--dtype", "dtype", str, "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
     ("--revision", "revision", str, "hub revision when MODEL is a hub id"),
-    ("--attention-backend", "attention_backend", str, "sdpa (default), flash_attn or sage_attn"),
+    ("--attention-backend", "attention_backend", str, "sdpa (default), flash_attn, sage_attn or cudnn_fp8 (FP8 attention, Hopper+, lossy)"),
     ("--max-batch-size", "max_batch_size", int, "most prompts merged into one pipeline call (default 4)"),
     ("--tensor-parallel-size", "tensor_parallel_size", int, "tensor parallel degree"),
     ("--ulysses-degree", "ulysses_degree", int, "Ulysses sequence parallel degree"),

@@ -162,6 +162,7 @@ REFUSED = [
     ({"vae_patch_parallel_size": 2, "ulysses_degree": 2}, "ulysses_degree=2, vae_patch_parallel_size=2"),
     ({"cache_backend": "tea_cache"}, "cache_backend='tea_cache'"),
     ({"attention_backend": "sage_attn"}, "attention_backend='sage_attn'"),
+    ({"attention_backend": "cudnn_fp8"}, "attention_backend='cudnn_fp8'"),
     ({"quantization": "fp8"}, "quantization='fp8'"),
     ({"enable_cpu_offload": True}, "enable_cpu_offload=True"),
     ({"enable_layerwise_offload": True}, "enable_layerwise_offload=True"),
@@ -334,3 +335,11 @@ def test_emulated_outputs_per_prompt(tiny_checkpoint):
     gens = kwargs["generator"]
     assert len(gens) == 4 and gens[0] is gens[1] and gens[2] is gens[3] and gens[0] is not gens[2]
     assert "num_images_per_prompt" not in kwargs
+
+
+def test_cuda_graphs_are_refused_through_the_adapter(monkeypatch):
+    from diffserve.config import OmniDiffusionConfig
+    from diffserve.models.diffusers_adapter.features import refused_settings
+
+    monkeypatch.setattr(OmniDiffusionConfig, "_check_cuda_graphs", lambda self: None)  # no GPU needed to ask
+    assert "cuda_graphs=True" in refused_settings(OmniDiffusionConfig(model="m", cuda_graphs=True))

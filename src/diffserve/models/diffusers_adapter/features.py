@@ -31,7 +31,7 @@ ADAPTER_FEATURES = (
     "batching, seeds, progress, abort between steps, the HTTP server and the CLI",
 )
 ADAPTER_REFUSED = ("tensor/sequence/CFG parallel, HSDP, VAE patch parallel, tea_cache, fp8 quantization, "
-                   "LoRA adapters, CPU offload, sage_attn")
+                   "LoRA adapters, CPU offload, CUDA graphs, sage_attn, cudnn_fp8")
 
 
 def refused_settings(od_config: "OmniDiffusionConfig") -> list[str]:
@@ -53,6 +53,8 @@ def refused_settings(od_config: "OmniDiffusionConfig") -> list[str]:
         refused.append(f"lora_modules ({', '.join(sorted(od_config.lora_modules))})")
     offload = ("enable_cpu_offload", "enable_layerwise_offload")
     refused += [f"{name}=True" for name in offload if getattr(od_config, name)]
+    if od_config.cuda_graphs:  # not run on diffusers' models
+        refused.append("cuda_graphs=True")
     if od_config.attention_backend not in ADAPTER_ATTENTION_BACKENDS:
         refused.append(f"attention_backend={od_config.attention_backend!r}")
     return refused

@@ -181,7 +181,7 @@ class CudnnFp8AttentionBackend(AttentionBackend):
         if dtype not in (torch.float16, torch.bfloat16):
             return f"needs float16 or bfloat16, dtype is {dtype}"
         if importlib.util.find_spec("cudnn") is None:
-            return "nvidia-cudnn-frontend is not installed (pip install nvidia-cudnn-frontend)"
+            return "nvidia-cudnn-frontend is not installed (pip install 'diffserve[fp8-attention]')"
         return None
 
     @staticmethod
