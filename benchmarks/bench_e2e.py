@@ -27,6 +27,9 @@ machine's 64 GB disk holds one at a time. Qwen-Image-Edit runs 20 of its 50 defa
 stay within a few minutes (its denoise stage scales with the steps):
 
     python benchmarks/bench_e2e.py --model flux --ckpt /tmp/e2e-flux --json-out flux_e2e.json
+    # the same with diffserve's speed options (docs/speed.md), against diffusers compiled
+    python benchmarks/bench_e2e.py --model flux --ckpt /tmp/e2e-flux --compile --diffusers-compile \
+        --engine cuda_graphs=true --engine quantization=fp8 --engine attention_backend=cudnn_fp8
     rm -rf /tmp/e2e-flux
     python benchmarks/bench_e2e.py --model qwen-image-edit --ckpt /tmp/e2e-qwen-edit --steps 20 --repeats 2 \\
         --json-out qwen_image_edit_e2e.json
@@ -458,7 +461,7 @@ def run(args, model: Model, path: str, device: torch.device, dtype: torch.dtype)
     probe = StageProbe(pipe, Timeline(device))
     start = time.perf_counter()
     with Omni(path, dtype=args.dtype, device=args.device, enforce_eager=not args.compile,
-              disable_progress_bar=True) as omni:
+              disable_progress_bar=True, **args.engine) as omni:
         ours = Side(weights_gib([omni.engine.executor.worker.pipeline]), time.perf_counter() - start)
         our_latents = LatentTap(omni.engine.executor.worker.pipeline.vae)
         print(f"loaded: diffusers {theirs.load_s:.1f} s, diffserve {ours.load_s:.1f} s", flush=True)
@@ -520,6 +523,16 @@ def report(result: dict) -> None:
           f"{'' if result['outputs_finite'] else ' (NON-FINITE OUTPUT)'}", flush=True)
 
 
+def _engine_option(parser: argparse.ArgumentParser, item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        parser.error(f"--engine takes KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a plain string, such as fp8
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), required=True)
@@ -535,12 +548,16 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed requests of each side")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="diffserve compiles its transformer's blocks")
+    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                   help="a diffserve engine option, the value as JSON where it parses (repeatable), e.g. "
+                        "--engine cuda_graphs=true --engine quantization=fp8 --engine attention_backend=cudnn_fp8")
     p.add_argument("--diffusers-compile", action="store_true",
                    help="diffusers compiles its transformer's blocks (compile_repeated_blocks)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="the real configurations need a GPU (pick one with CUDA_VISIBLE_DEVICES); cpu is for --tiny")
     p.add_argument("--json-out", default=None, metavar="PATH")
     args = p.parse_args(argv)
+    args.engine = dict(_engine_option(p, item) for item in args.engine)
     if args.text_encoder_layers < 1 or args.repeats < 1 or args.warmup_steps < 1 or (args.steps or 1) < 1:
         p.error("--text-encoder-layers, --steps, --warmup-steps and --repeats must be at least 1")
     model, device = MODELS[args.model], torch.device(args.device)
@@ -556,7 +573,8 @@ def main(argv=None) -> int:
             args.ckpt = tiny_folder
         path = ensure_checkpoint(args, model, device)
         result = run(args, model, path, device, getattr(torch, args.dtype))
-    result.update(device=device_name(device), torch=torch.__version__, diffusers_version=diffusers.__version__,
+    result.update(engine_options=args.engine, device=device_name(device), torch=torch.__version__,
+                  diffusers_version=diffusers.__version__,
                   date=time.strftime("%Y-%m-%d"), command=" ".join([os.path.basename(sys.executable), *sys.argv]))
     report(result)
     if args.json_out:
