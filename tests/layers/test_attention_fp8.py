@@ -94,3 +94,11 @@ def test_cudnn_fp8_attention_compiles_without_graph_breaks():
     # Compiled code sums the key mean in another order, which re-rolls FP8's rounding: compiled and
     # eager differ by FP8's error itself (4.7e-2 on the H200), each as close to exact attention.
     assert _rel(compiled(q, k, v), _exact(q, k, v)) < 0.08
+
+
+def test_head_sizes_the_kernel_does_not_take_use_sdpa(caplog):
+    q, k, v = _inputs((1, 16, 2, 200))  # 200: not a multiple of 16 up to 128
+    with caplog.at_level("WARNING", logger="diffserve"):
+        out = CudnnFp8AttentionBackend.forward(q, k, v, None, 200**-0.5, False)
+    torch.testing.assert_close(out, _exact(q, k, v), atol=1e-5, rtol=1e-5)
+    assert "head size 200 is not a multiple of 16 up to 128; those layers use sdpa" in caplog.text

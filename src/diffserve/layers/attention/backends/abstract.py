@@ -45,3 +45,12 @@ class AttentionBackend(ABC):
         Returns (out [B, S_q, H, D], lse [B, H, S_q] in float32).
         """
         raise NotImplementedError
+
+
+def needs_cuda_16bit(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why a CUDA half-precision kernel cannot run on `device` in `dtype`, or None."""
+    if device.type != "cuda":
+        return f"needs CUDA, device is {device}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"needs float16 or bfloat16, dtype is {dtype}"
+    return None

@@ -15,11 +15,15 @@ that holds the kernel to it.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
 
 import torch
 
-from diffserve.layers.attention.backends.abstract import AttentionBackend
+from diffserve.layers.attention.backends.abstract import AttentionBackend, needs_cuda_16bit
+from diffserve.layers.attention.backends.sdpa import TorchSDPABackend
+
+logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -132,7 +136,7 @@ class _Fp8SdpaGraph:
                     u["descale_q"]: descale_q.data_ptr(), u["descale_k"]: descale_k.data_ptr(),
                     u["descale_v"]: descale_v.data_ptr(), u["scale_o"]: scale_o.data_ptr(), u["o"]: out.data_ptr(),
                     **self.fixed}
-        self.graph._execute(pointers, workspace.data_ptr(), handle)
+        self.graph.execute(pointers, workspace.data_ptr(), handle=handle)
 
 
 _graphs: dict[tuple, _Fp8SdpaGraph] = {}
@@ -166,6 +170,20 @@ def _(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, scale, causal):
     return q8.new_empty(q8.shape[:-1] + v8.shape[-1:])
 
 
+def _kernel_takes(query: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether cuDNN's FP8 kernel takes these head sizes on every GPU it runs on (Hopper: multiples of 16
+    up to 128); other layers of the model keep bf16 attention, said once."""
+    fits = all(d % 16 == 0 and d <= 128 for d in (query.shape[-1], value.shape[-1]))
+    if not fits and not _kernel_takes.warned:
+        _kernel_takes.warned = True
+        logger.warning("cudnn_fp8: head size %d is not a multiple of 16 up to 128; those layers use sdpa",
+                       query.shape[-1])
+    return fits
+
+
+_kernel_takes.warned = False
+
+
 class CudnnFp8AttentionBackend(AttentionBackend):
     """FP8 attention (cuDNN's fused kernel); lossy, so opt-in only."""
 
@@ -174,18 +192,18 @@ class CudnnFp8AttentionBackend(AttentionBackend):
 
     @classmethod
     def unavailable_reason(cls, device, dtype):
-        if device.type != "cuda":
-            return f"needs CUDA, device is {device}"
+        if reason := needs_cuda_16bit(device, dtype):
+            return reason
         if torch.cuda.get_device_capability(device) < (9, 0):
             return f"needs compute capability 9.0+ (Hopper, Blackwell), {torch.cuda.get_device_name(device)} is not"
-        if dtype not in (torch.float16, torch.bfloat16):
-            return f"needs float16 or bfloat16, dtype is {dtype}"
         if importlib.util.find_spec("cudnn") is None:
             return "nvidia-cudnn-frontend is not installed (pip install 'diffserve[fp8-attention]')"
         return None
 
     @staticmethod
     def forward(query, key, value, attn_mask, scale, causal):
+        if not _kernel_takes(query, value):
+            return TorchSDPABackend.forward(query, key, value, attn_mask, scale, causal)
         q8, k8, v8, dq, dk, dv = quantize_attention_inputs(query, key, value)
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         # The output is a convex combination of v's rows, so v's scale keeps it in FP8's range.

@@ -2,9 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 
-import torch
-
-from diffserve.layers.attention.backends.abstract import AttentionBackend
+from diffserve.layers.attention.backends.abstract import AttentionBackend, needs_cuda_16bit
 
 
 def _flash_attn_func():
@@ -24,10 +22,8 @@ class FlashAttnBackend(AttentionBackend):
 
     @classmethod
     def unavailable_reason(cls, device, dtype):
-        if device.type != "cuda":
-            return f"needs CUDA, device is {device}"
-        if dtype not in (torch.float16, torch.bfloat16):
-            return f"needs float16 or bfloat16, dtype is {dtype}"
+        if reason := needs_cuda_16bit(device, dtype):
+            return reason
         if not any(importlib.util.find_spec(m) for m in ("flash_attn_interface", "flash_attn")):
             return "neither flash_attn_interface (FA3) nor flash_attn (FA2) is installed"
         return None

@@ -2,9 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 
-import torch
-
-from diffserve.layers.attention.backends.abstract import AttentionBackend
+from diffserve.layers.attention.backends.abstract import AttentionBackend, needs_cuda_16bit
 
 
 class SageAttnBackend(AttentionBackend):
@@ -15,10 +13,8 @@ class SageAttnBackend(AttentionBackend):
 
     @classmethod
     def unavailable_reason(cls, device, dtype):
-        if device.type != "cuda":
-            return f"needs CUDA, device is {device}"
-        if dtype not in (torch.float16, torch.bfloat16):
-            return f"needs float16 or bfloat16, dtype is {dtype}"
+        if reason := needs_cuda_16bit(device, dtype):
+            return reason
         if importlib.util.find_spec("sageattention") is None:
             return "sageattention is not installed"
         return None
