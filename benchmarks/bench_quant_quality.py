@@ -17,7 +17,8 @@ times are launch-bound and say nothing about FP8's speed (see bench_forward.py f
 
 Candidate FP8 policies, which the engine does not have, are `fp8:key=value,...`: the engine loads in
 bf16 and this script converts `converted_layers` itself with the engine's Fp8LinearMethod, except
-  keep=KIND+KIND     layers of these kinds stay bf16 (`KINDS`: qkv, attn_out, ff_up, ff_down, text);
+  keep=KIND+KIND     layers of these kinds stay bf16 (`KINDS`: qkv, attn_out, ff_up, ff_down, and text:
+                     the text stream of joint blocks, which the demo model does not have);
   keep_blocks=I+I    these repeated blocks stay bf16 (call order; -1 is the last);
   bf16_steps=N       the first N of the 20 steps run in bf16 (the bf16 weights are kept beside the FP8
                      ones, so this one costs memory as well as speed).
@@ -36,7 +37,6 @@ import time
 
 import numpy as np
 import torch
-
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -44,7 +44,8 @@ from bench_cache_quality import generate, psnr, ssim
 from diffserve import Omni
 from diffserve.assets import default_model_path
 from diffserve.demo import detector, scenes
-from diffserve.layers.quantization import Fp8LinearMethod, converted_layers
+from diffserve.layers.gelu_fp8 import GeluTanhInput
+from diffserve.layers.quantization import Fp8LinearMethod, check_fp8_supported, converted_layers
 from diffserve.models.interface import discover_components, is_repeated_block
 
 MODES = {
@@ -95,25 +96,23 @@ def policy_layers(transformer: nn.Module, policy: dict) -> tuple[list[nn.Module]
     kept = {id(layer) for i, block in enumerate(blocks) for path, layer in block.named_modules()
             if i in kept_blocks or path in suffixes}
     layers = converted_layers(transformer)
-    return [l for l in layers if id(l) not in kept], [l for l in layers if id(l) in kept]
+    return [layer for layer in layers if id(layer) not in kept], [layer for layer in layers if id(layer) in kept]
 
 
 class StepGate:
     """Which step the transformer is on (a new image starts when the timestep goes up), so that
-    `StepGatedFp8` runs the first `bf16_steps` in bf16. CFG may call it twice per step at one timestep."""
+    `StepGatedFp8` runs the first `bf16_steps` in bf16. CFG may call it twice per step at one timestep.
+    `fp8` is a bool set before each forward: compiled blocks then guard on two values, not on the step."""
 
     def __init__(self, transformer: nn.Module, bf16_steps: int):
-        self.bf16_steps, self.step, self.last_t = bf16_steps, 0, -1.0
+        self.bf16_steps, self.step, self.last_t, self.fp8 = bf16_steps, 0, -1.0, False
         transformer.register_forward_pre_hook(self.before_forward, with_kwargs=True)
 
     def before_forward(self, module, args, kwargs) -> None:
         t = float(kwargs["timestep"].flatten()[0])
         self.step = 0 if t > self.last_t else self.step + (t < self.last_t)
         self.last_t = t
-
-    @property
-    def fp8(self) -> bool:
-        return self.step >= self.bf16_steps
+        self.fp8 = self.step >= self.bf16_steps
 
 
 class StepGatedFp8(Fp8LinearMethod):
@@ -127,20 +126,21 @@ class StepGatedFp8(Fp8LinearMethod):
         super().process_weights(layer, device)
 
     def apply(self, layer, x, bias):
-        return super().apply(layer, x, bias) if self.gate.fp8 else F.linear(x, self.bf16_weight, bias)
+        if self.gate.fp8:
+            return super().apply(layer, x, bias)
+        return F.linear(x.evaluate() if isinstance(x, GeluTanhInput) else x, self.bf16_weight, bias)
 
 
-def apply_policy(omni: Omni, policy: dict, device: str) -> int:
-    """Convert the loaded bf16 denoisers' layers as the policy says; how many were converted."""
+def apply_policy(omni: Omni, policy: dict, device: str) -> None:
+    """Convert the loaded bf16 denoisers' layers as the policy says, as the engine's `quantization`
+    would (its checks included)."""
+    check_fp8_supported(torch.device(device))
     pipeline = omni.engine.executor.worker.pipeline  # one device: the engine runs in this process
-    count = 0
     for transformer in discover_components(pipeline)["dit"].values():
         gate = StepGate(transformer, policy["bf16_steps"]) if policy["bf16_steps"] else None
         for layer in policy_layers(transformer, policy)[0]:
             layer.quant_method = StepGatedFp8(gate) if gate else Fp8LinearMethod()
             layer.quant_method.process_weights(layer, torch.device(device))
-            count += 1
-    return count
 
 
 def flux_bf16_share(policy: dict) -> float:
@@ -219,7 +219,7 @@ def main() -> None:
     print("| mode | s / image | worst PSNR | median PSNR | mean PSNR | worst SSIM | detector accuracy | FLUX bf16 share |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        share = "" if r["flux_bf16_share"] is None else f"{r['flux_bf16_share']:.1%}"
+        share = "" if r["flux_bf16_share"] is None else f"{r['flux_bf16_share']:.2%}"
         print(f"| {r['mode']} | {r['seconds_per_image']:.3f} | {r['worst_psnr_db']:.1f} dB | {r['median_psnr_db']:.1f} dB | "
               f"{r['mean_psnr_db']:.1f} dB | {r['worst_ssim']:.3f} | {r['detector_accuracy']:.0%} | {share} |")
     if args.json_out:
