@@ -23,7 +23,7 @@ from diffserve import Omni, OmniDiffusionSamplingParams
 
 def run(model: str, options: dict, prompts: list[str], params: OmniDiffusionSamplingParams, repeats: int):
     with Omni(model=model, dtype="bfloat16", disable_progress_bar=True, **options) as omni:
-        omni.generate(prompts[:1], params)  # warm-up: compiles, and records CUDA graphs
+        omni.generate(prompts, params)  # warm-up at the timed batch size: compiles, and records CUDA graphs
         start = time.perf_counter()
         for _ in range(repeats):
             outputs = omni.generate(prompts, params)
