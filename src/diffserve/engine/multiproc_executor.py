@@ -43,6 +43,9 @@ STARTUP_TIMEOUT_S = 1800.0
 # How long peers of a failed rank get to report before the group counts as wedged: a peer that has
 # not answered by then waits in a collective the failed rank will never join.
 ERROR_GRACE_S = 10.0
+# A rank that dies this close to a peer's error is that error's cause: when a process exits, its
+# peers' collectives fail at once, and their error replies can reach us before its exit does.
+DEATH_IS_CAUSE_S = 2.0
 
 
 class WorkerDiedError(RuntimeError):
@@ -249,7 +252,7 @@ class MultiprocExecutor(Executor):
         pending = {conn: rank for rank, conn in enumerate(self.conns)}
         deadline = None if timeout is None else time.monotonic() + timeout
         first_error: RemoteError | None = None
-        error_deadline = None
+        first_error_at = error_deadline = None
         while pending:
             limits = [t for t in (deadline, error_deadline) if t is not None]
             wait_s = max(0.0, min(limits) - time.monotonic()) if limits else None
@@ -262,8 +265,8 @@ class MultiprocExecutor(Executor):
                 rank = pending[item]
                 try:
                     reply = item.recv()
-                except (EOFError, OSError):
-                    self._fail(f"worker rank {rank} died (its connection closed; exit code {self.procs[rank].exitcode})")
+                except (EOFError, OSError):  # it died
+                    self._fail_death(rank, first_error)
                 if reply[0] == "progress":
                     _report_progress(progress, *reply[1:])
                     continue
@@ -272,19 +275,20 @@ class MultiprocExecutor(Executor):
                     results[rank] = reply[1]
                 elif first_error is None:
                     first_error = RemoteError(rank, *reply[1:])
-                    error_deadline = time.monotonic() + ERROR_GRACE_S
+                    first_error_at = time.monotonic()
+                    error_deadline = first_error_at + ERROR_GRACE_S
             for item in ready:
                 rank = sentinels.get(item)
                 if rank is not None and rank in pending.values():
-                    if first_error is not None:  # a peer of the failed rank gave up too
-                        continue
-                    self._fail(
-                        f"worker rank {rank} (pid {self.procs[rank].pid}) died with exit code "
-                        f"{self.procs[rank].exitcode}"
-                    )
+                    if first_error is not None and time.monotonic() > first_error_at + DEATH_IS_CAUSE_S:
+                        continue  # a peer of the failed rank gave up after it
+                    self._fail_death(rank, first_error)
             if first_error is not None and pending and (
                 time.monotonic() >= error_deadline or all(not self.procs[r].is_alive() for r in pending.values())
             ):
+                dead = [r for r in pending.values() if not self.procs[r].is_alive()]
+                if dead and time.monotonic() <= first_error_at + DEATH_IS_CAUSE_S:
+                    self._fail_death(dead[0], first_error)
                 # The failed rank's peers are stuck in a collective (or gone): the group is unusable.
                 logger.error("%s; the other ranks did not finish, shutting the workers down", first_error)
                 self.shutdown()
@@ -294,6 +298,14 @@ class MultiprocExecutor(Executor):
         if first_error is not None:
             raise first_error
         return results
+
+    def _fail_death(self, rank: int, peer_error: RemoteError | None) -> None:
+        proc = self.procs[rank]
+        proc.join(timeout=1.0)  # its pipe can close just before its exit code is in
+        reason = f"worker rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}"
+        if peer_error is not None:  # the peer's failure, most likely a consequence, in brief
+            reason += "; then " + str(peer_error).splitlines()[0][:300]
+        self._fail(reason)
 
     def _fail(self, reason: str) -> None:
         logger.error("worker failure: %s; shutting the workers down", reason)
