@@ -19,6 +19,7 @@ from diffserve.config import OmniDiffusionConfig
 from diffserve.models.base import DiffusionPipelineBase, PipelineRun, repeat_per_output
 from diffserve.models.denoise import DenoiseState
 from diffserve.models.flow_match import set_timesteps
+from diffserve.models.unipc import host_stepping
 from diffserve.models.outputs import denormalize_images, seeded_noise, vae_latent_statistics
 from diffserve.models.spec import SamplingSpec
 from diffserve.models.wan.wan_transformer import WanTI2VTransformer3DModel, WanTransformer3DModel, WanTransformerConfig
@@ -74,7 +75,8 @@ class WanPipeline(DiffusionPipelineBase):
         self.expand_timesteps = bool(index.get("expand_timesteps", False))
 
         scheduler_cls = getattr(diffusers, index.get("scheduler", [None, "UniPCMultistepScheduler"])[1])
-        self.scheduler = scheduler_cls.from_pretrained(path, subfolder="scheduler")
+        # Wan's UniPC steps with host-side coefficients: diffusers' syncs with the GPU every step.
+        self.scheduler = host_stepping(scheduler_cls.from_pretrained(path, subfolder="scheduler"))
         self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
         self.text_encoder = UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
         # The Wan VAE runs in float32, as in the reference examples: bf16 decoding visibly bands.

@@ -1,0 +1,49 @@
+"""Find host syncs without a GPU: `meta` tensors stand for the device.
+
+A host sync makes the host wait until the device has drained its queue: reading a device value
+(`.item()`, a tensor's truth value), an op whose output shape depends on device values (`nonzero`,
+`masked_select`), a copy between host and device memory, or a linear-algebra call that checks its
+result on the host. In a denoise loop each one idles the GPU while the host queues the next kernels.
+
+`HostSyncRecorder` is a dispatch mode that records the ops of those kinds that touch a `meta` tensor
+(run the code with its device tensors on `meta`); `torch.cuda.set_sync_debug_mode("error")` is the
+same check on a real GPU (tests/gpu/test_denoise_loop.py). Host-only arithmetic (a 0-dim CPU tensor
+used as a scalar operand of a device op) is not a sync here, as on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+# Ops that read device values on the host.
+_READS = frozenset({
+    "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal", "aten::nonzero", "aten::masked_select",
+    "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim", "aten::_linalg_check_errors",
+})
+_COPIES = frozenset({"aten::_to_copy", "aten::copy_", "aten::_copy_from"})
+
+
+class HostSyncRecorder(TorchDispatchMode):
+    """Within the mode, `self.syncs` lists each op (aten name) that would sync a GPU host."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.name()
+        devices = {t.device.type for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        if "meta" in devices and name in _READS:
+            self.syncs.append(name)
+        elif name in _COPIES and _crosses_to_or_from_meta(devices, kwargs.get("device")):
+            self.syncs.append(name)
+        return func(*args, **kwargs)
+
+
+def _crosses_to_or_from_meta(devices: set[str], target) -> bool:
+    if target is not None:
+        devices = devices | {torch.device(target).type}
+    return "meta" in devices and len(devices) > 1
