@@ -23,6 +23,7 @@ _READS = frozenset({
     "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim", "aten::_linalg_check_errors",
 })
 _COPIES = frozenset({"aten::_to_copy", "aten::copy_", "aten::_copy_from"})
+META = torch.device("meta")
 
 
 class HostSyncRecorder(TorchDispatchMode):
@@ -47,3 +48,35 @@ def _crosses_to_or_from_meta(devices: set[str], target) -> bool:
     if target is not None:
         devices = devices | {torch.device(target).type}
     return "meta" in devices and len(devices) > 1
+
+
+def denoise_loop_syncs(pipeline, req) -> list[str]:
+    """The host syncs of a pipeline's denoise loop: `begin(req)` on the CPU (a loaded pipeline,
+    `diffserve.testing.load_pipeline`; `req` from `pipeline_request`), then the denoisers and the
+    state's tensors on `meta` and every step under HostSyncRecorder. Covers what `denoise_step` runs:
+    the transformer calls, CFG and the scheduler (not state the scheduler holds beyond its sigmas)."""
+    from diffserve.models.denoise import denoise_step
+    from diffserve.models.interface import discover_components
+
+    state = pipeline.begin(req).state
+    for denoiser in discover_components(pipeline)["dit"].values():
+        denoiser.to(META)
+    pipeline._execution_device = META
+    # One meta tensor per CPU tensor (kept alive beside it): CFG batches the inputs both branches share.
+    moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def to_meta(value):
+        if isinstance(value, torch.Tensor):
+            return moved.setdefault(id(value), (value, value.to(META)))[1]
+        if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+            return type(value)(to_meta(v) for v in value)
+        return value
+
+    state.latents, state.timesteps = to_meta(state.latents), to_meta(state.timesteps)
+    state.positive = {key: to_meta(value) for key, value in state.positive.items()}
+    if state.negative is not None:
+        state.negative = {key: to_meta(value) for key, value in state.negative.items()}
+    with HostSyncRecorder() as recorder:
+        while not state.done:
+            denoise_step(pipeline, [state])
+    return recorder.syncs
