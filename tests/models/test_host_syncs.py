@@ -26,15 +26,22 @@ FAMILIES = {
 }
 
 
-def _loop_syncs(tiny_checkpoint, family: str, **config) -> list[str]:
-    pipeline = load_pipeline(DEMO_MODEL_DIR if family == "demo" else tiny_checkpoint(family), **config)
+def _loop_syncs(tiny_checkpoint, family: str, prompts=("a red circle",)) -> list[str]:
+    pipeline = load_pipeline(DEMO_MODEL_DIR if family == "demo" else tiny_checkpoint(family))
     params = OmniDiffusionSamplingParams(seed=0, num_inference_steps=STEPS, **FAMILIES[family])
-    return denoise_loop_syncs(pipeline, pipeline_request(pipeline, "a red circle", params))
+    return denoise_loop_syncs(pipeline, *(pipeline_request(pipeline, p, params) for p in prompts))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_denoise_loop_runs_without_a_host_sync(tiny_checkpoint, family):
     syncs = _loop_syncs(tiny_checkpoint, family)
+    assert syncs == [], f"{family}: {sorted(set(syncs))}"
+
+
+@pytest.mark.parametrize("family", ["flux", "wan2.1-t2v", "qwen-image"])
+def test_requests_stepped_together_run_without_a_host_sync(tiny_checkpoint, family):
+    """Step-level batching: two requests in each call, text of different lengths (padded and masked)."""
+    syncs = _loop_syncs(tiny_checkpoint, family, ("a red circle", "a small green square above a large blue circle"))
     assert syncs == [], f"{family}: {sorted(set(syncs))}"
 
 

@@ -50,15 +50,23 @@ def _crosses_to_or_from_meta(devices: set[str], target) -> bool:
     return "meta" in devices and len(devices) > 1
 
 
-def denoise_loop_syncs(pipeline, req) -> list[str]:
+def denoise_loop_syncs(pipeline, *reqs) -> list[str]:
     """The host syncs of a pipeline's denoise loop: `begin(req)` on the CPU (a loaded pipeline,
-    `diffserve.testing.load_pipeline`; `req` from `pipeline_request`), then the denoisers and the
-    state's tensors on `meta` and every step under HostSyncRecorder. Covers what `denoise_step` runs:
-    the transformer calls, CFG and the scheduler (not state the scheduler holds beyond its sigmas)."""
+    `diffserve.testing.load_pipeline`; requests from `pipeline_request`), then the denoisers and the
+    states' tensors on `meta` and every step under HostSyncRecorder. Several requests step together,
+    as step-level batching runs them (their text inputs padded to one length). Covers what
+    `denoise_step` runs: the transformer calls, CFG and the scheduler (not state the scheduler holds
+    beyond its sigmas)."""
+    import copy
+
     from diffserve.models.denoise import denoise_step
     from diffserve.models.interface import discover_components
 
-    state = pipeline.begin(req).state
+    states = []
+    for req in reqs:
+        state = pipeline.begin(req).state
+        state.scheduler = copy.deepcopy(state.scheduler)  # each request steps its own, as the worker does
+        states.append(state)
     for denoiser in discover_components(pipeline)["dit"].values():
         denoiser.to(META)
     pipeline._execution_device = META
@@ -72,11 +80,12 @@ def denoise_loop_syncs(pipeline, req) -> list[str]:
             return type(value)(to_meta(v) for v in value)
         return value
 
-    state.latents, state.timesteps = to_meta(state.latents), to_meta(state.timesteps)
-    state.positive = {key: to_meta(value) for key, value in state.positive.items()}
-    if state.negative is not None:
-        state.negative = {key: to_meta(value) for key, value in state.negative.items()}
+    for state in states:
+        state.latents, state.timesteps = to_meta(state.latents), to_meta(state.timesteps)
+        state.positive = {key: to_meta(value) for key, value in state.positive.items()}
+        if state.negative is not None:
+            state.negative = {key: to_meta(value) for key, value in state.negative.items()}
     with HostSyncRecorder() as recorder:
-        while not state.done:
-            denoise_step(pipeline, [state])
+        while not states[0].done:
+            denoise_step(pipeline, states)
     return recorder.syncs
