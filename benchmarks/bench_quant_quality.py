@@ -15,13 +15,13 @@ kernel); cudnn_fp8 needs Hopper or newer and nvidia-cudnn-frontend. The captions
 test captions, caption i with seed `--first-seed + i`, 64x64, 20 steps, CFG. On a model this small the
 times are launch-bound and say nothing about FP8's speed (see bench_forward.py for that).
 
-Candidate FP8 policies, which the engine does not have, are `fp8:key=value,...`: the engine loads in
-bf16 and this script converts `converted_layers` itself with the engine's Fp8LinearMethod, except
+Candidate FP8 policies are `fp8:key=value,...`: the engine loads in bf16 and this script converts
+`converted_layers` itself with the engine's Fp8LinearMethod, except
   keep=KIND+KIND     layers of these kinds stay bf16 (`KINDS`: qkv, attn_out, ff_up, ff_down, and text:
                      the text stream of joint blocks, which the demo model does not have);
   keep_blocks=I+I    these repeated blocks stay bf16 (call order; -1 is the last);
-  bf16_steps=N       the first N of the 20 steps run in bf16 (the bf16 weights are kept beside the FP8
-                     ones, so this one costs memory as well as speed).
+  bf16_steps=N       the first N of the 20 steps run in bf16 (the engine's `unquantized_steps`: the bf16
+                     weights are kept beside the FP8 ones, so this one costs memory as well as speed).
 For every FP8 mode the table gives its cost on FLUX.1-dev (`flux_bf16_share`): the share of the
 transformer's linear-layer multiply-adds that would stay bf16 under the same policy, from the layer
 shapes at 1024x1024 (4096 image + 512 text tokens); today's `fp8` leaves 0.04% (embedders, modulations).
@@ -38,14 +38,12 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bench_cache_quality import generate, psnr, ssim
 from diffserve import Omni
 from diffserve.assets import default_model_path
 from diffserve.demo import detector, scenes
-from diffserve.layers.gelu_fp8 import GeluTanhInput
-from diffserve.layers.quantization import Fp8LinearMethod, check_fp8_supported, converted_layers
+from diffserve.layers.quantization import Fp8LinearMethod, StepPrecision, check_fp8_supported, converted_layers
 from diffserve.models.interface import discover_components, is_repeated_block
 
 MODES = {
@@ -99,48 +97,17 @@ def policy_layers(transformer: nn.Module, policy: dict) -> tuple[list[nn.Module]
     return [layer for layer in layers if id(layer) not in kept], [layer for layer in layers if id(layer) in kept]
 
 
-class StepGate:
-    """Which step the transformer is on (a new image starts when the timestep goes up), so that
-    `StepGatedFp8` runs the first `bf16_steps` in bf16. CFG may call it twice per step at one timestep.
-    `fp8` is a bool set before each forward: compiled blocks then guard on two values, not on the step."""
-
-    def __init__(self, transformer: nn.Module, bf16_steps: int):
-        self.bf16_steps, self.step, self.last_t, self.fp8 = bf16_steps, 0, -1.0, False
-        transformer.register_forward_pre_hook(self.before_forward, with_kwargs=True)
-
-    def before_forward(self, module, args, kwargs) -> None:
-        t = float(kwargs["timestep"].flatten()[0])
-        self.step = 0 if t > self.last_t else self.step + (t < self.last_t)
-        self.last_t = t
-        self.fp8 = self.step >= self.bf16_steps
-
-
-class StepGatedFp8(Fp8LinearMethod):
-    """Fp8LinearMethod that keeps the bf16 weight too and uses it while the gate says so."""
-
-    def __init__(self, gate: StepGate):
-        self.gate = gate
-
-    def process_weights(self, layer, device=None) -> None:
-        self.bf16_weight = layer.weight.data.clone()
-        super().process_weights(layer, device)
-
-    def apply(self, layer, x, bias):
-        if self.gate.fp8:
-            return super().apply(layer, x, bias)
-        return F.linear(x.evaluate() if isinstance(x, GeluTanhInput) else x, self.bf16_weight, bias)
-
-
 def apply_policy(omni: Omni, policy: dict, device: str) -> None:
     """Convert the loaded bf16 denoisers' layers as the policy says, as the engine's `quantization`
-    would (its checks included)."""
+    (and, for bf16_steps, its `unquantized_steps`) would, its checks included."""
     check_fp8_supported(torch.device(device))
     pipeline = omni.engine.executor.worker.pipeline  # one device: the engine runs in this process
+    precision = StepPrecision(policy["bf16_steps"]) if policy["bf16_steps"] else None
     for transformer in discover_components(pipeline)["dit"].values():
-        gate = StepGate(transformer, policy["bf16_steps"]) if policy["bf16_steps"] else None
         for layer in policy_layers(transformer, policy)[0]:
-            layer.quant_method = StepGatedFp8(gate) if gate else Fp8LinearMethod()
+            layer.quant_method = Fp8LinearMethod(precision)
             layer.quant_method.process_weights(layer, torch.device(device))
+    pipeline.step_precision = precision
 
 
 def flux_bf16_share(policy: dict) -> float:

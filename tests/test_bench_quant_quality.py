@@ -1,5 +1,5 @@
 """The candidate FP8 policies of benchmarks/bench_quant_quality.py: which layers each converts, its
-FLUX.1-dev cost from the layer shapes, and the step gate (the demo-model PSNR they give is measured by
+FLUX.1-dev cost from the layer shapes (the demo-model PSNR they give is measured by
 running the script, not here)."""
 
 import importlib
@@ -56,17 +56,3 @@ def test_flux_cost_follows_the_layer_shapes(bench):
     assert bench.flux_share("fp8:keep=attn_out") == pytest.approx(19 / 57 / 12, abs=1e-3)
     assert bench.flux_share("fp8:keep_blocks=0") == pytest.approx(1 / 57, abs=1e-3)
     assert bench.flux_share("fp8:bf16_steps=4") == pytest.approx(0.2 + 0.8 * 0.0004, abs=1e-4)
-
-
-def test_step_gate_runs_the_first_steps_in_bf16_for_every_image(bench):
-    class Denoiser(torch.nn.Module):
-        def forward(self, hidden_states, timestep):
-            return hidden_states
-
-    denoiser = Denoiser()
-    gate = bench.StepGate(denoiser, bf16_steps=2)
-    fp8 = []
-    for t in (1.0, 1.0, 0.9, 0.9, 0.8, 0.7, 1.0, 0.9, 0.8):  # two images; CFG calls twice at first
-        denoiser(torch.zeros(1), timestep=torch.tensor([t]))
-        fp8.append(gate.fp8)
-    assert fp8 == [False, False, False, False, True, True, False, False, True]

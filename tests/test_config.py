@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from diffserve.config import DiffusionParallelConfig, OmniDiffusionConfig
@@ -165,3 +167,17 @@ def test_cuda_graphs_refuse_features_that_change_the_work_per_call(monkeypatch, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     with pytest.raises(ValueError, match=message):
         OmniDiffusionConfig(model="m", cuda_graphs=True, **kwargs)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"unquantized_steps": -1}, "unquantized_steps must be a whole number of steps"),
+    ({"unquantized_steps": 2.5, "quantization": "fp8"}, "unquantized_steps must be a whole number of steps"),
+    ({"unquantized_steps": 4}, "unquantized_steps=4 needs quantization='fp8'"),
+    ({"unquantized_steps": 4, "quantization": "fp8", "enable_cpu_offload": True},
+     "unquantized_steps cannot be combined with enable_cpu_offload"),
+    ({"unquantized_steps": 4, "quantization": "fp8", "use_hsdp": True, "hsdp_shard_size": 2},
+     "unquantized_steps cannot be combined with use_hsdp"),
+])
+def test_unquantized_steps_are_checked(config, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OmniDiffusionConfig.from_kwargs("demo", device="cpu", **config)

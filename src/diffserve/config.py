@@ -239,6 +239,9 @@ class OmniDiffusionConfig:
     # "fp8": the denoisers' linear layers compute in float8 (per-channel weight and per-token
     # activation scales; diffserve.layers.quantization). None: the model's dtype.
     quantization: str | None = None
+    # With quantization: the first N denoise steps of each request compute with the original weights,
+    # kept beside the quantized ones (more memory; diffserve.layers.quantization.StepPrecision).
+    unquantized_steps: int = 0
     # Most prompts the engine merges into one pipeline call.
     max_batch_size: int = 4
     # "request": a batch is formed when it starts and runs to its end. "step": requests join and leave
@@ -319,6 +322,7 @@ class OmniDiffusionConfig:
         self._check_batching()
         if self.quantization not in (None, "fp8"):
             raise ValueError(f"quantization must be None or 'fp8', got {self.quantization!r}")
+        self._check_unquantized_steps()
         check_lora_modules(self.lora_modules)
         self._check_memory_options()
         self._check_cuda_graphs()
@@ -344,6 +348,25 @@ class OmniDiffusionConfig:
         if clashes:
             raise ValueError(f"cuda_graphs cannot be combined with {', '.join(clashes)} (a recorded graph replays "
                              "fixed work); drop one of them")
+
+    def _check_unquantized_steps(self) -> None:
+        steps = self.unquantized_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"unquantized_steps must be a whole number of steps (0 or more), got {steps!r}")
+        if steps == 0:
+            return
+        if self.quantization is None:
+            raise ValueError(f"unquantized_steps={steps} needs quantization='fp8' (without it every step is "
+                             "unquantized); set quantization or leave unquantized_steps 0")
+        # Each of these holds or moves the weights itself, and would not carry the second copy.
+        clashes = [name for name, on in {
+            "cuda_graphs": self.cuda_graphs,  # a replay would keep the precision it was recorded with
+            "enable_cpu_offload": self.enable_cpu_offload,
+            "enable_layerwise_offload": self.enable_layerwise_offload,
+            "use_hsdp": self.parallel_config.use_hsdp,
+        }.items() if on]
+        if clashes:
+            raise ValueError(f"unquantized_steps cannot be combined with {', '.join(clashes)}; drop one of them")
 
     def _check_cfg_truncation(self) -> None:
         # TeaCache's cfg_truncation_step picks the branches of the whole call by one request's step.

@@ -104,6 +104,13 @@ def test_memory_flags_reach_the_engine_config():
                                        "layerwise_prefetch": 2, "vae_use_slicing": True, "max_gpu_memory": 23.5}
 
 
+def test_quantization_flags_reach_the_engine_config():
+    from diffserve.entrypoints.cli import build_parser, engine_kwargs
+
+    args = build_parser().parse_args(["generate", "x", "--quantization", "fp8", "--unquantized-steps", "4"])
+    assert engine_kwargs(args) == {"quantization": "fp8", "unquantized_steps": 4}
+
+
 def test_step_batching_flags_reach_the_engine_config(capsys):
     from diffserve.config import OmniDiffusionConfig
     from diffserve.entrypoints.cli import build_parser, engine_kwargs

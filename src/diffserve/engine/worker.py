@@ -25,7 +25,7 @@ from diffserve.engine.errors import RequestAborted
 from diffserve.engine.stages import StageJobs, StageResult
 from diffserve.layers.attention import select_attention_backend, set_attention_backend
 from diffserve.layers.mlp import set_ffn_chunk_size
-from diffserve.layers.quantization import check_fp8_supported, quantize_linear_layers
+from diffserve.layers.quantization import StepPrecision, check_fp8_supported, quantize_linear_layers
 from diffserve.loader import DiffusersPipelineLoader
 from diffserve.lora import LoRAManager
 from diffserve.memory import PeakMemory, peak_host_rss_bytes
@@ -164,9 +164,13 @@ class DiffusionWorker:
     def _quantize(self, method: str) -> None:
         """Convert the denoisers' linear layers after loading (under TP, each rank its own shard)."""
         check_fp8_supported(self.device)
+        steps = self.od_config.unquantized_steps
+        precision = StepPrecision(steps) if steps else None
         for path, module in discover_components(self.pipeline)["dit"].items():
-            count = quantize_linear_layers(module, method, self.device)
-            logger.info("%s: %d linear layers compute in %s", path, count, method)
+            count = quantize_linear_layers(module, method, self.device, precision)
+            logger.info("%s: %d linear layers compute in %s%s", path, count, method,
+                        f" after the first {steps} steps of each request" if steps else "")
+        self.pipeline.step_precision = precision
 
     def _chunk_feed_forwards(self, chunk_size: int) -> None:
         denoisers = discover_components(self.pipeline)["dit"]

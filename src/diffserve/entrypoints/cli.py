@@ -33,6 +33,9 @@ ENGINE_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--hsdp-replicate-size", "hsdp_replicate_size", int, "HSDP replica count"),
     ("--cache-backend", "cache_backend", str, "step cache: cache_dit or tea_cache (default none)"),
     ("--quantization", "quantization", str, "fp8: the transformer blocks' attention and feed-forward in float8 (Ada/Hopper/Blackwell GPUs; default none)"),
+    ("--unquantized-steps", "unquantized_steps", int,
+     "with --quantization: the first N steps of each request use the original weights, kept beside the "
+     "quantized ones (closer pictures, more memory; default 0)"),
     ("--layerwise-prefetch", "layerwise_prefetch", int,
      "with --enable-layerwise-offload: blocks copied ahead of the running one (default 1; 0: none)"),
     ("--layerwise-resident-blocks", "layerwise_resident_blocks", int,

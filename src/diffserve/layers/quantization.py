@@ -9,7 +9,8 @@ forward. Models, TP sharding and fused QKV are unchanged.
   loading; each forward quantizes the activations per token (dynamic) and runs torch._scaled_mm with
   both scales, writing the activation dtype. Halves the weight bytes and uses the FP8 tensor cores of
   Hopper/Ada GPUs. Only the transformer blocks' attention and feed-forward layers convert
-  (`converted_layers`).
+  (`converted_layers`). With a `StepPrecision` (the engine's `unquantized_steps`) it keeps the
+  original weight too and uses it on the first steps of each request.
 """
 
 from __future__ import annotations
@@ -50,17 +51,40 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+class StepPrecision:
+    """Whether the quantized layers compute with their original weights on this step: during the first
+    `unquantized_steps` of each request they do (`unquantized_steps`, an engine option). The first steps
+    lay out the picture, where FP8's rounding moves it most; later ones refine it. `denoise_step` calls
+    `before_step` with the states of the coming transformer call; stepped together (step-level
+    batching), requests run unquantized while any of them is in its first steps."""
+
+    def __init__(self, unquantized_steps: int):
+        self.unquantized_steps = unquantized_steps
+        self.unquantized = False
+
+    def before_step(self, states) -> None:
+        self.unquantized = min(state.index for state in states) < self.unquantized_steps
+
+
 class Fp8LinearMethod(LinearMethod):
+    def __init__(self, precision: StepPrecision | None = None):
+        # With a StepPrecision the original weight stays beside the FP8 one (`weight_unquantized`).
+        self.precision = precision
+
     def process_weights(self, layer, device=None) -> None:
         # Quantized on the device that computes, also when the weights wait in host memory (offload),
         # so that offload does not change the output: CUDA divides by a scalar as a multiply by its
         # reciprocal, so a scale computed on the host can differ in its last bit.
         home = layer.weight.device
+        if self.precision is not None:
+            layer.register_buffer("weight_unquantized", layer.weight.data, persistent=False)
         weight, scale = quantize_fp8_rows(layer.weight.data.to(device or home))  # one scale per output channel
         layer.weight = nn.Parameter(weight.to(home), requires_grad=False)
         layer.register_buffer("weight_scale", scale.t().contiguous().to(home), persistent=False)  # [1, out]
 
     def apply(self, layer, x, bias):
+        if self.precision is not None and self.precision.unquantized:
+            return F.linear(x.evaluate() if isinstance(x, GeluTanhInput) else x, layer.weight_unquantized, bias)
         shape = x.shape
         if isinstance(x, GeluTanhInput):  # a feed-forward's hidden activation: GELU and quantization in one pass
             x_q, x_scale = quantize_gelu_input_fp8(x)
@@ -118,11 +142,16 @@ def converted_layers(module: nn.Module) -> list[nn.Module]:
     return [layer for block in blocks for layer in block.modules() if quantizable(layer) and id(layer) not in kept]
 
 
-def quantized_weight_bytes(module: nn.Module, method: str) -> dict[int, int]:
+def quantized_weight_bytes(module: nn.Module, method: str, keeps_unquantized: bool = False) -> dict[int, int]:
     """{id(weight): bytes once quantized} for each linear layer of `module` that `method` converts: one
-    byte per element and a float32 scale per output channel (works on meta tensors, before loading)."""
+    byte per element and a float32 scale per output channel, plus the original weight when it is kept
+    (`unquantized_steps`); works on meta tensors, before loading."""
     _check_method(method)
-    return {id(layer.weight): layer.weight.numel() + 4 * layer.weight.shape[0] for layer in converted_layers(module)}
+    sizes = {}
+    for layer in converted_layers(module):
+        weight = layer.weight
+        sizes[id(weight)] = weight.numel() + 4 * weight.shape[0] + keeps_unquantized * weight.nbytes
+    return sizes
 
 
 def _check_method(method: str) -> None:
@@ -130,13 +159,15 @@ def _check_method(method: str) -> None:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {method!r}")
 
 
-def quantize_linear_layers(module: nn.Module, method: str, device: torch.device | None = None) -> int:
+def quantize_linear_layers(module: nn.Module, method: str, device: torch.device | None = None,
+                           precision: StepPrecision | None = None) -> int:
     """Give the `converted_layers` of `module` whose shape the kernel takes (FP8 matmuls need both sides
     to be multiples of 16) the `method` compute method, converting their weights on `device` (the one
-    that will compute; None: where they are); how many were converted."""
+    that will compute; None: where they are); how many were converted. With `precision`, the layers
+    keep their original weights too and use them on the steps it says."""
     _check_method(method)
     layers = converted_layers(module)
     for layer in layers:
-        layer.quant_method = Fp8LinearMethod()
+        layer.quant_method = Fp8LinearMethod(precision)
         layer.quant_method.process_weights(layer, device)
     return len(layers)

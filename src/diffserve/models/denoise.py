@@ -87,6 +87,8 @@ def denoise_step(pipeline, states: list[DenoiseState], call_scope: CallScope | N
     which are not tensors select what the call does (Wan2.2's expert, SD3's skip-layer guidance on
     this step): the states are grouped by them, one call per group, inside `call_scope(group)`.
     """
+    if (precision := getattr(pipeline, "step_precision", None)) is not None:
+        precision.before_step(states)  # unquantized_steps: which weights the quantized layers use
     step_inputs = [state.step_inputs(state) for state in states]
     noise_preds: list[torch.Tensor | None] = [None] * len(states)
     for group in _call_groups(step_inputs):

@@ -78,13 +78,14 @@ def device_budget(od_config: "OmniDiffusionConfig", device: torch.device) -> int
     return None
 
 
-def weight_sizes(pipeline: nn.Module, quantization: str | None) -> Size:
-    """Each tensor's bytes once loaded: quantization shrinks the denoisers' linear weights after loading."""
+def weight_sizes(pipeline: nn.Module, quantization: str | None, keeps_unquantized: bool = False) -> Size:
+    """Each tensor's bytes once loaded: quantization shrinks the denoisers' linear weights after loading
+    (and `keeps_unquantized`, for unquantized_steps, adds the original weights back)."""
     if quantization is None:
         return tensor_bytes
     quantized: dict[int, int] = {}
     for module in discover_components(pipeline)["dit"].values():
-        quantized.update(quantized_weight_bytes(module, quantization))
+        quantized.update(quantized_weight_bytes(module, quantization, keeps_unquantized))
     return lambda t: quantized.get(id(t), tensor_bytes(t))
 
 
@@ -94,7 +95,7 @@ def check_fits(pipeline: nn.Module, od_config: "OmniDiffusionConfig", device: to
     from diffserve.offload import offload_mode
 
     pc = od_config.parallel_config
-    plan = plan_offload(pipeline, weight_sizes(pipeline, od_config.quantization))
+    plan = plan_offload(pipeline, weight_sizes(pipeline, od_config.quantization, od_config.unquantized_steps > 0))
     shards = pc.resolved_hsdp_shard_size if pc.use_hsdp else 1
     prefetch = od_config.layerwise_prefetch
     if not plan.denoisers or not all(d.blocks for d in plan.denoisers):
