@@ -145,3 +145,26 @@ def test_unquantized_steps_bring_the_trained_models_pictures_back():
     assert all(b > a + 3 for a, b in zip(fp8, first_two)), (fp8, first_two)
     every_step = images(quantization="fp8", unquantized_steps=8)
     assert all(torch.equal(a, b) for a, b in zip(every_step, reference))
+
+
+def test_compiled_layers_follow_the_step_precision():
+    """torch.compile guards on the precision: one graph each, then each step takes the right one."""
+    torch.manual_seed(0)
+    original = ColumnParallelLinear(64, 48)
+    original.weight.data.normal_(0, 0.05)
+    fp8, gated = copy.deepcopy(original), copy.deepcopy(original)
+    quantize_linear_layers(fp8, "fp8")
+    precision = StepPrecision(unquantized_steps=2)
+    quantize_linear_layers(gated, "fp8", precision=precision)
+    graphs = []
+
+    def count_graphs(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(gated, backend=count_graphs)
+    x = torch.randn(3, 64)
+    for unquantized, reference in ((True, original), (False, fp8), (True, original), (False, fp8)):
+        precision.unquantized = unquantized
+        assert torch.equal(compiled(x), reference(x))
+    assert len(graphs) == 2
