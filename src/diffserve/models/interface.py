@@ -37,6 +37,9 @@ class SupportsComponentDiscovery:
     _resident_modules: ClassVar[list[str]] = []
     # Set by CPU offload (diffserve.offload), under which weights wait on the host between uses.
     _execution_device: torch.device | None = None
+    # Set by the engine for unquantized_steps (diffserve.layers.quantization.StepPrecision); denoise_step
+    # tells it each step which requests it runs.
+    step_precision = None
 
     def _first_dit_parameter(self):
         return next(get_submodule_by_path(self, self._dit_modules[0]).parameters())
