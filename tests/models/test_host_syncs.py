@@ -10,6 +10,7 @@ import torch
 from diffserve import OmniDiffusionSamplingParams
 from diffserve.assets import DEMO_MODEL_DIR
 from diffserve.testing import load_pipeline, pipeline_request
+from diffserve.testing.conformance import sample_image
 from diffserve.testing.host_syncs import HostSyncRecorder, denoise_loop_syncs
 
 META = torch.device("meta")
@@ -24,15 +25,27 @@ FAMILIES = {
     "qwen-image": {"true_cfg_scale": 4.0, "negative_prompt": "blurry"},
     "sd3.5-medium": {"guidance_scale": 4.0},
 }
+# Families that take an input image (image-to-video, editing).
+IMAGE_FAMILIES = {
+    "flux-kontext": {"guidance_scale": 4.0},
+    "wan2.1-i2v": {"guidance_scale": 4.0},
+    "wan2.2-i2v": {"guidance_scale": 4.0},
+    "wan2.2-ti2v-i2v": {"guidance_scale": 4.0},  # the image's latents replace the first frame's
+    "qwen-image-edit": {"true_cfg_scale": 4.0, "negative_prompt": "blurry"},
+    "qwen-image-edit-plus": {"true_cfg_scale": 4.0, "negative_prompt": "blurry"},
+}
 
 
 def _loop_syncs(tiny_checkpoint, family: str, prompts=("a red circle",)) -> list[str]:
     pipeline = load_pipeline(DEMO_MODEL_DIR if family == "demo" else tiny_checkpoint(family))
-    params = OmniDiffusionSamplingParams(seed=0, num_inference_steps=STEPS, **FAMILIES[family])
+    params = OmniDiffusionSamplingParams(seed=0, num_inference_steps=STEPS,
+                                         **FAMILIES.get(family) or IMAGE_FAMILIES[family])
+    if family in IMAGE_FAMILIES:
+        prompts = [{"prompt": p, "image": sample_image(64, 64, 0)} for p in prompts]
     return denoise_loop_syncs(pipeline, *(pipeline_request(pipeline, p, params) for p in prompts))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, *IMAGE_FAMILIES])
 def test_the_denoise_loop_runs_without_a_host_sync(tiny_checkpoint, family):
     syncs = _loop_syncs(tiny_checkpoint, family)
     assert syncs == [], f"{family}: {sorted(set(syncs))}"

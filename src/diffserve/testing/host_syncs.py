@@ -76,15 +76,21 @@ def denoise_loop_syncs(pipeline, *reqs) -> list[str]:
     def to_meta(value):
         if isinstance(value, torch.Tensor):
             return moved.setdefault(id(value), (value, value.to(META)))[1]
+        if isinstance(value, dict):
+            return {key: to_meta(v) for key, v in value.items()}
         if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
             return type(value)(to_meta(v) for v in value)
         return value
 
     for state in states:
         state.latents, state.timesteps = to_meta(state.latents), to_meta(state.timesteps)
-        state.positive = {key: to_meta(value) for key, value in state.positive.items()}
-        if state.negative is not None:
-            state.negative = {key: to_meta(value) for key, value in state.negative.items()}
+        state.positive, state.negative = to_meta(state.positive), to_meta(state.negative)
+        # What a pipeline's per-step inputs captured (an image-to-video model's conditioning latents).
+        for cell in getattr(state.step_inputs, "__closure__", None) or ():
+            try:
+                cell.cell_contents = to_meta(cell.cell_contents)
+            except ValueError:  # a cell not yet bound
+                pass
     with HostSyncRecorder() as recorder:
         while not states[0].done:
             denoise_step(pipeline, states)
