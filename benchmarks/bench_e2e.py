@@ -1,43 +1,58 @@
 #!/usr/bin/env python
 """Whole requests, diffserve vs diffusers, on the same checkpoint, in one process on one GPU.
 
-For the model chosen (a row of MODELS) a checkpoint in the diffusers layout is written on first use
-and reused after (`--ckpt`): the real transformer and VAE configurations with random bf16 weights
-(the transformer's 1-D parameters perturbed, as bench_forward.py does), text encoders at the real
-hidden width but `--text-encoder-layers` layers (default 2: the checkpoint stays small and quick to
-write; by FLOP count the full-depth encoders would add well under 1% to a request), and tokenizers
-built in memory (no hub; diffserve.testing.tokenizers), with vocabularies of a few hundred tokens.
+Rows (MODELS): FLUX.1-dev 1024x1024 28 steps; Qwen-Image 1024x1024 50 steps and Qwen-Image-Edit (a
+1024x1024 input image), both true CFG 4.0 with a negative prompt; Stable Diffusion 3.5 Large 1024x1024
+28 steps, guidance 3.5; Wan2.1 T2V 1.3B and 14B, 480x832, 81 frames, 50 steps, guidance 5.0 with a
+negative prompt; Stable Audio Open 1.0, 10 s of audio, 100 steps, guidance 7.0 with a negative prompt.
+
+For the model chosen a checkpoint in the diffusers layout is written on first use and reused after
+(`--ckpt`): the real transformer and VAE configurations with random bf16 weights (the transformer's
+1-D parameters perturbed, as bench_forward.py does), text encoders at the real hidden width but
+`--text-encoder-layers` layers (default 2: the checkpoint stays small and quick to write; by FLOP
+count the full-depth encoders would add well under 1% to a request), and tokenizers built in memory
+(no hub; diffserve.testing.tokenizers), with vocabularies of a few hundred tokens.
 
 Then diffusers' pipeline (from_pretrained, eager; `--diffusers-compile`: its transformer's repeated
 blocks compiled) and diffserve's `Omni` (eager; `--compile`: diffserve's regional compile) are loaded
 side by side and given the same request: prompt, negative prompt and input image where the model
-has them, seed (one CPU generator, which diffserve reproduces), size, steps and guidance. Each side
-gets a warm-up request (`--warmup-steps`, same shapes: compilation and autotuning happen there), then
-`--repeats` timed requests, alternating. Reported per side (medians): the request time, from the call
-to the pixels on the host; its stages (diffserve: DiffusionOutput.metrics; diffusers: CUDA events
-recorded from hooks on its components, see StageProbe); peak GPU memory allocated by PyTorch, which
-counts both pipelines' weights as both live in the process, so each side's weights and its request's
-peak above what was allocated before are given too; and the PSNR of diffserve's image against
-diffusers' (the last timed pair) on the [0, 1] pixels, with how many of diffusers' pixels are
-clamped at 0 or 1, and on the final latents (what each VAE's decode was given), since a random VAE
-that saturates its pixels would hide differences.
+has them, seed (one CPU generator, which diffserve reproduces), shape (height and width, frames, audio
+seconds), steps and guidance. Each side gets a warm-up request (`--warmup-steps`, same shapes:
+compilation and autotuning happen there), then `--repeats` timed requests, alternating. Reported per
+side (medians): the request time, from the call to the output on the host; its stages (diffserve:
+DiffusionOutput.metrics; diffusers: CUDA events recorded from hooks on its components, see
+StageProbe); peak GPU memory allocated by PyTorch, which counts both pipelines' weights as both live
+in the process, so each side's weights and its request's peak above what was allocated before are
+given too; and the PSNR of diffserve's output (image, video frames or waveform) against diffusers'
+(the last timed pair): images and videos on their [0, 1] values, with how many of diffusers' values
+are clamped at 0 or 1, audio against the reference's largest magnitude; and on the final latents
+(what each VAE's decode was given), since a random VAE that saturates its pixels would hide
+differences.
 
-GPU (one H200, bf16). The checkpoints take 25 GB (FLUX) and 42 GB (Qwen-Image-Edit): the lent
-machine's 64 GB disk holds one at a time. Qwen-Image-Edit runs 20 of its 50 default steps here to
-stay within a few minutes (its denoise stage scales with the steps):
+GPU (one H200, bf16). The checkpoints (bf16 weights, text encoders at 2 layers) take 24.8 GB (FLUX),
+42.2 GB (Qwen-Image, Qwen-Image-Edit), 17.5 GB (SD3.5 Large), 3.9 GB (Wan2.1 1.3B), 29.6 GB (Wan2.1
+14B: a 28.6 GB transformer) and 2.5 GB (Stable Audio): the lent machine's 64 GB disk holds one at a
+time (rm -rf each after its run). Steps are lowered where the denoise stage (which scales with them)
+would keep a run past a few minutes; Stable Audio's scheduler needs torchsde:
 
     python benchmarks/bench_e2e.py --model flux --ckpt /tmp/e2e-flux --json-out flux_e2e.json
     # the same with diffserve's speed options (docs/speed.md), against diffusers compiled
-    python benchmarks/bench_e2e.py --model flux --ckpt /tmp/e2e-flux --compile --diffusers-compile \
+    python benchmarks/bench_e2e.py --model flux --ckpt /tmp/e2e-flux --compile --diffusers-compile \\
         --engine cuda_graphs=true --engine quantization=fp8 --engine attention_backend=cudnn_fp8
-    rm -rf /tmp/e2e-flux
     python benchmarks/bench_e2e.py --model qwen-image-edit --ckpt /tmp/e2e-qwen-edit --steps 20 --repeats 2 \\
         --json-out qwen_image_edit_e2e.json
+    python benchmarks/bench_e2e.py --model qwen-image --ckpt /tmp/e2e-qwen-image --steps 20 --repeats 2 \\
+        --json-out qwen_image_e2e.json
+    python benchmarks/bench_e2e.py --model sd3.5-large --ckpt /tmp/e2e-sd35 --json-out sd35_large_e2e.json
+    python benchmarks/bench_e2e.py --model wan2.1-1.3b --ckpt /tmp/e2e-wan13 --steps 10 --repeats 2 \\
+        --json-out wan21_1.3b_e2e.json
+    python benchmarks/bench_e2e.py --model wan2.1-14b --ckpt /tmp/e2e-wan14 --steps 4 --repeats 2 --warmup-steps 1 \\
+        --json-out wan21_14b_e2e.json
+    python benchmarks/bench_e2e.py --model stable-audio --ckpt /tmp/e2e-audio --json-out stable_audio_e2e.json
 
-CPU smoke test (diffserve.testing's tiny checkpoints, fp32, 2 steps, seconds):
+CPU smoke test (diffserve.testing's tiny checkpoints, fp32, 2 steps, small shapes, seconds), any row:
 
-    python benchmarks/bench_e2e.py --model flux --tiny
-    python benchmarks/bench_e2e.py --model qwen-image-edit --tiny
+    python benchmarks/bench_e2e.py --model wan2.1-1.3b --tiny
 """
 
 from __future__ import annotations
@@ -57,6 +72,7 @@ from typing import Callable
 import torch
 
 from bench_flux_transformer import CONFIGS as FLUX_CONFIGS, default_dtype
+from bench_wan_transformer import CONFIGS as WAN_CONFIGS
 from forward_timing import device_name
 
 # Marks a finished checkpoint folder (written last) and what it was built with.
@@ -92,6 +108,30 @@ QWEN25VL_7B_TEXT = dict(
 QWEN25VL_7B_VISION = dict(hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                           window_size=112)
 QWEN_PROCESSOR_PIXELS = dict(min_pixels=56 * 56, max_pixels=12845056)
+
+# stabilityai/stable-diffusion-3.5-large: transformer/, vae/ (FLUX.1-dev's VAE shape with SD3's
+# latent scaling), text_encoder/ (CLIP ViT-L/14), text_encoder_2/ (OpenCLIP bigG) and scheduler/.
+SD35_LARGE_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                              num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                              pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+                              qk_norm="rms_norm")
+SD3_VAE = FLUX_DEV_VAE | dict(scaling_factor=1.5305, shift_factor=0.0609)
+# bigG's activation is stated from OpenCLIP ViT-bigG-14 (gelu), not read from the released config.
+CLIP_G_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, projection_dim=1280,
+                   hidden_act="gelu")
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+
+# stabilityai/stable-audio-open-1.0: transformer/ (StableAudioDiTModel's defaults, stated here), vae/
+# (AutoencoderOobleck's defaults are the released ones), text_encoder/ (T5-base) and projection_model/.
+STABLE_AUDIO_DIT = dict(sample_size=1024, in_channels=64, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                        num_key_value_attention_heads=12, out_channels=64, cross_attention_dim=768, time_proj_dim=256,
+                        global_states_input_dim=1536, cross_attention_input_dim=768)
+# T5-base's feed-forward is the original T5's ReLU one (not v1.1's gated-gelu).
+T5_BASE = dict(d_model=768, d_kv=64, d_ff=3072, num_heads=12, relative_attention_num_buckets=32,
+               relative_attention_max_distance=128, feed_forward_proj="relu", layer_norm_epsilon=1e-6)
+# Stable Audio pads prompts to 128 tokens (its T5 conditioner's max_length; not read from the released
+# tokenizer config).
+STABLE_AUDIO_PROMPT_TOKENS = 128
 
 
 def perturb_1d_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
@@ -137,9 +177,11 @@ def build_flux(path: str, layers: int, device: torch.device) -> None:
     save_checkpoint(pipe, path)
 
 
-def build_qwen_image_edit(path: str, layers: int, device: torch.device) -> None:
-    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline,
-                           QwenImageTransformer2DModel)
+def build_qwen_image(path: str, layers: int, device: torch.device, edit: bool = False) -> None:
+    """Qwen-Image (text-to-image) or, with `edit`, Qwen-Image-Edit: the same transformer, VAE and
+    text encoder; the edit pipeline adds Qwen2-VL's processor for its input image."""
+    import diffusers
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
     from diffserve.testing.qwen_image import (LATENTS_MEAN, LATENTS_STD, QWEN_IMAGE_SCHEDULER, build_qwen2_tokenizer,
                                               build_qwen2vl_processor, build_qwen25vl_text_encoder,
@@ -148,8 +190,10 @@ def build_qwen_image_edit(path: str, layers: int, device: torch.device) -> None:
     tokenizer, scheduler = build_qwen2_tokenizer(), FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
     # The released tower has full attention in every 8th of its 32 blocks; here in the last one.
     vision = QWEN25VL_7B_VISION | dict(depth=layers, fullatt_block_indexes=[layers - 1])
+    processor = dict(processor=build_qwen2vl_processor(tokenizer, **QWEN_PROCESSOR_PIXELS)) if edit else {}
+    pipeline_class = diffusers.QwenImageEditPipeline if edit else diffusers.QwenImagePipeline
     with torch.device(device), default_dtype(torch.bfloat16):  # 20B parameters never exist in fp32
-        pipe = QwenImageEditPipeline(
+        pipe = pipeline_class(
             scheduler=scheduler,
             vae=AutoencoderKLQwenImage(
                 base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
@@ -159,17 +203,109 @@ def build_qwen_image_edit(path: str, layers: int, device: torch.device) -> None:
                 tokenizer, text=QWEN25VL_7B_TEXT | dict(num_hidden_layers=layers), vision=vision
             ),
             tokenizer=tokenizer,
-            processor=build_qwen2vl_processor(tokenizer, **QWEN_PROCESSOR_PIXELS),
             transformer=perturb_1d_(QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER), seed=1).eval(),
+            **processor,
         )
     save_checkpoint(pipe, path)
-    complete_processor_folder(path, **QWEN_PROCESSOR_PIXELS)
+    if edit:
+        complete_processor_folder(path, **QWEN_PROCESSOR_PIXELS)
+
+
+def build_wan(config: str, path: str, layers: int, device: torch.device) -> None:
+    """Wan2.1 T2V of bench_wan_transformer's `config` ("1.3b", "14b"), UMT5-XXL-wide text encoder."""
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from diffserve.testing.components import tiny_t5_encoder
+    from diffserve.testing.tokenizers import build_t5_tokenizer
+    from diffserve.testing.wan import _scheduler as wan_scheduler  # UniPC, as the released checkpoints ship
+
+    # Schedulers are built outside the device context: theirs keep their tables on the CPU.
+    tokenizer, scheduler = build_t5_tokenizer(), wan_scheduler(flow_shift=3.0)
+    with torch.device(device), default_dtype(torch.bfloat16):
+        pipe = WanPipeline(
+            tokenizer=tokenizer,
+            text_encoder=tiny_t5_encoder(tokenizer, UMT5EncoderModel, UMT5Config, **T5_XXL, num_layers=layers),
+            vae=AutoencoderKLWan().eval(),  # its defaults are Wan2.1's released VAE
+            scheduler=scheduler,
+            transformer=perturb_1d_(WanTransformer3DModel(**WAN_CONFIGS[config]), seed=1).eval(),
+        )
+    save_checkpoint(pipe, path)
+
+
+def build_sd35_large(path: str, layers: int, device: torch.device) -> None:
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextModelWithProjection
+
+    from diffserve.testing.components import tiny_clip_text_model, tiny_t5_encoder
+    from diffserve.testing.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+    clip_tokenizer, t5_tokenizer = build_clip_tokenizer(), build_t5_tokenizer()
+    scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
+    with torch.device(device), default_dtype(torch.bfloat16):
+        pipe = StableDiffusion3Pipeline(
+            transformer=perturb_1d_(SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER), seed=1).eval(),
+            scheduler=scheduler,
+            vae=AutoencoderKL(**SD3_VAE).eval(),
+            text_encoder=tiny_clip_text_model(clip_tokenizer, CLIPTextModelWithProjection, **CLIP_L_TEXT,
+                                              num_hidden_layers=layers),
+            tokenizer=clip_tokenizer,
+            text_encoder_2=tiny_clip_text_model(clip_tokenizer, CLIPTextModelWithProjection, **CLIP_G_TEXT,
+                                                num_hidden_layers=layers),
+            tokenizer_2=clip_tokenizer,
+            text_encoder_3=tiny_t5_encoder(t5_tokenizer, **T5_XXL, num_layers=layers),
+            tokenizer_3=t5_tokenizer,
+        )
+    save_checkpoint(pipe, path)
+
+
+def build_stable_audio(path: str, layers: int, device: torch.device) -> None:
+    # The scheduler's SDE noise needs torchsde.
+    from diffusers import (AutoencoderOobleck, CosineDPMSolverMultistepScheduler, StableAudioDiTModel,
+                           StableAudioPipeline, StableAudioProjectionModel)
+
+    from diffserve.testing.components import tiny_t5_encoder
+    from diffserve.testing.stable_audio import SCHEDULER_CONFIG, SECONDS_RANGE
+    from diffserve.testing.tokenizers import build_t5_tokenizer
+
+    tokenizer = build_t5_tokenizer(max_length=STABLE_AUDIO_PROMPT_TOKENS)
+    scheduler, width = CosineDPMSolverMultistepScheduler(**SCHEDULER_CONFIG), T5_BASE["d_model"]
+    with torch.device(device), default_dtype(torch.bfloat16):
+        pipe = StableAudioPipeline(
+            vae=AutoencoderOobleck().eval(),
+            text_encoder=tiny_t5_encoder(tokenizer, **T5_BASE, num_layers=layers),
+            projection_model=StableAudioProjectionModel(
+                text_encoder_dim=width, conditioning_dim=width, min_value=SECONDS_RANGE[0], max_value=SECONDS_RANGE[1]
+            ).eval(),
+            tokenizer=tokenizer,
+            transformer=perturb_1d_(StableAudioDiTModel(**STABLE_AUDIO_DIT), seed=1).eval(),
+            scheduler=scheduler,
+        )
+    save_checkpoint(pipe, path)
+
+
+# What each output kind is called on each side (output_type "pt") and the peak its PSNR is against:
+# images and videos are [0, 1] (diffserve [N, C, H, W] and [N, F, C, H, W], as diffusers gives them);
+# audio is a waveform [N, channels, samples] without a fixed range, so its peak is the reference's
+# largest magnitude.
+OUTPUTS = {
+    "image": dict(diffserve="images", diffusers="images", peak=1.0),
+    "video": dict(diffserve="frames", diffusers="frames", peak=1.0),
+    "audio": dict(diffserve="audio", diffusers="audios", peak=None),
+}
+IMAGE_1024 = dict(height=1024, width=1024)
+TINY_IMAGE = dict(height=32, width=32)
+WAN_480P = dict(height=480, width=832, num_frames=81)
+# diffserve.testing's tiny Wan VAE compresses 8x in space and 4x in time (+1 frame).
+TINY_VIDEO = dict(height=32, width=32, num_frames=5)
 
 
 @dataclass(frozen=True)
 class Model:
-    """One row of MODELS. `sampling` goes as is to both sides (OmniDiffusionSamplingParams and the
-    diffusers call take the same names)."""
+    """One row of MODELS. `shape` (the request's height/width, num_frames or audio seconds) and
+    `sampling` go as they are to both sides (OmniDiffusionSamplingParams and the diffusers call take
+    the same names)."""
 
     title: str
     build: Callable[[str, int, torch.device], None]  # (folder, text-encoder layers, device)
@@ -179,8 +315,14 @@ class Model:
     sampling: dict = field(default_factory=dict)
     negative_prompt: str | None = None
     input_image: bool = False  # one input image of the output's size
-    size: int = 1024
-    tiny_size: int = 32
+    kind: str = "image"  # a key of OUTPUTS
+    shape: dict = field(default_factory=lambda: IMAGE_1024)
+    tiny_shape: dict = field(default_factory=lambda: TINY_IMAGE)
+
+
+def _build(builder, *bound, **options) -> Callable[[str, int, torch.device], None]:
+    """`builder` with its leading arguments (a config name) and options bound: a Model.build."""
+    return lambda path, layers, device: builder(*bound, path, layers, device, **options)
 
 
 MODELS = {
@@ -188,12 +330,34 @@ MODELS = {
         "FLUX.1-dev", build_flux, tiny="flux", prompt="a red fox in the snow, detailed fur, golden hour",
         steps=28, sampling=dict(guidance_scale=3.5, max_sequence_length=512),
     ),
+    "qwen-image": Model(
+        "Qwen-Image", build_qwen_image, tiny="qwen-image", prompt="a lighthouse on a cliff at dawn, oil painting",
+        negative_prompt="blurry, low quality, distorted", steps=50, sampling=dict(true_cfg_scale=4.0),
+    ),
     "qwen-image-edit": Model(
-        "Qwen-Image-Edit", build_qwen_image_edit, tiny="qwen-image-edit",
+        "Qwen-Image-Edit", _build(build_qwen_image, edit=True), tiny="qwen-image-edit",
         prompt="make the sky purple and add a small red boat", negative_prompt="blurry, low quality, distorted",
         steps=50, sampling=dict(true_cfg_scale=4.0), input_image=True,
         # The tiny edit checkpoint's VAE downsamples 16x: sizes are multiples of 32.
-        tiny_size=64,
+        tiny_shape=dict(height=64, width=64),
+    ),
+    "sd3.5-large": Model(
+        "Stable Diffusion 3.5 Large", build_sd35_large, tiny="sd3.5-medium",
+        prompt="a red fox in the snow, detailed fur, golden hour", steps=28, sampling=dict(guidance_scale=3.5),
+    ),
+    **{
+        f"wan2.1-{config}": Model(
+            f"Wan2.1 T2V {config.upper()}", _build(build_wan, config), tiny="wan2.1-t2v",
+            prompt="a cat surfing a wave at sunset, cinematic", negative_prompt="blurry, static, low quality",
+            steps=50, sampling=dict(guidance_scale=5.0), kind="video", shape=WAN_480P, tiny_shape=TINY_VIDEO,
+        )
+        for config in ("1.3b", "14b")
+    },
+    "stable-audio": Model(
+        "Stable Audio Open 1.0", build_stable_audio, tiny="stable-audio", prompt="a jazz drum loop with brushes",
+        negative_prompt="low quality, hum", steps=100, sampling=dict(guidance_scale=7.0), kind="audio",
+        # The tiny checkpoint generates at most 1 s.
+        shape=dict(audio_end_in_s=10.0), tiny_shape=dict(audio_end_in_s=1.0),
     ),
 }
 
@@ -251,19 +415,22 @@ class Timeline:
 
 
 class StageProbe:
-    """Stage times of a diffusers pipeline call, from forward pre/post hooks on its text encoders and
-    transformer and wrappers around its VAE's encode and decode. The spans follow diffserve's stages:
-    encode = the call's start to the first transformer forward (prompts, input-image latents, noise),
-    denoise = the first transformer forward's start to the last one's end, decode = from there to the
-    call's end (VAE decode, post-processing). Also each component's own total time (the text
-    encoders together)."""
+    """Stage times of a diffusers pipeline call, from forward pre/post hooks on its text-side modules
+    (text encoders, Stable Audio's projection model) and transformer and wrappers around its VAE's
+    encode and decode (every VAE here has both; a call without an input image never encodes, so
+    vae_encode_s is then absent). The spans follow diffserve's stages: encode = the call's start to
+    the first transformer forward (prompts, input-image latents, noise), denoise = the first
+    transformer forward's start to the last one's end, decode = from there to the call's end (VAE
+    decode, post-processing). Also each component's own total time (the text-side modules together)."""
+
+    TEXT_SIDE = ("text_encoder", "projection_model")  # name prefixes of the modules timed as text_encoder
 
     def __init__(self, pipe, timeline: Timeline):
         self.timeline = timeline
         self.spans: dict[str, list] = {}
         self.open: dict[str, object] = {}
         for name, component in pipe.components.items():
-            if isinstance(component, torch.nn.Module) and (name == "transformer" or name.startswith("text_encoder")):
+            if isinstance(component, torch.nn.Module) and (name == "transformer" or name.startswith(self.TEXT_SIDE)):
                 key = "transformer" if name == "transformer" else "text_encoder"
                 component.register_forward_pre_hook(lambda *_, key=key: self._enter(key))
                 component.register_forward_hook(lambda *_, key=key: self._leave(key))
@@ -322,10 +489,10 @@ class Request:
     prompt: str
     negative_prompt: str | None
     image: object | None
-    height: int
-    width: int
+    shape: dict  # height/width, num_frames, audio_end_in_s: as the Model gives them
     sampling: dict
     seed: int
+    kind: str  # a key of OUTPUTS
 
 
 def sync(device: torch.device) -> None:
@@ -333,35 +500,34 @@ def sync(device: torch.device) -> None:
 
 
 def diffserve_call(omni, req: Request, steps: int, device: torch.device):
-    """(seconds, [0, 1] pixels on the host, stage seconds)."""
+    """(seconds, the output on the host (OUTPUTS), stage seconds)."""
     from diffserve import OmniDiffusionSamplingParams
 
     prompt = {"prompt": req.prompt, "seed": req.seed}
     prompt |= {"negative_prompt": req.negative_prompt} if req.negative_prompt is not None else {}
     prompt |= {"image": req.image} if req.image is not None else {}
-    params = OmniDiffusionSamplingParams(height=req.height, width=req.width, num_inference_steps=steps,
-                                         output_type="pt", **req.sampling)
+    params = OmniDiffusionSamplingParams(num_inference_steps=steps, output_type="pt", **req.shape, **req.sampling)
     sync(device)
     start = time.perf_counter()
     out = omni.generate(prompt, params)[0]
     seconds = time.perf_counter() - start
-    return seconds, out.images.float(), {k: v for k, v in out.metrics.items() if k.endswith("_s")}
+    output = getattr(out, OUTPUTS[req.kind]["diffserve"]).float()
+    return seconds, output, {k: v for k, v in out.metrics.items() if k.endswith("_s")}
 
 
 def diffusers_call(pipe, probe: StageProbe, req: Request, steps: int, device: torch.device):
-    """(seconds, [0, 1] pixels on the host, stage seconds)."""
+    """(seconds, the output on the host (OUTPUTS), stage seconds)."""
     extra = {"negative_prompt": req.negative_prompt} if req.negative_prompt is not None else {}
     extra |= {"image": req.image} if req.image is not None else {}
     sync(device)
     start = time.perf_counter()
     probe.start()
     with torch.inference_mode():
-        images = pipe(prompt=req.prompt, height=req.height, width=req.width, num_inference_steps=steps,
-                      generator=torch.Generator("cpu").manual_seed(req.seed), output_type="pt",
-                      **req.sampling, **extra).images
+        result = pipe(prompt=req.prompt, num_inference_steps=steps, output_type="pt",
+                      generator=torch.Generator("cpu").manual_seed(req.seed), **req.shape, **req.sampling, **extra)
     stages = probe.stop()
-    images = images.float().cpu()
-    return time.perf_counter() - start, images, stages
+    output = getattr(result, OUTPUTS[req.kind]["diffusers"]).float().cpu()
+    return time.perf_counter() - start, output, stages
 
 
 def load_diffusers(path: str, device: torch.device, dtype: torch.dtype, compile_blocks: bool):
@@ -402,11 +568,11 @@ class Side:
     request_peak_gib: float | None = None  # the peak above what was allocated when the request began
 
     def measure(self, call, device: torch.device):
-        """Run call() -> (seconds, images, stages); record its time, stages and memory; return the images."""
+        """Run call() -> (seconds, output, stages); record its time, stages and memory; return the output."""
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        seconds, images, stages = call()
+        seconds, output, stages = call()
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
             self.peak_gib = max(self.peak_gib or 0.0, peak / 2**30)
@@ -414,7 +580,7 @@ class Side:
         self.request_s.append(seconds)
         for key, value in stages.items():
             self.stages.setdefault(key, []).append(value)
-        return images
+        return output
 
     def summary(self) -> dict:
         return {"request_s": statistics.median(self.request_s), "request_s_all": self.request_s,
@@ -423,11 +589,14 @@ class Side:
                 "request_peak_above_start_gib": self.request_peak_gib}
 
 
-def pixel_stats(images: torch.Tensor) -> dict:
+def output_stats(output: torch.Tensor, kind: str) -> dict:
     """A random-weight VAE may clamp most pixels to 0 or 1, which hides differences: the PSNR means
-    something only when few pixels are saturated and the image varies."""
-    return {"mean": images.mean().item(), "std": images.std().item(),
-            "saturated_fraction": ((images <= 0) | (images >= 1)).float().mean().item()}
+    something only when few pixels are saturated and the output varies. Audio has no fixed range:
+    its largest magnitude (the PSNR's peak) is given instead."""
+    stats = {"mean": output.mean().item(), "std": output.std().item()}
+    if OUTPUTS[kind]["peak"] is None:
+        return stats | {"peak_abs": output.abs().max().item()}
+    return stats | {"saturated_fraction": ((output <= 0) | (output >= 1)).float().mean().item()}
 
 
 def agreement(ours: torch.Tensor, reference: torch.Tensor, peak: float | None = None) -> dict:
@@ -451,9 +620,9 @@ def run(args, model: Model, path: str, device: torch.device, dtype: torch.dtype)
     from diffserve import Omni
     from diffserve.testing.conformance import sample_image
 
-    size = model.tiny_size if args.tiny else model.size
-    req = Request(model.prompt, model.negative_prompt, sample_image(size, size, 0) if model.input_image else None,
-                  size, size, model.sampling, args.seed)
+    shape = model.tiny_shape if args.tiny else model.shape
+    image = sample_image(shape["width"], shape["height"], 0) if model.input_image else None
+    req = Request(model.prompt, model.negative_prompt, image, shape, model.sampling, args.seed, model.kind)
     start = time.perf_counter()
     pipe = load_diffusers(path, device, dtype, args.diffusers_compile)
     theirs = Side(weights_gib(pipeline_modules(pipe)), time.perf_counter() - start)
@@ -471,23 +640,25 @@ def run(args, model: Model, path: str, device: torch.device, dtype: torch.dtype)
               f"{warmup_s['diffserve']:.1f} s", flush=True)
         for i in range(args.repeats):
             reference = theirs.measure(lambda: diffusers_call(pipe, probe, req, args.steps, device), device)
-            image = ours.measure(lambda: diffserve_call(omni, req, args.steps, device), device)
+            output = ours.measure(lambda: diffserve_call(omni, req, args.steps, device), device)
             print(f"request {i + 1}/{args.repeats}: diffusers {theirs.request_s[-1]:.2f} s, diffserve "
                   f"{ours.request_s[-1]:.2f} s", flush=True)
     return {
         "model": args.model, "title": model.title, "checkpoint": path, "tiny": args.tiny,
         "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
         "text_encoder_layers": None if args.tiny else args.text_encoder_layers,
-        "dtype": args.dtype, "height": req.height, "width": req.width, "steps": args.steps,
+        "dtype": args.dtype, "output_kind": req.kind, "request_shape": req.shape,
+        "output_shape": list(reference.shape), "steps": args.steps,
         "warmup_steps": args.warmup_steps, "repeats": args.repeats, "seed": args.seed,
         "prompt": req.prompt, "negative_prompt": req.negative_prompt,
-        "input_image": f"{size}x{size}" if req.image is not None else None, "sampling": req.sampling,
+        "input_image": f"{image.width}x{image.height}" if image is not None else None, "sampling": req.sampling,
         "compiled": {"diffusers": args.diffusers_compile, "diffserve": args.compile}, "warmup_s": warmup_s,
         "diffusers": theirs.summary(), "diffserve": ours.summary(),
         "speedup": statistics.median(theirs.request_s) / statistics.median(ours.request_s),
-        "pixels": agreement(image, reference, peak=1.0), "diffusers_image_stats": pixel_stats(reference),
+        "output": agreement(output, reference, peak=OUTPUTS[req.kind]["peak"]),
+        "diffusers_output_stats": output_stats(reference, req.kind),
         "latents": agreement(our_latents.latents, their_latents.latents),
-        "outputs_finite": bool(torch.isfinite(image).all() and torch.isfinite(reference).all()),
+        "outputs_finite": bool(torch.isfinite(output).all() and torch.isfinite(reference).all()),
     }
 
 
@@ -498,13 +669,21 @@ def count(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
+def describe_shape(shape: dict) -> str:
+    """1024x1024 / 480x832, 81 frames / 10.0 s of audio."""
+    parts = [f"{shape['height']}x{shape['width']}"] if "height" in shape else []
+    parts += [f"{shape['num_frames']} frames"] if "num_frames" in shape else []
+    parts += [f"{shape['audio_end_in_s']} s of audio"] if "audio_end_in_s" in shape else []
+    return ", ".join(parts)
+
+
 def report(result: dict) -> None:
     layers = (f"text encoders at the real width, {result['text_encoder_layers']} layers" if not result["tiny"]
               else "diffserve.testing's tiny checkpoint")
     sampling = ", ".join(f"{k} {v}" for k, v in result["sampling"].items())
     image = f", input image {result['input_image']}" if result["input_image"] else ""
     print(f"\n{result['title']} ({count(result['transformer_params'])} transformer, random {result['dtype']} "
-          f"weights; {layers}): {result['height']}x{result['width']}{image}, {result['steps']} steps, {sampling}"
+          f"weights; {layers}): {describe_shape(result['request_shape'])}{image}, {result['steps']} steps, {sampling}"
           f"{', negative prompt' if result['negative_prompt'] else ''}; {result['device']}, torch {result['torch']}, "
           f"diffusers {result['diffusers_version']}; median of {result['repeats']}")
     print(f"{'':<22}{'request s':>10}{'encode s':>10}{'denoise s':>10}{'decode s':>10}{'peak GiB':>10}"
@@ -515,10 +694,13 @@ def report(result: dict) -> None:
         stages = "".join(f"{side['stages_s'][k]:>10.3f}" for k in ("encode_s", "denoise_s", "decode_s"))
         peak = f"{side['peak_gib']:>10.1f}" if side["peak_gib"] is not None else f"{'-':>10}"
         print(f"{label:<22}{side['request_s']:>10.3f}{stages}{peak}{side['weights_gib']:>12.1f}")
-    pixels, latents, stats = result["pixels"], result["latents"], result["diffusers_image_stats"]
+    output, latents, kind = result["output"], result["latents"], result["output_kind"]
+    stats = result["diffusers_output_stats"]
+    spread = (f"{stats['saturated_fraction']:.1%} of the values at 0 or 1" if "saturated_fraction" in stats
+              else f"peak {stats['peak_abs']:.3g}, the PSNR's peak")
     print(f"diffusers / diffserve request time: {result['speedup']:.3f}x")
-    print(f"diffserve vs diffusers: image PSNR {pixels['psnr_db']:.1f} dB, max abs {pixels['max_abs_diff']:.3g} "
-          f"(diffusers' image: std {stats['std']:.3f}, {stats['saturated_fraction']:.1%} of the values at 0 or 1); "
+    print(f"diffserve vs diffusers: {kind} {list(result['output_shape'])} PSNR {output['psnr_db']:.1f} dB, max abs "
+          f"{output['max_abs_diff']:.3g} (diffusers' {kind}: std {stats['std']:.3f}, {spread}); "
           f"final latents PSNR {latents['psnr_db']:.1f} dB, rel L2 {latents['rel_err']:.2e}"
           f"{'' if result['outputs_finite'] else ' (NON-FINITE OUTPUT)'}", flush=True)
 
@@ -538,7 +720,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", choices=sorted(MODELS), required=True)
     p.add_argument("--ckpt", default=None, metavar="DIR",
                    help="checkpoint folder, written if absent (default /tmp/e2e-MODEL; --tiny: a temporary one)")
-    p.add_argument("--tiny", action="store_true", help="diffserve.testing's tiny checkpoint, fp32, 2 steps, small size")
+    p.add_argument("--tiny", action="store_true", help="diffserve.testing's tiny checkpoint, fp32, 2 steps, small shape")
     p.add_argument("--text-encoder-layers", type=int, default=2,
                    help="layers of each text encoder, and of Qwen2.5-VL's vision tower (default 2)")
     p.add_argument("--steps", type=int, default=None,
