@@ -218,7 +218,7 @@ def build_wan(config: str, path: str, layers: int, device: torch.device) -> None
 
     from diffserve.testing.components import tiny_t5_encoder
     from diffserve.testing.tokenizers import build_t5_tokenizer
-    from diffserve.testing.wan import _scheduler as wan_scheduler  # UniPC, as the released checkpoints ship
+    from diffserve.testing.wan import wan_scheduler  # UniPC, as the released checkpoints ship
 
     # Schedulers are built outside the device context: theirs keep their tables on the CPU.
     tokenizer, scheduler = build_t5_tokenizer(), wan_scheduler(flow_shift=3.0)

@@ -73,7 +73,7 @@ def _transformer(in_channels: int, out_channels: int, seed: int, image_dim: int 
     return transformer.eval()
 
 
-def _scheduler(flow_shift: float):
+def wan_scheduler(flow_shift: float):
     from diffusers import UniPCMultistepScheduler
 
     # The scheduler the released Wan checkpoints ship with.
@@ -92,7 +92,7 @@ def build_tiny_wan_t2v(path: str, seed: int = 0, dual: bool = False, ti2v: bool 
         tokenizer=tokenizer,
         text_encoder=_text_encoder(tokenizer),
         vae=_vae(ti2v),
-        scheduler=_scheduler(flow_shift=5.0 if ti2v else 3.0),
+        scheduler=wan_scheduler(flow_shift=5.0 if ti2v else 3.0),
         transformer=_transformer(channels, channels, seed + 10),
         transformer_2=_transformer(channels, channels, seed + 20) if dual else None,
         boundary_ratio=0.875 if dual else None,
@@ -137,7 +137,7 @@ def build_tiny_wan_i2v(path: str, seed: int = 0, dual: bool = False, ti2v: bool 
         tokenizer=tokenizer,
         text_encoder=_text_encoder(tokenizer),
         vae=_vae(ti2v),
-        scheduler=_scheduler(flow_shift=5.0 if ti2v else 3.0),
+        scheduler=wan_scheduler(flow_shift=5.0 if ti2v else 3.0),
         image_processor=image_processor,
         image_encoder=image_encoder,
         transformer=_transformer(in_channels, out_channels, seed + 10, image_dim=image_dim),
