@@ -13,20 +13,12 @@ import torch
 from diffserve import Omni, OmniDiffusionSamplingParams
 from diffserve.assets import DEMO_MODEL_DIR
 from diffserve.request import OmniDiffusionRequest, PromptInput
+from tests.models.test_host_syncs import FAMILIES as CPU_CHECKED_FAMILIES
 
 pytestmark = pytest.mark.gpu
 
-# Every native family, with CFG on where it has it; the tiny checkpoints' own defaults for the rest
-# (a few steps, small sizes).
-FAMILIES = {
-    "demo": {"guidance_scale": 4.0},
-    "flux": {"guidance_scale": 4.0},
-    "wan2.1-t2v": {"guidance_scale": 4.0},
-    "wan2.2-t2v": {"guidance_scale": 4.0},  # two experts, switched by the schedule
-    "qwen-image": {"true_cfg_scale": 4.0, "negative_prompt": "blurry"},
-    "sd3.5-medium": {"guidance_scale": 4.0},
-    "stable-audio": {"guidance_scale": 4.0},
-}
+# The CPU check's text-to-X families (CFG on in each), and Stable Audio, which only this one covers.
+FAMILIES = {**CPU_CHECKED_FAMILIES, "stable-audio": {"guidance_scale": 4.0}}
 
 
 def _request(engine, prompt: str, params: OmniDiffusionSamplingParams) -> OmniDiffusionRequest:

@@ -104,7 +104,8 @@ def test_fp8_on_the_gpu_matches_bf16():
     assert rel < 0.05
 
 
-def test_a_step_precision_switches_between_the_original_and_the_fp8_weights():
+def _float_fp8_and_gated_layers():
+    """(a float layer, its FP8 copy, an FP8 copy under a StepPrecision, that precision)."""
     torch.manual_seed(0)
     original = ColumnParallelLinear(64, 48)
     original.weight.data.normal_(0, 0.05)
@@ -112,6 +113,11 @@ def test_a_step_precision_switches_between_the_original_and_the_fp8_weights():
     quantize_linear_layers(fp8, "fp8")
     precision = StepPrecision(unquantized_steps=2)
     quantize_linear_layers(gated, "fp8", precision=precision)
+    return original, fp8, gated, precision
+
+
+def test_a_step_precision_switches_between_the_original_and_the_fp8_weights():
+    original, fp8, gated, precision = _float_fp8_and_gated_layers()
     x = torch.randn(3, 64)
     for unquantized, reference in ((True, original), (False, fp8), (True, original)):
         precision.unquantized = unquantized
@@ -149,13 +155,7 @@ def test_unquantized_steps_bring_the_trained_models_pictures_back():
 
 def test_compiled_layers_follow_the_step_precision():
     """torch.compile guards on the precision: one graph each, then each step takes the right one."""
-    torch.manual_seed(0)
-    original = ColumnParallelLinear(64, 48)
-    original.weight.data.normal_(0, 0.05)
-    fp8, gated = copy.deepcopy(original), copy.deepcopy(original)
-    quantize_linear_layers(fp8, "fp8")
-    precision = StepPrecision(unquantized_steps=2)
-    quantize_linear_layers(gated, "fp8", precision=precision)
+    original, fp8, gated, precision = _float_fp8_and_gated_layers()
     graphs = []
 
     def count_graphs(graph_module, example_inputs):
