@@ -60,6 +60,16 @@ def flux_omni(tiny_flux):
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (tests/ is in it)
 
 
+def import_benchmark(name: str):
+    """A script of benchmarks/ as a module (they import each other by bare name), for tests of it;
+    sys.path is restored afterwards."""
+    import importlib
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(os.path.join(REPO, "benchmarks"))
+        return importlib.import_module(name)
+
+
 def child_pids(pid: int) -> list[int]:
     """Processes whose parent is `pid` (Linux /proc)."""
     children = []

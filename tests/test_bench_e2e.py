@@ -2,21 +2,17 @@
 one video row and the audio row, so the output-kind handling (frames, audio) and the JSON it writes
 are exercised; the image rows share the same code path as the video one."""
 
-import importlib
 import json
 import math
-import os
 
 import pytest
 
-BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+from tests.conftest import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(BENCHMARKS)
-        yield importlib.import_module("bench_e2e")
+    return import_benchmark("bench_e2e")
 
 
 def _run(bench, tmp_path, model: str) -> dict:

@@ -2,20 +2,15 @@
 FLUX.1-dev cost from the layer shapes (the demo-model PSNR they give is measured by
 running the script, not here)."""
 
-import importlib
-import os
-
 import pytest
 import torch
 
-BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+from tests.conftest import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(BENCHMARKS)
-        yield importlib.import_module("bench_quant_quality")
+    return import_benchmark("bench_quant_quality")
 
 
 @pytest.fixture(scope="module")
